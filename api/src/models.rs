@@ -1,0 +1,386 @@
+//! Firecracker's configuration objects, with the same field names, as read from a
+//! `--config-file` and (later) from API bodies. Unknown fields are refused, never ignored.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Most vCPUs ferry runs.
+pub const MAX_VCPUS: u64 = 32;
+
+/// Why a configuration is refused. Each message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The JSON does not parse or does not match the schema.
+    #[error("invalid configuration: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A value is out of range or inconsistent.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field, as `section.name`.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A path names no file.
+    #[error("{field}: {} does not exist", path.display())]
+    MissingFile {
+        /// The field.
+        field: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// A Firecracker feature ferry does not have yet.
+    #[error("{0} is not supported by ferry yet")]
+    Unsupported(String),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// `boot-source`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// vmlinux ELF or bzImage.
+    pub kernel_image_path: PathBuf,
+    /// Optional initrd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<PathBuf>,
+    /// Kernel command line; Firecracker's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+}
+
+/// The command line used when `boot_args` is absent.
+pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+
+impl BootSource {
+    /// The command line the guest gets.
+    pub fn boot_args(&self) -> &str {
+        self.boot_args.as_deref().unwrap_or(DEFAULT_BOOT_ARGS)
+    }
+}
+
+/// `machine-config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs, 1 to 32. Read wide so that 1000 gets a range error, not a type error.
+    pub vcpu_count: u64,
+    /// Guest RAM in MiB.
+    pub mem_size_mib: u64,
+    /// Two threads per core.
+    #[serde(default)]
+    pub smt: bool,
+    /// Dirty-page tracking for snapshots and migration.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// Firecracker CPU templates (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    /// Firecracker huge pages ("None" only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            cpu_template: None,
+            huge_pages: None,
+        }
+    }
+}
+
+impl MachineConfig {
+    /// Checks ranges and the features ferry has.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpu_count == 0 || self.vcpu_count > MAX_VCPUS {
+            return Err(invalid(
+                "machine-config.vcpu_count",
+                format!(
+                    "{} is out of range: it must be 1 to {MAX_VCPUS}",
+                    self.vcpu_count
+                ),
+            ));
+        }
+        if self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 == 1 {
+            return Err(invalid(
+                "machine-config.vcpu_count",
+                format!(
+                    "{} is odd, but smt needs an even number of vCPUs (or 1)",
+                    self.vcpu_count
+                ),
+            ));
+        }
+        if self.mem_size_mib == 0 {
+            return Err(invalid(
+                "machine-config.mem_size_mib",
+                "0 is out of range: a guest needs memory",
+            ));
+        }
+        if self.track_dirty_pages {
+            return Err(ConfigError::Unsupported(
+                "machine-config.track_dirty_pages".into(),
+            ));
+        }
+        match self.cpu_template.as_deref() {
+            None | Some("None") => {}
+            Some(t) => {
+                return Err(ConfigError::Unsupported(format!(
+                    "machine-config.cpu_template \"{t}\""
+                )))
+            }
+        }
+        match self.huge_pages.as_deref() {
+            None | Some("None") => {}
+            Some(h) => {
+                return Err(ConfigError::Unsupported(format!(
+                    "machine-config.huge_pages \"{h}\""
+                )))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `drives[]` entries, Firecracker's fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    /// Drive name.
+    pub drive_id: String,
+    /// Backing file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<PathBuf>,
+    /// Root device.
+    pub is_root_device: bool,
+    /// Read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_read_only: Option<bool>,
+    /// Partition UUID for root=PARTUUID=.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// "Unsafe" or "Writeback".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<String>,
+    /// "Sync" or "Async".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+    /// Rate limiter (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
+    /// vhost-user socket (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+}
+
+/// `network-interfaces[]` entries, Firecracker's fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// Interface name.
+    pub iface_id: String,
+    /// Host tap device.
+    pub host_dev_name: String,
+    /// Guest MAC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// Receive rate limiter (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<serde_json::Value>,
+    /// Transmit rate limiter (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<serde_json::Value>,
+}
+
+/// `serial`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// File that receives the guest console; ferry's stdout when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_out_path: Option<PathBuf>,
+}
+
+/// A whole Firecracker configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel, initrd, command line.
+    #[serde(rename = "boot-source")]
+    pub boot_source: BootSource,
+    /// vCPUs and memory.
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: MachineConfig,
+    /// Block devices.
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+    /// Network devices.
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
+    /// Console output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<SerialConfig>,
+    /// Firecracker sections that ferry parses but does not implement: present means refused.
+    #[serde(default, skip_serializing)]
+    logger: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    metrics: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    balloon: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    vsock: Option<serde_json::Value>,
+    #[serde(rename = "mmds-config", default, skip_serializing)]
+    mmds_config: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    entropy: Option<serde_json::Value>,
+    #[serde(rename = "cpu-config", default, skip_serializing)]
+    cpu_config: Option<serde_json::Value>,
+}
+
+impl VmConfig {
+    /// Parses and validates a configuration file's text.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let config: VmConfig = serde_json::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every section.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let unsupported = [
+            ("logger", self.logger.is_some()),
+            ("metrics", self.metrics.is_some()),
+            ("balloon", self.balloon.is_some()),
+            ("vsock", self.vsock.is_some()),
+            ("mmds-config", self.mmds_config.is_some()),
+            ("entropy", self.entropy.is_some()),
+            ("cpu-config", self.cpu_config.is_some()),
+        ];
+        if let Some((name, _)) = unsupported.iter().find(|(_, present)| *present) {
+            return Err(ConfigError::Unsupported(format!("the \"{name}\" section")));
+        }
+        self.machine_config.validate()?;
+        require_file(
+            "boot-source.kernel_image_path",
+            &self.boot_source.kernel_image_path,
+        )?;
+        if let Some(initrd) = &self.boot_source.initrd_path {
+            require_file("boot-source.initrd_path", initrd)?;
+        }
+        if !self.drives.is_empty() {
+            return Err(ConfigError::Unsupported("drives (virtio-blk)".into()));
+        }
+        if !self.network_interfaces.is_empty() {
+            return Err(ConfigError::Unsupported(
+                "network-interfaces (virtio-net)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn require_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(invalid(field, "the path is empty"));
+    }
+    if !path.exists() {
+        return Err(ConfigError::MissingFile {
+            field,
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_machine(machine: &str) -> String {
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "/proc/self/exe"}}, "machine-config": {machine}}}"#
+        )
+    }
+
+    #[test]
+    fn test_accepts_firecracker_config() {
+        let c = VmConfig::from_json(&with_machine(
+            r#"{"vcpu_count": 2, "mem_size_mib": 256, "smt": false}"#,
+        ))
+        .expect("valid");
+        assert_eq!(c.machine_config.vcpu_count, 2);
+        assert_eq!(c.boot_source.boot_args(), DEFAULT_BOOT_ARGS);
+    }
+
+    #[test]
+    fn test_rejects_unknown_field_by_name() {
+        let err = VmConfig::from_json(&with_machine(
+            r#"{"vcpu_count": 1, "mem_size_mib": 64, "turbo": true}"#,
+        ))
+        .expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field `turbo`"), "{err}");
+    }
+
+    #[test]
+    fn test_rejects_vcpu_counts_out_of_range() {
+        for n in [0, 1000] {
+            let err = VmConfig::from_json(&with_machine(&format!(
+                r#"{{"vcpu_count": {n}, "mem_size_mib": 64}}"#
+            )))
+            .expect_err("out of range");
+            assert_eq!(
+                err.to_string(),
+                format!("machine-config.vcpu_count: {n} is out of range: it must be 1 to 32")
+            );
+        }
+    }
+
+    #[test]
+    fn test_rejects_zero_memory() {
+        let err = VmConfig::from_json(&with_machine(r#"{"vcpu_count": 1, "mem_size_mib": 0}"#))
+            .expect_err("zero");
+        assert!(
+            err.to_string()
+                .starts_with("machine-config.mem_size_mib: 0 is out of range"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn test_rejects_missing_kernel_file() {
+        let err =
+            VmConfig::from_json(r#"{"boot-source": {"kernel_image_path": "/no/such/vmlinux"}}"#)
+                .expect_err("missing");
+        assert_eq!(
+            err.to_string(),
+            "boot-source.kernel_image_path: /no/such/vmlinux does not exist"
+        );
+    }
+
+    #[test]
+    fn test_refuses_unsupported_sections() {
+        let text = r#"{"boot-source": {"kernel_image_path": "/proc/self/exe"}, "vsock": {"guest_cid": 3}}"#;
+        let err = VmConfig::from_json(text).expect_err("unsupported");
+        assert_eq!(
+            err.to_string(),
+            "the \"vsock\" section is not supported by ferry yet"
+        );
+        let text = r#"{"boot-source": {"kernel_image_path": "/proc/self/exe"},
+            "drives": [{"drive_id": "rootfs", "path_on_host": "/proc/self/exe", "is_root_device": true}]}"#;
+        assert!(VmConfig::from_json(text)
+            .expect_err("drives")
+            .to_string()
+            .contains("drives"));
+    }
+}

@@ -1,0 +1,229 @@
+//! Guest RAM on one memfd, split into regions around the MMIO hole.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::layout::{self, MIB, MIN_MEM_MIB};
+use crate::sys;
+
+/// Why guest RAM could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum RamError {
+    /// The requested size is below the minimum.
+    #[error("memory size {0} MiB is too small: ferry needs at least {MIN_MEM_MIB} MiB")]
+    TooSmall(u64),
+    /// The requested size does not fit the guest-physical address space.
+    #[error("memory size {size_mib} MiB does not fit in the {phys_bits}-bit guest-physical address space")]
+    TooLarge {
+        /// Requested size.
+        size_mib: u64,
+        /// Physical address width of the vCPUs.
+        phys_bits: u8,
+    },
+    /// `memfd_create` failed.
+    #[error("cannot create the guest memory memfd: {0}")]
+    Memfd(#[source] std::io::Error),
+    /// Sizing or sealing the memfd failed.
+    #[error("cannot size guest memory to {size_mib} MiB: {source}")]
+    Resize {
+        /// Requested size.
+        size_mib: u64,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Mapping a region failed.
+    #[error("cannot map {size_mib} MiB of guest memory: {source}")]
+    Mmap {
+        /// Size of the region that failed.
+        size_mib: u64,
+        /// The underlying error.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// vm-memory refused the region layout.
+    #[error("invalid guest memory layout: {0}")]
+    Layout(#[source] vm_memory::GuestRegionCollectionError),
+}
+
+/// One contiguous piece of guest RAM, as KVM needs it for a memory slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRegion {
+    /// Guest-physical start.
+    pub guest_addr: GuestAddress,
+    /// Length in bytes.
+    pub size: u64,
+    /// Host virtual address of the shared mapping.
+    pub host_addr: u64,
+    /// Offset of this region in the memfd.
+    pub file_offset: u64,
+}
+
+/// All of guest RAM: the memfd and its shared mapping.
+pub struct GuestRam {
+    file: Arc<File>,
+    memory: GuestMemoryMmap,
+    regions: Vec<RamRegion>,
+    size: u64,
+}
+
+impl GuestRam {
+    /// Creates `size_mib` MiB of guest RAM. Nothing is touched: pages are allocated only
+    /// when the guest (or ferry) first writes them. `phys_bits` bounds the layout.
+    pub fn new(size_mib: u64, phys_bits: u8) -> Result<Self, RamError> {
+        if size_mib < MIN_MEM_MIB {
+            return Err(RamError::TooSmall(size_mib));
+        }
+        let too_large = RamError::TooLarge {
+            size_mib,
+            phys_bits,
+        };
+        let size = size_mib.checked_mul(MIB).ok_or(too_large)?;
+        if layout::ram_end(size) > 1u64 << phys_bits.min(63) || isize::try_from(size).is_err() {
+            return Err(RamError::TooLarge {
+                size_mib,
+                phys_bits,
+            });
+        }
+
+        let file = sys::memfd_create(c"ferry-guest-ram").map_err(RamError::Memfd)?;
+        let resize = |source| RamError::Resize { size_mib, source };
+        file.set_len(size).map_err(resize)?;
+        // Nothing may shrink guest RAM under a running guest: that would turn guest
+        // accesses into SIGBUS in ferry.
+        sys::add_seals(&file, libc::F_SEAL_SHRINK).map_err(resize)?;
+        let file = Arc::new(file);
+
+        let mut mapped = Vec::new();
+        let mut regions = Vec::new();
+        let mut offset = 0u64;
+        for (guest_addr, len) in layout::ram_regions(size) {
+            // Both fit in usize: `size` was checked against isize above.
+            let len_usize = usize::try_from(len).map_err(|_| RamError::TooLarge {
+                size_mib,
+                phys_bits,
+            })?;
+            let mmap = MmapRegionBuilder::new(len_usize)
+                .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|source| RamError::Mmap {
+                    size_mib: len / MIB,
+                    source,
+                })?;
+            regions.push(RamRegion {
+                guest_addr,
+                size: len,
+                host_addr: mmap.as_ptr() as u64,
+                file_offset: offset,
+            });
+            // `new` fails only when the region would wrap the address space, which the
+            // phys_bits check above rules out.
+            let region = GuestRegionMmap::new(mmap, guest_addr).ok_or(RamError::TooLarge {
+                size_mib,
+                phys_bits,
+            })?;
+            mapped.push(region);
+            offset += len;
+        }
+        let memory = GuestMemoryMmap::from_regions(mapped).map_err(RamError::Layout)?;
+        Ok(GuestRam {
+            file,
+            memory,
+            regions,
+            size,
+        })
+    }
+
+    /// The guest memory, for loaders and devices.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The regions, for KVM memory slots.
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The memfd that backs all regions.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn test_rejects_zero_size() {
+        assert!(matches!(GuestRam::new(0, 46), Err(RamError::TooSmall(0))));
+    }
+
+    #[test]
+    fn test_rejects_size_beyond_address_space() {
+        let err = GuestRam::new(1 << 30, 46)
+            .err()
+            .expect("1 EiB must be refused");
+        assert!(matches!(err, RamError::TooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("46-bit"));
+        assert!(matches!(
+            GuestRam::new(u64::MAX, 46),
+            Err(RamError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn test_memfd_is_sealed_and_sparse() {
+        let ram = GuestRam::new(64, 46).expect("64 MiB");
+        // SAFETY: F_GET_SEALS only reads the state of a valid fd.
+        let seals = unsafe {
+            libc::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(ram.file()),
+                libc::F_GET_SEALS,
+            )
+        };
+        assert_ne!(seals & libc::F_SEAL_SHRINK, 0);
+        assert!(
+            ram.file().set_len(MIB).is_err(),
+            "shrinking must be refused"
+        );
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&ram.file().metadata().expect("stat"));
+        assert_eq!(
+            blocks, 0,
+            "no page may be allocated before the guest touches it"
+        );
+    }
+
+    #[test]
+    fn test_large_guest_maps_both_regions() {
+        // 64 GiB of address space, none of it touched.
+        let ram = GuestRam::new(64 * 1024, 46).expect("64 GiB");
+        assert_eq!(ram.regions().len(), 2);
+        let high = ram.regions()[1];
+        assert_eq!(high.guest_addr, layout::MMIO_HOLE_END);
+        assert_eq!(high.file_offset, layout::MMIO_HOLE_START.0);
+        let last = GuestAddress(high.guest_addr.0 + high.size - 8);
+        ram.memory()
+            .write_obj(0x1234_5678u64, last)
+            .expect("write top of RAM");
+        assert_eq!(
+            ram.memory().read_obj::<u64>(last).expect("read"),
+            0x1234_5678
+        );
+        assert!(ram
+            .memory()
+            .check_address(layout::MMIO_HOLE_START)
+            .is_none());
+    }
+}

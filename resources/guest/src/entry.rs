@@ -1,0 +1,148 @@
+//! CPL0 entry: the only code that runs in kernel mode, which this machine emulates one
+//! instruction at a time. It loads our own page tables (user bit set) and GDT (user
+//! segments), enables SSE and SYSCALL, and drops to CPL3 with IOPL=3 so user code can do
+//! port I/O. Both boot protocols end in `common64` with rdi = boot kind and rsi = the
+//! boot information pointer, which `iretq` hands unchanged to `guest_main`, with rdx =
+//! the TSC frequency in kHz (0 when the VMM does not say).
+
+core::arch::global_asm!(
+    r#"
+    .section .note.Xen, "a"
+    .balign 4
+    .long 4                 /* name size: "Xen\0" */
+    .long 4                 /* descriptor size */
+    .long 18                /* XEN_ELFNOTE_PHYS32_ENTRY */
+    .asciz "Xen"
+    .long _start32
+
+    .section .text.boot, "ax"
+    .code32
+    .global _start32
+_start32:                   /* PVH: 32-bit protected mode, paging off, ebx = start_info */
+    mov esi, ebx
+    mov eax, offset pml4
+    mov cr3, eax
+    mov eax, cr4
+    or eax, 0x20            /* PAE */
+    mov cr4, eax
+    mov ecx, 0xc0000080     /* EFER */
+    rdmsr
+    or eax, 0x100           /* LME */
+    wrmsr
+    mov eax, cr0
+    or eax, 0x80000001      /* PG | PE */
+    mov cr0, eax
+    lgdt [gdt_ptr]
+    .byte 0xea              /* ljmp 0x08:pvh64 */
+    .long pvh64
+    .word 0x08
+
+    .code64
+pvh64:
+    mov esi, esi            /* upper halves are undefined after the mode switch */
+    mov edi, 1              /* boot kind: PVH */
+    jmp common64
+
+    .global _start64
+_start64:                   /* Linux 64-bit boot protocol: rsi = boot_params */
+    xor edi, edi            /* boot kind: Linux */
+common64:
+    lea rax, [rip + pml4]
+    mov cr3, rax
+    lgdt [rip + gdt_ptr]
+    mov eax, 0x10
+    mov ds, eax
+    mov es, eax
+    mov ss, eax
+    mov fs, eax
+    mov gs, eax
+    mov rax, cr4
+    or eax, 0x620           /* PAE | OSFXSR | OSXMMEXCPT: user code uses SSE */
+    mov cr4, rax
+    mov rax, cr0
+    and eax, 0xfffffffb     /* clear EM */
+    or eax, 0x2             /* MP */
+    mov cr0, rax
+    mov r8, rsi
+    mov ecx, 0xc0000080     /* EFER.SCE: `syscall` is how user code asks to halt */
+    rdmsr
+    or eax, 1
+    wrmsr
+    mov ecx, 0xc0000081     /* STAR: kernel CS 0x08 */
+    xor eax, eax
+    mov edx, 0x08
+    wrmsr
+    mov ecx, 0xc0000082     /* LSTAR */
+    lea rax, [rip + halt_forever]
+    mov rdx, rax
+    shr rdx, 32
+    wrmsr
+    /* CPUID at CPL3 runs natively on the host CPU here, so the VMM's table is only
+       visible from CPL0: read the hypervisor timing leaf (TSC kHz) now, pass it in rdx. */
+    xor r9d, r9d
+    mov eax, 0x40000000
+    xor ecx, ecx
+    cpuid
+    cmp eax, 0x40000010
+    jb 1f
+    mov eax, 0x40000010
+    xor ecx, ecx
+    cpuid
+    mov r9d, eax
+1:
+    mov rdx, r9
+    mov rsi, r8
+    push 0x1b               /* SS: user data */
+    lea rax, [rip + user_stack_top - 8]
+    push rax
+    push 0x3002             /* RFLAGS: IOPL=3, IF=0 */
+    push 0x23               /* CS: user code */
+    lea rax, [rip + {main}]
+    push rax
+    iretq
+
+halt_forever:               /* SYSCALL target: idle at CPL0 with interrupts off */
+    cli
+    hlt
+    jmp halt_forever
+
+    .section .data.pagetables, "aw"
+    .balign 4096
+pml4:
+    .quad pdpt + 0x7
+    .fill 511, 8, 0
+pdpt:
+    .quad pd + 0x7
+    .quad pd + 0x1000 + 0x7
+    .quad pd + 0x2000 + 0x7
+    .quad pd + 0x3000 + 0x7
+    .fill 508, 8, 0
+pd:                         /* identity map of the first 4 GiB, 2 MiB pages, P|W|U|PS */
+    .set page, 0
+    .rept 2048
+    .quad (page << 21) | 0x87
+    .set page, page + 1
+    .endr
+
+    .balign 16
+gdt:
+    .quad 0
+    .quad 0x00af9b000000ffff    /* 0x08 kernel code, 64-bit */
+    .quad 0x00cf93000000ffff    /* 0x10 kernel data */
+    .quad 0x00cff3000000ffff    /* 0x18 user data */
+    .quad 0x00affb000000ffff    /* 0x20 user code, 64-bit */
+gdt_end:
+gdt_ptr:
+    .word gdt_end - gdt - 1
+    .quad gdt
+
+    .section .bss
+    .balign 16
+    .skip 65536
+user_stack_top:
+    "#,
+    main = sym crate::guest_main,
+);
+
+/// Highest guest-physical address (exclusive) that our page tables map.
+pub const MAPPED_LIMIT: u64 = 4 << 30;

@@ -1,0 +1,173 @@
+//! ferry's test guest. It enters through the Linux 64-bit boot protocol (or PVH), does a
+//! few dozen instructions at CPL0 (`entry.rs`), then runs everything else at CPL3, where
+//! this machine's KVM runs guest code natively. Parameters come from the kernel command
+//! line; results go to the serial console as plain lines.
+//!
+//! Command line (all optional):
+//!   workload=idle|verify|dirty   what to run (default idle)
+//!   start=ADDR size=BYTES        the memory range to work on (K/M/G suffixes, 0x hex);
+//!                                default: from 4 MiB to the end of that RAM range
+//!   rate=PAGES                   pages written per second, 0 = as fast as possible
+//!   passes=N                     stop after N passes and reboot, 0 = run forever
+
+#![no_std]
+#![no_main]
+
+mod boot;
+mod console;
+mod entry;
+mod mem;
+mod mptable;
+mod workload;
+
+use boot::{parse_size, BootInfo, BootKind};
+
+extern "C" {
+    static image_end: u8;
+}
+
+/// The i8042 command port; writing 0xfe pulses the CPU reset line.
+const I8042_COMMAND: u16 = 0x64;
+const I8042_RESET: u8 = 0xfe;
+
+/// Asks the VMM to end the VM the way a PC reboots.
+pub fn reboot() -> ! {
+    console::outb(I8042_COMMAND, I8042_RESET);
+    halt()
+}
+
+/// Halts this vCPU for good: `syscall` enters `halt_forever` at CPL0.
+pub fn halt() -> ! {
+    loop {
+        // SAFETY: the SYSCALL target halts with interrupts off and never returns.
+        unsafe { core::arch::asm!("syscall", out("rcx") _, out("r11") _) };
+    }
+}
+
+fn arg_size(info: &BootInfo, key: &str, default: u64) -> Result<u64, &'static str> {
+    match info.arg(key) {
+        None => Ok(default),
+        Some(v) => parse_size(v).ok_or(key_error(key)),
+    }
+}
+
+fn key_error(key: &str) -> &'static str {
+    match key {
+        "start" => "start= is not a number",
+        "size" => "size= is not a number",
+        "rate" => "rate= is not a number",
+        _ => "passes= is not a number",
+    }
+}
+
+/// Finds the RAM range for the workload and checks it lies in usable, mapped RAM above
+/// the guest image.
+fn work_range(info: &BootInfo) -> Result<(u64, u64), &'static str> {
+    let image_top = core::ptr::addr_of!(image_end) as u64;
+    let start = arg_size(info, "start", 4 << 20)?;
+    let ram = info
+        .ranges()
+        .iter()
+        .find(|r| r.kind == 1 && r.start <= start && start < r.start + r.len)
+        .ok_or("start= is not in usable RAM")?;
+    let ram_end = (ram.start + ram.len).min(entry::MAPPED_LIMIT);
+    let size = arg_size(info, "size", ram_end.saturating_sub(start))?;
+    let end = start.checked_add(size).ok_or("start+size overflows")?;
+    if start % 4096 != 0 || size % 4096 != 0 || size == 0 {
+        return Err("start= and size= must be non-zero multiples of 4096");
+    }
+    if start < image_top {
+        return Err("the range overlaps the guest image");
+    }
+    if end > ram_end {
+        return Err("the range runs past usable, mapped RAM");
+    }
+    Ok((start, size))
+}
+
+/// Entered at CPL3 from `entry.rs`.
+/// `tsc_khz` comes from the hypervisor timing leaf 0x40000010, read at CPL0.
+extern "C" fn guest_main(kind: u64, ptr: u64, tsc_khz: u64) -> ! {
+    let kind = if kind == 1 {
+        BootKind::Pvh
+    } else {
+        BootKind::Linux
+    };
+    println!(
+        "ferry-guest: start boot={}",
+        if kind == BootKind::Pvh {
+            "pvh"
+        } else {
+            "linux64"
+        }
+    );
+    let Some(info) = BootInfo::parse(kind, ptr) else {
+        println!("ferry-guest: error: bad boot information at {ptr:#x}");
+        halt();
+    };
+    let cmdline = core::str::from_utf8(info.cmdline).unwrap_or("<not utf-8>");
+    println!("ferry-guest: cmdline {cmdline}");
+    for r in info.ranges() {
+        let kind = if r.kind == 1 { "ram" } else { "reserved" };
+        println!(
+            "ferry-guest: e820 {:#x}-{:#x} {kind}",
+            r.start,
+            r.start + r.len
+        );
+    }
+    match mptable::count_cpus() {
+        mptable::MpResult::Cpus(n) => println!("ferry-guest: cpus {n}"),
+        mptable::MpResult::Missing => println!("ferry-guest: cpus unknown (no MP table)"),
+        mptable::MpResult::Corrupt => println!("ferry-guest: error: MP table is corrupt"),
+    }
+    let khz = tsc_khz;
+    println!("ferry-guest: tsc_khz {khz}");
+
+    let workload = info.arg("workload").unwrap_or(b"idle");
+    if workload == b"idle" {
+        println!("ferry-guest: idle");
+        halt();
+    }
+    let params = work_range(&info).and_then(|(start, size)| {
+        let rate = arg_size(&info, "rate", 0)?;
+        let passes = arg_size(&info, "passes", 0)?;
+        if rate != 0 && khz == 0 {
+            return Err("rate= needs the TSC frequency, which the VMM did not give");
+        }
+        Ok(workload::Params {
+            start,
+            size,
+            rate,
+            passes,
+            tsc_khz: khz,
+        })
+    });
+    let params = match params {
+        Ok(p) => p,
+        Err(e) => {
+            println!("ferry-guest: error: {e}");
+            halt();
+        }
+    };
+    let name = core::str::from_utf8(workload).unwrap_or("?");
+    println!(
+        "ferry-guest: workload {name} start={:#x} size={:#x} rate={} passes={}",
+        params.start, params.size, params.rate, params.passes
+    );
+    match workload {
+        b"verify" => workload::verify(&params),
+        b"dirty" => workload::dirty(&params),
+        _ => {
+            println!("ferry-guest: error: unknown workload {name}");
+            halt();
+        }
+    }
+    println!("ferry-guest: done");
+    reboot();
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("ferry-guest: panic: {info}");
+    halt();
+}

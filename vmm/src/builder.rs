@@ -1,0 +1,225 @@
+//! Turns a configuration into a `Vmm` ready to start: guest RAM, the kernel and its boot
+//! structures, the KVM VM, the legacy devices and the vCPUs.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::atomic::AtomicU64;
+use std::sync::{mpsc, Arc, Mutex};
+
+use api::VmConfig;
+use devices::legacy::{IrqLine, Serial, SerialOutput, I8042};
+use devices::PioBus;
+use kvm_bindings::CpuId;
+use kvm_ioctls::Cap;
+use memory::GuestRam;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::cpuid::{self, CpuidParams, Topology};
+use crate::arch::{boot, mptable, regs};
+use crate::vcpu::{self, Vcpu, VcpuError};
+use crate::vm::{HostKvm, Vm, VmError};
+use crate::{Devices, VmState, Vmm};
+
+/// Why a VM could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// KVM or guest RAM setup failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Loading the kernel or writing boot structures failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// Setting vCPU registers failed.
+    #[error("vCPU {index}: {source}")]
+    Regs {
+        /// vCPU index.
+        index: u8,
+        /// The error.
+        #[source]
+        source: regs::RegsError,
+    },
+    /// A vCPU could not be created.
+    #[error("cannot create vCPU {index}: {source}")]
+    CreateVcpu {
+        /// vCPU index.
+        index: u8,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Setting up vCPU control failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// A device could not be set up.
+    #[error("cannot set up {what}: {reason}")]
+    Device {
+        /// Which device.
+        what: &'static str,
+        /// The error.
+        reason: String,
+    },
+}
+
+fn device_err(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> BuildError {
+    move |e| BuildError::Device {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+/// The UART's interrupt line.
+const SERIAL_IRQ: u32 = 4;
+/// The keyboard's interrupt line.
+const KEYBOARD_IRQ: u32 = 1;
+const COM1_PORT: u16 = 0x3f8;
+const I8042_PORT: u16 = 0x60;
+
+/// Builds a VM from `config`, which must already be validated. Nothing runs until
+/// `Vmm::start`.
+pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
+    let machine = &config.machine_config;
+    // Validation bounds vcpu_count to 1..=32.
+    let vcpu_count = u8::try_from(machine.vcpu_count).unwrap_or(u8::MAX);
+
+    let host = HostKvm::open()?;
+    host.check_vcpus(vcpu_count)?;
+    let ram = GuestRam::new(machine.mem_size_mib, host.phys_bits).map_err(VmError::from)?;
+
+    // Load the guest before creating the VM: a bad kernel fails fast.
+    let kernel = boot::load_kernel(ram.memory(), &config.boot_source.kernel_image_path)?;
+    let initrd = match &config.boot_source.initrd_path {
+        Some(path) => Some(boot::load_initrd(&ram, &kernel, path)?),
+        None => None,
+    };
+    boot::write_boot_params(
+        &ram,
+        &kernel,
+        initrd.as_ref(),
+        config.boot_source.boot_args(),
+    )?;
+    mptable::write(ram.memory(), vcpu_count)?;
+    regs::write_boot_tables(ram.memory())
+        .map_err(|source| BuildError::Regs { index: 0, source })?;
+
+    let vm = Vm::new(&host, ram)?;
+
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| device_err("the serial IRQ")(&e))?;
+    vm.fd()
+        .register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(|e| device_err("the serial IRQ")(&e))?;
+    let sink: Box<dyn Write + Send> = match config
+        .serial
+        .as_ref()
+        .and_then(|s| s.serial_out_path.as_ref())
+    {
+        Some(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| {
+                    device_err("the serial output file")(&format!("{}: {e}", path.display()))
+                })?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+    let serial = Arc::new(Mutex::new(Serial::new(
+        IrqLine(serial_irq),
+        SerialOutput::new(sink, Arc::new(AtomicU64::new(0))),
+    )));
+
+    let kbd_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| device_err("the keyboard IRQ")(&e))?;
+    vm.fd()
+        .register_irqfd(&kbd_irq, KEYBOARD_IRQ)
+        .map_err(|e| device_err("the keyboard IRQ")(&e))?;
+    let reset_evt =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| device_err("the reset event")(&e))?;
+    let reset_clone = reset_evt
+        .try_clone()
+        .map_err(|e| device_err("the reset event")(&e))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(reset_clone, IrqLine(kbd_irq))));
+
+    let mut bus = PioBus::new();
+    bus.insert(COM1_PORT, 8, serial.clone())
+        .map_err(|e| device_err("COM1")(&e))?;
+    bus.insert(I8042_PORT, 5, i8042.clone())
+        .map_err(|e| device_err("the i8042")(&e))?;
+    let bus = Arc::new(bus);
+
+    vcpu::register_kick_handler()?;
+    let (event_tx, event_rx) = mpsc::channel();
+    let vcpu_event_fd =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| device_err("the vCPU event fd")(&e))?;
+    let boot_msrs = regs::boot_msrs(&host.msrs);
+    let topology = Topology {
+        vcpus: vcpu_count,
+        smt: machine.smt,
+    };
+    let mut pending = Vec::with_capacity(usize::from(vcpu_count));
+    for index in 0..vcpu_count {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(|source| BuildError::CreateVcpu { index, source })?;
+        let regs_err = |source| BuildError::Regs { index, source };
+        let tsc_khz = if host.kvm.check_extension(Cap::GetTscKhz) {
+            fd.get_tsc_khz().ok()
+        } else {
+            None
+        };
+        let mut entries = host.cpuid.as_slice().to_vec();
+        cpuid::normalize(
+            &mut entries,
+            &CpuidParams {
+                index,
+                topology,
+                tsc_khz,
+            },
+        );
+        let cpuid = CpuId::from_entries(&entries).map_err(|_| BuildError::Device {
+            what: "CPUID",
+            reason: format!("{} entries are more than KVM takes", entries.len()),
+        })?;
+        fd.set_cpuid2(&cpuid).map_err(|source| {
+            regs_err(regs::RegsError::Kvm {
+                what: "KVM_SET_CPUID2",
+                source,
+            })
+        })?;
+        regs::setup_msrs(&fd, &boot_msrs).map_err(regs_err)?;
+        regs::setup_fpu(&fd).map_err(regs_err)?;
+        regs::setup_lapic(&fd).map_err(regs_err)?;
+        if index == 0 {
+            regs::setup_boot_vcpu(&fd, kernel.entry).map_err(regs_err)?;
+        }
+        let event_fd = vcpu_event_fd
+            .try_clone()
+            .map_err(|e| device_err("the vCPU event fd")(&e))?;
+        pending.push(Vcpu::new(
+            index,
+            fd,
+            bus.clone(),
+            event_tx.clone(),
+            event_fd,
+        ));
+    }
+
+    Ok(Vmm {
+        vm,
+        vcpus: Vec::new(),
+        pending,
+        devices: Devices {
+            serial,
+            i8042,
+            reset_evt,
+        },
+        vcpu_events: event_rx,
+        vcpu_event_fd,
+        state: VmState::NotStarted,
+    })
+}

@@ -1,0 +1,324 @@
+//! vCPU threads. Each runs `KVM_RUN` in a loop, handles port I/O on the bus, and takes
+//! commands (pause, resume, stop) over a channel. A command is delivered by sending it
+//! and then kicking the thread out of `KVM_RUN` with a signal.
+
+use std::cell::Cell;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use devices::PioBus;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+/// Why a vCPU could not be controlled.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The vCPU thread could not be spawned.
+    #[error("cannot spawn the thread of vCPU {index}: {source}")]
+    Spawn {
+        /// vCPU index.
+        index: u8,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// The vCPU did not answer in time.
+    #[error("vCPU {index} did not answer {command:?} within {timeout:?}")]
+    Timeout {
+        /// vCPU index.
+        index: u8,
+        /// What was asked.
+        command: VcpuCommand,
+        /// How long ferry waited.
+        timeout: Duration,
+    },
+    /// The vCPU thread is gone.
+    #[error("vCPU {0} has stopped")]
+    Gone(u8),
+}
+
+/// What the VMM asks of a vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuCommand {
+    /// Leave `KVM_RUN` and wait.
+    Pause,
+    /// Continue after a pause.
+    Resume,
+    /// End the thread.
+    Stop,
+}
+
+/// Why a vCPU stopped running the guest on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// The guest asked for a reset (KVM system event).
+    Reset,
+    /// The guest powered off (KVM system event).
+    PowerOff,
+    /// The guest cannot go on: triple fault, internal error, unhandled exit.
+    Failed(String),
+}
+
+/// How long a vCPU may take to acknowledge a command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, for the kick handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Setting immediate_exit closes the race where the signal lands just before the
+    // thread enters KVM_RUN: the ioctl then returns EINTR at once.
+    let ptr = IMMEDIATE_EXIT.with(|p| p.get());
+    if !ptr.is_null() {
+        // SAFETY: the pointer was set by this thread to its own kvm_run mapping, which
+        // lives as long as the thread's VcpuFd; a byte store is async-signal-safe.
+        unsafe { ptr.write_volatile(1) };
+    }
+}
+
+/// Installs the kick handler, once per process.
+pub fn register_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal)
+}
+
+/// A vCPU, ready to run on its own thread.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    bus: Arc<PioBus>,
+    events: Sender<(u8, VcpuEvent)>,
+    event_fd: EventFd,
+}
+
+enum Flow {
+    Continue,
+    Exit(VcpuEvent),
+}
+
+/// What one exit means, decided while the exit borrows the vCPU's run area.
+enum Outcome {
+    Continue,
+    Stop(VcpuEvent),
+    Fail(String),
+    InternalError,
+}
+
+fn handle_exit(bus: &PioBus, index: u8, exit: VcpuExit) -> Outcome {
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            bus.write(port, data);
+            Outcome::Continue
+        }
+        VcpuExit::IoIn(port, data) => {
+            bus.read(port, data);
+            Outcome::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            tracing::debug!(vcpu = index, "read of unclaimed MMIO address {addr:#x}");
+            data.fill(0xff);
+            Outcome::Continue
+        }
+        VcpuExit::MmioWrite(addr, _) => {
+            tracing::debug!(vcpu = index, "write to unclaimed MMIO address {addr:#x}");
+            Outcome::Continue
+        }
+        VcpuExit::Shutdown => Outcome::Fail("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => Outcome::Stop(VcpuEvent::Reset),
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Outcome::Stop(VcpuEvent::PowerOff),
+            other => Outcome::Fail(format!("system event {other} (KVM_EXIT_SYSTEM_EVENT)")),
+        },
+        VcpuExit::InternalError => Outcome::InternalError,
+        VcpuExit::FailEntry(reason, cpu) => Outcome::Fail(format!(
+            "KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, host cpu {cpu})"
+        )),
+        other => Outcome::Fail(format!("unhandled exit {other:?}")),
+    }
+}
+
+impl Vcpu {
+    /// Wraps a configured vCPU. `events` and `event_fd` report why it stopped on its own.
+    pub fn new(
+        index: u8,
+        fd: VcpuFd,
+        bus: Arc<PioBus>,
+        events: Sender<(u8, VcpuEvent)>,
+        event_fd: EventFd,
+    ) -> Self {
+        Vcpu {
+            index,
+            fd,
+            bus,
+            events,
+            event_fd,
+        }
+    }
+
+    /// Starts the thread. The vCPU runs until told otherwise or until the guest stops.
+    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+        let index = self.index;
+        let (cmd_tx, cmd_rx) = mpsc::channel();
+        let (ack_tx, ack_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run(cmd_rx, ack_tx))
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        Ok(VcpuHandle {
+            index,
+            thread: Some(thread),
+            commands: cmd_tx,
+            acks: ack_rx,
+        })
+    }
+
+    fn run(mut self, commands: Receiver<VcpuCommand>, acks: Sender<VcpuCommand>) {
+        let immediate_exit = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
+        IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
+        loop {
+            let flow = match self.fd.run() {
+                Ok(exit) => match handle_exit(&self.bus, self.index, exit) {
+                    Outcome::Continue => Flow::Continue,
+                    Outcome::Stop(event) => Flow::Exit(event),
+                    Outcome::Fail(what) => Flow::Exit(self.failure(what)),
+                    Outcome::InternalError => {
+                        let run = self.fd.get_kvm_run();
+                        // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel fills the
+                        // `internal` member of the exit union; the union is plain data.
+                        let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                        Flow::Exit(
+                            self.failure(format!("KVM_EXIT_INTERNAL_ERROR (suberror {suberror})")),
+                        )
+                    }
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    if !wait_for_commands(&commands, &acks) {
+                        break;
+                    }
+                    Flow::Continue
+                }
+                Err(e) => Flow::Exit(self.failure(format!("KVM_RUN failed: {e}"))),
+            };
+            if let Flow::Exit(event) = flow {
+                // A closed channel means the VMM is already stopping.
+                let _ = self.events.send((self.index, event));
+                let _ = self.event_fd.write(1);
+                // Stay reachable so that pause and stop still get answers.
+                while let Ok(cmd) = commands.recv() {
+                    let _ = acks.send(cmd);
+                    if cmd == VcpuCommand::Stop {
+                        break;
+                    }
+                }
+                break;
+            }
+        }
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    fn failure(&self, what: String) -> VcpuEvent {
+        let rip = match self.fd.get_regs() {
+            Ok(regs) => format!("{:#x}", regs.rip),
+            Err(e) => format!("unknown ({e})"),
+        };
+        VcpuEvent::Failed(format!("vCPU {}: {what} at RIP {rip}", self.index))
+    }
+}
+
+/// Handles queued commands after a kick. Returns false when the thread must end.
+fn wait_for_commands(commands: &Receiver<VcpuCommand>, acks: &Sender<VcpuCommand>) -> bool {
+    let mut paused = false;
+    loop {
+        let cmd = if paused {
+            match commands.recv() {
+                Ok(cmd) => cmd,
+                Err(_) => return false,
+            }
+        } else {
+            match commands.try_recv() {
+                Ok(cmd) => cmd,
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => return false,
+            }
+        };
+        // The VMM may have stopped waiting; the command is still carried out.
+        let _ = acks.send(cmd);
+        match cmd {
+            VcpuCommand::Pause => paused = true,
+            VcpuCommand::Resume => paused = false,
+            VcpuCommand::Stop => return false,
+        }
+    }
+}
+
+/// The VMM's end of a vCPU thread.
+pub struct VcpuHandle {
+    index: u8,
+    thread: Option<JoinHandle<()>>,
+    commands: Sender<VcpuCommand>,
+    acks: Receiver<VcpuCommand>,
+}
+
+impl VcpuHandle {
+    /// Sends a command; kicks the thread out of `KVM_RUN` when it must notice at once.
+    pub fn send(&self, cmd: VcpuCommand) -> Result<(), VcpuError> {
+        self.commands
+            .send(cmd)
+            .map_err(|_| VcpuError::Gone(self.index))?;
+        if cmd != VcpuCommand::Resume {
+            if let Some(thread) = &self.thread {
+                // The thread may already have left; then there is nothing to kick.
+                let _ = thread.kill(kick_signal());
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the thread has acted on a command sent with `send`.
+    pub fn wait_ack(&self, cmd: VcpuCommand) -> Result<(), VcpuError> {
+        loop {
+            match self.acks.recv_timeout(COMMAND_TIMEOUT) {
+                Ok(done) if done == cmd => return Ok(()),
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(VcpuError::Timeout {
+                        index: self.index,
+                        command: cmd,
+                        timeout: COMMAND_TIMEOUT,
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::Gone(self.index)),
+            }
+        }
+    }
+
+    /// Stops and joins the thread.
+    pub fn stop(&mut self) {
+        if self.send(VcpuCommand::Stop).is_ok() {
+            let _ = self.wait_ack(VcpuCommand::Stop);
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("vCPU {} thread panicked", self.index);
+            }
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

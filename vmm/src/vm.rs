@@ -1,0 +1,160 @@
+//! The KVM VM: capabilities, memory slots, the in-kernel irqchip and PIT.
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use memory::GuestRam;
+
+/// Why the VM could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The host KVM lacks something ferry needs.
+    #[error("this host's KVM lacks {0}, which ferry needs")]
+    MissingCap(&'static str),
+    /// The host KVM runs fewer vCPUs than asked.
+    #[error("this host's KVM runs at most {max} vCPUs per VM, {wanted} were asked for")]
+    TooManyVcpus {
+        /// KVM's limit.
+        max: usize,
+        /// The request.
+        wanted: u8,
+    },
+    /// A KVM ioctl failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// Which ioctl.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest RAM could not be set up.
+    #[error(transparent)]
+    Ram(#[from] memory::RamError),
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Where KVM puts the TSS it needs for real-mode emulation: three pages just below the
+/// BIOS area, inside the MMIO hole, never RAM.
+const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+
+/// Capabilities ferry relies on, each probed before use.
+const REQUIRED_CAPS: [(Cap, &str); 8] = [
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::PitState2, "KVM_CAP_PIT_STATE2"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+];
+
+/// What ferry learned from the host's KVM, once.
+pub struct HostKvm {
+    /// The /dev/kvm handle.
+    pub kvm: Kvm,
+    /// `KVM_GET_SUPPORTED_CPUID`.
+    pub cpuid: CpuId,
+    /// MSRs KVM can save and restore.
+    pub msrs: Vec<u32>,
+    /// Guest-physical address width.
+    pub phys_bits: u8,
+}
+
+impl HostKvm {
+    /// Opens /dev/kvm and checks every capability ferry uses.
+    pub fn open() -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        for (cap, name) in REQUIRED_CAPS {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let msrs = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
+        // CPUID 0x80000008 EAX[7:0] is the physical address width; 36 bits is the
+        // architectural minimum when the leaf is absent.
+        let phys_bits = cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0x8000_0008)
+            .map(|e| (e.eax & 0xff) as u8)
+            .unwrap_or(36);
+        Ok(HostKvm {
+            kvm,
+            cpuid,
+            msrs,
+            phys_bits,
+        })
+    }
+
+    /// Checks that KVM runs `vcpus` vCPUs in one VM.
+    pub fn check_vcpus(&self, vcpus: u8) -> Result<(), VmError> {
+        let max = self.kvm.get_max_vcpus();
+        if usize::from(vcpus) > max {
+            return Err(VmError::TooManyVcpus { max, wanted: vcpus });
+        }
+        Ok(())
+    }
+}
+
+/// A KVM VM with its RAM registered and its interrupt controllers created.
+pub struct Vm {
+    fd: VmFd,
+    ram: GuestRam,
+}
+
+impl Vm {
+    /// Creates the VM and gives it `ram`.
+    pub fn new(host: &HostKvm, ram: GuestRam) -> Result<Self, VmError> {
+        let fd = host.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        for (slot, r) in ram.regions().iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.guest_addr.0,
+                memory_size: r.size,
+                userspace_addr: r.host_addr,
+            };
+            // SAFETY: the region describes a live shared mapping owned by `ram`, which
+            // this `Vm` keeps for as long as the VM fd exists.
+            unsafe { fd.set_user_memory_region(region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        Ok(Vm { fd, ram })
+    }
+
+    /// The VM fd.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+}
