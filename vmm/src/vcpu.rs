@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::PioBus;
+use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -115,14 +116,31 @@ enum Outcome {
     InternalError,
 }
 
-fn handle_exit(bus: &PioBus, index: u8, exit: VcpuExit) -> Outcome {
+/// The width of one element of the port access in `run`. kvm-ioctls hands over
+/// `size * count` bytes for string I/O (`rep outsb`) without saying which is which.
+fn io_access_size(run: *const kvm_run) -> usize {
+    // SAFETY: `run` points at this vCPU's kvm_run mapping, alive as long as its VcpuFd;
+    // after a KVM_EXIT_IO the kernel has filled the `io` member of the exit union, and
+    // only that plain-data field is read.
+    let size = unsafe { (*run).__bindgen_anon_1.io.size };
+    match size {
+        1 | 2 | 4 => usize::from(size),
+        _ => 1,
+    }
+}
+
+fn handle_exit(bus: &PioBus, index: u8, exit: VcpuExit, run: *const kvm_run) -> Outcome {
     match exit {
         VcpuExit::IoOut(port, data) => {
-            bus.write(port, data);
+            for element in data.chunks(io_access_size(run)) {
+                bus.write(port, element);
+            }
             Outcome::Continue
         }
         VcpuExit::IoIn(port, data) => {
-            bus.read(port, data);
+            for element in data.chunks_mut(io_access_size(run)) {
+                bus.read(port, element);
+            }
             Outcome::Continue
         }
         VcpuExit::MmioRead(addr, data) => {
@@ -184,11 +202,13 @@ impl Vcpu {
     }
 
     fn run(mut self, commands: Receiver<VcpuCommand>, acks: Sender<VcpuCommand>) {
-        let immediate_exit = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        // SAFETY: `run` is this vCPU's live kvm_run mapping; only a field address is taken.
+        let immediate_exit = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
         IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
         loop {
             let flow = match self.fd.run() {
-                Ok(exit) => match handle_exit(&self.bus, self.index, exit) {
+                Ok(exit) => match handle_exit(&self.bus, self.index, exit, run) {
                     Outcome::Continue => Flow::Continue,
                     Outcome::Stop(event) => Flow::Exit(event),
                     Outcome::Fail(what) => Flow::Exit(self.failure(what)),
@@ -204,6 +224,16 @@ impl Vcpu {
                 },
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        let r = self.fd.get_regs().unwrap_or_default();
+                        tracing::debug!(
+                            vcpu = self.index,
+                            "kicked at RIP {:#x} rcx {:#x} rdi {:#x}",
+                            r.rip,
+                            r.rcx,
+                            r.rdi
+                        );
+                    }
                     if !wait_for_commands(&commands, &acks) {
                         break;
                     }

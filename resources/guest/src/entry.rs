@@ -1,9 +1,15 @@
 //! CPL0 entry: the only code that runs in kernel mode, which this machine emulates one
 //! instruction at a time. It loads our own page tables (user bit set) and GDT (user
-//! segments), enables SSE and SYSCALL, and drops to CPL3 with IOPL=3 so user code can do
-//! port I/O. Both boot protocols end in `common64` with rdi = boot kind and rsi = the
-//! boot information pointer, which `iretq` hands unchanged to `guest_main`, with rdx =
-//! the TSC frequency in kHz (0 when the VMM does not say).
+//! segments), enables SSE, and drops to CPL3 with IOPL=3 so user code can do port I/O.
+//!
+//! Under kvm_pvm a non-PVM guest cannot get from CPL3 back to CPL0 (interrupt gates
+//! fail to emulate; a SYSCALL target cannot HLT; a loaded TSS breaks CPL3 port I/O). So
+//! the one workload that needs CPL0, `idle` (HLT), is recognised here, before the drop,
+//! with string instructions, which the emulator runs fast.
+//!
+//! Both boot protocols reach `common64` with rdi = boot kind (0 Linux, 1 PVH) and rsi =
+//! the boot information pointer. `iretq` hands these unchanged to `guest_main`, with
+//! rdx = the TSC frequency in kHz (0 when the VMM does not say).
 
 core::arch::global_asm!(
     r#"
@@ -14,6 +20,20 @@ core::arch::global_asm!(
     .long 18                /* XEN_ELFNOTE_PHYS32_ENTRY */
     .asciz "Xen"
     .long _start32
+
+    .section .rodata.boot, "a"
+key_rest:
+    .ascii "orkload="
+idle_value:
+    .ascii "idle"
+idle_banner_linux:
+    .ascii "ferry-guest: start boot=linux64\nferry-guest: idle\n"
+idle_banner_linux_end:
+idle_banner_pvh:
+    .ascii "ferry-guest: start boot=pvh\nferry-guest: idle\n"
+idle_banner_pvh_end:
+    .set IDLE_LINUX_LEN, idle_banner_linux_end - idle_banner_linux
+    .set IDLE_PVH_LEN, idle_banner_pvh_end - idle_banner_pvh
 
     .section .text.boot, "ax"
     .code32
@@ -63,35 +83,100 @@ common64:
     and eax, 0xfffffffb     /* clear EM */
     or eax, 0x2             /* MP */
     mov cr0, rax
-    mov r8, rsi
-    mov ecx, 0xc0000080     /* EFER.SCE: `syscall` is how user code asks to halt */
-    rdmsr
-    or eax, 1
-    wrmsr
-    mov ecx, 0xc0000081     /* STAR: kernel CS 0x08 */
+    mov r12, rdi
+    mov r13, rsi
+
+    /* The command line: boot_params.hdr.cmd_line_ptr (+ ext_cmd_line_ptr), or
+       hvm_start_info.cmdline_paddr. */
+    test edi, edi
+    jnz 2f
+    mov eax, [rsi + 0x228]
+    mov edx, [rsi + 0xc8]
+    shl rdx, 32
+    or rax, rdx
+    jmp 3f
+2:
+    mov rax, [rsi + 24]
+3:
+    /* Idle unless "workload=" names something else. */
+    test rax, rax
+    jz idle
+    mov rdi, rax
     xor eax, eax
-    mov edx, 0x08
-    wrmsr
-    mov ecx, 0xc0000082     /* LSTAR */
-    lea rax, [rip + halt_forever]
-    mov rdx, rax
-    shr rdx, 32
-    wrmsr
+    mov ecx, 4096
+    repne scasb             /* rdi = one past the NUL */
+    mov r14, rdi
+    mov rdi, r13
+    test r12, r12
+    jnz 4f
+    mov eax, [r13 + 0x228]
+    mov edx, [r13 + 0xc8]
+    shl rdx, 32
+    or rax, rdx
+    mov rdi, rax
+    jmp 5f
+4:
+    mov rdi, [r13 + 24]
+5:
+    mov rcx, r14
+    sub rcx, rdi            /* bytes left, NUL included */
+find_key:
+    mov al, 'w'
+    repne scasb
+    jne idle                /* no "workload=": idle */
+    mov r15, rcx
+    mov rbx, rdi
+    lea rsi, [rip + key_rest]
+    mov ecx, 8              /* "orkload=" */
+    repe cmpsb
+    je key_found
+    mov rdi, rbx
+    mov rcx, r15
+    jmp find_key
+key_found:
+    lea rsi, [rip + idle_value]
+    mov ecx, 4              /* "idle" */
+    repe cmpsb
+    jne to_user
+    mov al, [rdi]
+    test al, al
+    jz idle
+    cmp al, ' '
+    je idle
+    jmp to_user
+
+idle:
+    lea rsi, [rip + idle_banner_linux]
+    mov ecx, offset IDLE_LINUX_LEN
+    test r12, r12
+    jz 6f
+    lea rsi, [rip + idle_banner_pvh]
+    mov ecx, offset IDLE_PVH_LEN
+6:
+    mov edx, 0x3f8
+    rep outsb
+halt_forever:
+    cli
+    hlt
+    jmp halt_forever
+
+to_user:
     /* CPUID at CPL3 runs natively on the host CPU here, so the VMM's table is only
-       visible from CPL0: read the hypervisor timing leaf (TSC kHz) now, pass it in rdx. */
+       visible from CPL0: read the hypervisor timing leaf (TSC kHz) now. */
     xor r9d, r9d
     mov eax, 0x40000000
     xor ecx, ecx
     cpuid
     cmp eax, 0x40000010
-    jb 1f
+    jb 7f
     mov eax, 0x40000010
     xor ecx, ecx
     cpuid
     mov r9d, eax
-1:
+7:
     mov rdx, r9
-    mov rsi, r8
+    mov rdi, r12
+    mov rsi, r13
     push 0x1b               /* SS: user data */
     lea rax, [rip + user_stack_top - 8]
     push rax
@@ -101,10 +186,6 @@ common64:
     push rax
     iretq
 
-halt_forever:               /* SYSCALL target: idle at CPL0 with interrupts off */
-    cli
-    hlt
-    jmp halt_forever
 
     .section .data.pagetables, "aw"
     .balign 4096

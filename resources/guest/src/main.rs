@@ -4,7 +4,9 @@
 //! line; results go to the serial console as plain lines.
 //!
 //! Command line (all optional):
-//!   workload=idle|verify|dirty   what to run (default idle)
+//!   workload=idle|verify|dirty|fault   what to run (default idle). idle prints two
+//!                                lines and halts at CPL0; fault ends the guest with a
+//!                                triple fault, as every error does
 //!   start=ADDR size=BYTES        the memory range to work on (K/M/G suffixes, 0x hex);
 //!                                default: from 4 MiB to the end of that RAM range
 //!   rate=PAGES                   pages written per second, 0 = as fast as possible
@@ -30,18 +32,20 @@ extern "C" {
 const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
 
-/// Asks the VMM to end the VM the way a PC reboots.
+/// Asks the VMM to end the VM the way a PC reboots, and waits for it to do so.
 pub fn reboot() -> ! {
     console::outb(I8042_COMMAND, I8042_RESET);
-    halt()
+    loop {
+        core::hint::spin_loop();
+    }
 }
 
-/// Halts this vCPU for good: `syscall` enters `halt_forever` at CPL0.
-pub fn halt() -> ! {
-    loop {
-        // SAFETY: the SYSCALL target halts with interrupts off and never returns.
-        unsafe { core::arch::asm!("syscall", out("rcx") _, out("r11") _) };
-    }
+/// Ends the guest with a triple fault after an error has been printed: user code has no
+/// way back to CPL0 here (see entry.rs), and the VMM reports a triple fault as a failure,
+/// with a non-zero exit, which is what a broken guest run is.
+pub fn fail() -> ! {
+    // SAFETY: deliberately ends the guest; no IDT is loaded, so #UD escalates.
+    unsafe { core::arch::asm!("ud2", options(noreturn)) }
 }
 
 fn arg_size(info: &BootInfo, key: &str, default: u64) -> Result<u64, &'static str> {
@@ -103,7 +107,7 @@ extern "C" fn guest_main(kind: u64, ptr: u64, tsc_khz: u64) -> ! {
     );
     let Some(info) = BootInfo::parse(kind, ptr) else {
         println!("ferry-guest: error: bad boot information at {ptr:#x}");
-        halt();
+        fail();
     };
     let cmdline = core::str::from_utf8(info.cmdline).unwrap_or("<not utf-8>");
     println!("ferry-guest: cmdline {cmdline}");
@@ -123,10 +127,12 @@ extern "C" fn guest_main(kind: u64, ptr: u64, tsc_khz: u64) -> ! {
     let khz = tsc_khz;
     println!("ferry-guest: tsc_khz {khz}");
 
-    let workload = info.arg("workload").unwrap_or(b"idle");
-    if workload == b"idle" {
-        println!("ferry-guest: idle");
-        halt();
+    // entry.rs has already handled `idle` (and a missing workload) at CPL0.
+    let workload = info.arg("workload").unwrap_or(b"");
+    if workload == b"fault" {
+        // The VMM must report the triple fault, naming the vCPU and RIP.
+        println!("ferry-guest: triple fault on purpose");
+        fail();
     }
     let params = work_range(&info).and_then(|(start, size)| {
         let rate = arg_size(&info, "rate", 0)?;
@@ -146,7 +152,7 @@ extern "C" fn guest_main(kind: u64, ptr: u64, tsc_khz: u64) -> ! {
         Ok(p) => p,
         Err(e) => {
             println!("ferry-guest: error: {e}");
-            halt();
+            fail();
         }
     };
     let name = core::str::from_utf8(workload).unwrap_or("?");
@@ -159,7 +165,7 @@ extern "C" fn guest_main(kind: u64, ptr: u64, tsc_khz: u64) -> ! {
         b"dirty" => workload::dirty(&params),
         _ => {
             println!("ferry-guest: error: unknown workload {name}");
-            halt();
+            fail();
         }
     }
     println!("ferry-guest: done");
@@ -169,5 +175,5 @@ extern "C" fn guest_main(kind: u64, ptr: u64, tsc_khz: u64) -> ! {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     println!("ferry-guest: panic: {info}");
-    halt();
+    fail();
 }

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Builds the test guest (resources/guest) and prints the path of the ELF. The result is
+# cached outside the clone, keyed by a hash of the guest's sources and the toolchain.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+src=$top/resources/guest
+cache=$("$top/scripts/cache-dir.sh")
+key=$( (cd "$src" && find . -path ./target -prune -o -type f -print0 | sort -z | xargs -0 sha256sum; rustc --version) | sha256sum | cut -c1-16)
+out=$cache/guest/$key/ferry-guest
+if [ ! -f "$out" ]; then
+  (cd "$src" && CARGO_TARGET_DIR=$cache/guest/target cargo build --release --quiet)
+  mkdir -p "$(dirname "$out")"
+  cp "$cache/guest/target/x86_64-unknown-linux-gnu/release/ferry-guest" "$out.tmp"
+  mv "$out.tmp" "$out"
+fi
+echo "$out"

@@ -1,0 +1,213 @@
+//! Helpers for end-to-end tests: real `ferry` processes, real KVM, the real test guest.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// The test guest ELF, built by `scripts/build-guest.sh` (which `scripts/test.sh` runs).
+pub fn guest_image() -> PathBuf {
+    let path = std::env::var_os("FERRY_GUEST").map(PathBuf::from).expect(
+        "FERRY_GUEST is not set: run the suite with scripts/test.sh, which builds the test guest",
+    );
+    assert!(
+        path.is_file(),
+        "FERRY_GUEST={} does not exist",
+        path.display()
+    );
+    path
+}
+
+/// The Debian kernel directory from `resources/linux/build.sh`.
+pub fn linux_dir() -> PathBuf {
+    let path = std::env::var_os("FERRY_LINUX_DIR")
+        .map(PathBuf::from)
+        .expect(
+        "FERRY_LINUX_DIR is not set: run the suite with scripts/test.sh, which installs the kernel",
+    );
+    assert!(
+        path.join("vmlinux").is_file(),
+        "{}/vmlinux does not exist",
+        path.display()
+    );
+    path
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("ferry-test-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).expect("write temp file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A Firecracker-format config for the test guest.
+pub fn guest_config(vcpus: u32, mem_mib: u64, args: &str) -> String {
+    format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "console=ttyS0 {args}"}},
+            "machine-config": {{"vcpu_count": {vcpus}, "mem_size_mib": {mem_mib}}}}}"#,
+        guest_image().display()
+    )
+}
+
+/// A running `ferry --config-file FILE --no-api`, with its console read line by line.
+pub struct Ferry {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Ferry {
+    pub fn spawn(config: &Path) -> Ferry {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .arg("--config-file")
+            .arg(config)
+            .arg("--no-api")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        Ferry {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+            stderr: Some(stderr),
+        }
+    }
+
+    /// Waits for a console line containing `needle`; panics with the console so far.
+    pub fn expect_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no line containing {needle:?} within {timeout:?}; console:\n{}",
+                        self.seen.join("\n")
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait().expect("wait");
+                    let err = self
+                        .stderr
+                        .take()
+                        .map(|h| h.join().unwrap_or_default())
+                        .unwrap_or_default();
+                    panic!(
+                        "ferry ended ({status}) before a line containing {needle:?}; console:\n{}\nstderr:\n{err}",
+                        self.seen.join("\n")
+                    )
+                }
+            }
+        }
+    }
+
+    /// Every console line seen so far.
+    pub fn console(&self) -> &[String] {
+        &self.seen
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sends a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for the process to end; returns its status, the rest of the console and stderr.
+    pub fn wait(mut self, timeout: Duration) -> (ExitStatus, Vec<String>, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "ferry did not end within {timeout:?}; console:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(line);
+        }
+        let err = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        (status, std::mem::take(&mut self.seen), err)
+    }
+}
+
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs ferry on a config that must be refused; returns (exit code, stderr).
+pub fn run_refused(config: &Path) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("--config-file")
+        .arg(config)
+        .arg("--no-api")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ferry");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
