@@ -113,7 +113,7 @@ mod tests {
 
     impl PioDevice for Recorder {
         fn read(&mut self, offset: u16, data: &mut [u8]) {
-            data.fill(offset as u8);
+            data.fill(offset.to_le_bytes()[0]);
         }
         fn write(&mut self, offset: u16, data: &[u8]) {
             self.0.push((offset, data[0]));

@@ -206,6 +206,12 @@ impl Vcpu {
         // SAFETY: `run` is this vCPU's live kvm_run mapping; only a field address is taken.
         let immediate_exit = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
         IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
+        // A command sent before the line above was kicked with no pointer to set, so
+        // that kick is lost: look for commands once before the first KVM_RUN.
+        if !wait_for_commands(&commands, &acks) {
+            IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+            return;
+        }
         loop {
             let flow = match self.fd.run() {
                 Ok(exit) => match handle_exit(&self.bus, self.index, exit, run) {

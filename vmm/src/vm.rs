@@ -44,7 +44,7 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
 
 /// Where KVM puts the TSS it needs for real-mode emulation: three pages just below the
 /// BIOS area, inside the MMIO hole, never RAM.
-const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
 /// Capabilities ferry relies on, each probed before use.
 const REQUIRED_CAPS: [(Cap, &str); 8] = [
@@ -93,7 +93,7 @@ impl HostKvm {
             .as_slice()
             .iter()
             .find(|e| e.function == 0x8000_0008)
-            .map(|e| (e.eax & 0xff) as u8)
+            .and_then(|e| u8::try_from(e.eax & 0xff).ok())
             .unwrap_or(36);
         Ok(HostKvm {
             kvm,
@@ -123,9 +123,9 @@ impl Vm {
     /// Creates the VM and gives it `ram`.
     pub fn new(host: &HostKvm, ram: GuestRam) -> Result<Self, VmError> {
         let fd = host.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        for (slot, r) in ram.regions().iter().enumerate() {
+        for (slot, r) in (0u32..).zip(ram.regions()) {
             let region = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot,
                 flags: 0,
                 guest_phys_addr: r.guest_addr.0,
                 memory_size: r.size,
@@ -136,7 +136,7 @@ impl Vm {
             unsafe { fd.set_user_memory_region(region) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+        fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip()
             .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;

@@ -131,8 +131,8 @@ mod tests {
         for b in b"hi\n" {
             s.write(0, &[*b]);
         }
-        s.write(0, &[b'x', b'y']); // a 2-byte access to the data port is ignored
-        s.write(9, &[b'z']); // past the UART's 8 registers
+        s.write(0, b"xy"); // a 2-byte access to the data port is ignored
+        s.write(9, b"z"); // past the UART's 8 registers
         assert_eq!(&*sink.0.lock().expect("poisoned"), b"hi\n");
         assert_eq!(count.load(Ordering::Relaxed), 3);
     }

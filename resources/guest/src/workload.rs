@@ -31,11 +31,10 @@ struct Throttle {
 
 impl Throttle {
     fn new(p: &Params) -> Throttle {
-        let cycles_per_page = if p.rate == 0 {
-            0
-        } else {
-            (p.tsc_khz * 1000 / p.rate).max(1)
-        };
+        // 0 (unthrottled) when rate is 0.
+        let cycles_per_page = (p.tsc_khz * 1000)
+            .checked_div(p.rate)
+            .map_or(0, |c| c.max(1));
         Throttle {
             cycles_per_page,
             deadline: rdtsc(),

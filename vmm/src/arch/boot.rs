@@ -227,6 +227,12 @@ pub fn write_boot_params(
             reason: e.to_string(),
         })?;
 
+    let below_4g = |what: &'static str, v: u64| {
+        u32::try_from(v).map_err(|_| BootError::Memory {
+            what,
+            reason: format!("{v:#x} is not below 4 GiB"),
+        })
+    };
     let mut params = boot_params::default();
     if let Some(hdr) = kernel.setup_header {
         params.hdr = hdr;
@@ -234,14 +240,14 @@ pub fn write_boot_params(
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
-    params.hdr.cmd_line_ptr = CMDLINE.0 as u32;
-    params.hdr.cmdline_size = bytes.len() as u32;
+    params.hdr.cmd_line_ptr = below_4g("the command line", CMDLINE.0)?;
+    params.hdr.cmdline_size = below_4g("the command line", bytes.len() as u64)?;
     if params.hdr.kernel_alignment == 0 {
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
     }
     if let Some(initrd) = initrd {
-        params.hdr.ramdisk_image = initrd.addr.0 as u32;
-        params.hdr.ramdisk_size = initrd.size as u32;
+        params.hdr.ramdisk_image = below_4g("the initrd", initrd.addr.0)?;
+        params.hdr.ramdisk_size = below_4g("the initrd", initrd.size)?;
     }
     let map = e820_map(ram);
     for (slot, (addr, size, type_)) in params.e820_table.iter_mut().zip(&map) {
@@ -251,7 +257,10 @@ pub fn write_boot_params(
             r#type: *type_,
         };
     }
-    params.e820_entries = map.len() as u8;
+    params.e820_entries = u8::try_from(map.len()).map_err(|_| BootError::Memory {
+        what: "the e820 map",
+        reason: format!("{} entries", map.len()),
+    })?;
 
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new(&params, ZERO_PAGE),
@@ -363,7 +372,7 @@ mod tests {
         write_boot_params(&r, &k, None, "console=ttyS0").expect("short line");
         let p: boot_params = r.memory().read_obj(ZERO_PAGE).expect("read");
         let ptr = p.hdr.cmd_line_ptr;
-        assert_eq!(ptr, CMDLINE.0 as u32);
+        assert_eq!(u64::from(ptr), CMDLINE.0);
         assert_eq!(p.e820_entries, 3);
     }
 }

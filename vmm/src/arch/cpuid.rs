@@ -91,10 +91,8 @@ pub fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, p: &CpuidParams) {
                     }
                 }
             }
-            LEAF_HYPERVISOR => {
-                if p.tsc_khz.is_some() {
-                    e.eax = e.eax.max(LEAF_HYPERVISOR_TIMING);
-                }
+            LEAF_HYPERVISOR if p.tsc_khz.is_some() => {
+                e.eax = e.eax.max(LEAF_HYPERVISOR_TIMING);
             }
             _ => {}
         }

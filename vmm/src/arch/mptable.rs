@@ -2,8 +2,7 @@
 //! vCPU and the IOAPIC. Built as bytes: no crate provides it, and building a byte image
 //! avoids `unsafe` packed-struct conversions.
 
-use memory::layout::{IOAPIC_START, LAPIC_START};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::layout::{EBDA, EBDA_END};
 
@@ -13,11 +12,17 @@ pub enum MptableError {
     /// Too many vCPUs for the table to fit in the EBDA.
     #[error("an MP table for {0} vCPUs does not fit in the EBDA")]
     TooManyCpus(u8),
+    /// The table would not fit its own length field.
+    #[error("an MP table of {0} bytes is too large")]
+    TooLarge(usize),
     /// Writing guest memory failed.
     #[error("cannot write the MP table to guest memory: {0}")]
     Write(#[source] vm_memory::GuestMemoryError),
 }
 
+/// `memory::layout::IOAPIC_START` and `LAPIC_START`, as the 32-bit fields the table holds.
+const IOAPIC_ADDR: u32 = 0xfec0_0000;
+const LAPIC_ADDR: u32 = 0xfee0_0000;
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
 /// Legacy ISA interrupts routed through the IOAPIC.
@@ -46,8 +51,8 @@ fn interrupt_entry(kind: u8, irq_type: u8, src_irq: u8, dst_apic: u8, dst_pin: u
 }
 
 /// Builds the floating pointer structure followed by the configuration table, placed at
-/// `base`.
-pub fn build(base: GuestAddress, cpus: u8) -> Vec<u8> {
+/// `base` (an address below 1 MiB).
+pub fn build(base: u32, cpus: u8) -> Result<Vec<u8>, MptableError> {
     let ioapic_id = cpus;
     let mut entries: Vec<u8> = Vec::new();
     let mut count: u16 = 0;
@@ -61,7 +66,7 @@ pub fn build(base: GuestAddress, cpus: u8) -> Vec<u8> {
     }
     entries.extend_from_slice(&[ENTRY_BUS, 0, b'I', b'S', b'A', b' ', b' ', b' ']);
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
-    entries.extend_from_slice(&(IOAPIC_START.0 as u32).to_le_bytes());
+    entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     count += 2;
     for pin in 0..IOAPIC_PINS {
         entries.extend_from_slice(&interrupt_entry(
@@ -79,8 +84,9 @@ pub fn build(base: GuestAddress, cpus: u8) -> Vec<u8> {
 
     const FLOATING_LEN: usize = 16;
     const HEADER_LEN: usize = 44;
-    let table_addr = base.0 as u32 + FLOATING_LEN as u32;
-    let table_len = (HEADER_LEN + entries.len()) as u16;
+    let table_addr = base + 16; // just past the floating pointer
+    let table_len = u16::try_from(HEADER_LEN + entries.len())
+        .map_err(|_| MptableError::TooLarge(HEADER_LEN + entries.len()))?;
 
     let mut header = Vec::with_capacity(HEADER_LEN);
     header.extend_from_slice(b"PCMP");
@@ -91,7 +97,7 @@ pub fn build(base: GuestAddress, cpus: u8) -> Vec<u8> {
     header.extend_from_slice(&0u32.to_le_bytes()); // OEM table
     header.extend_from_slice(&0u16.to_le_bytes());
     header.extend_from_slice(&count.to_le_bytes());
-    header.extend_from_slice(&(LAPIC_START.0 as u32).to_le_bytes());
+    header.extend_from_slice(&LAPIC_ADDR.to_le_bytes());
     header.extend_from_slice(&[0; 4]); // extended table length and checksum
     let mut table = header;
     table.extend_from_slice(&entries);
@@ -103,12 +109,14 @@ pub fn build(base: GuestAddress, cpus: u8) -> Vec<u8> {
     out.extend_from_slice(&[1, 4, 0, 0, 0, 0, 0, 0]); // length in 16-byte units, revision
     out[10] = checksum(&out);
     out.extend_from_slice(&table);
-    out
+    Ok(out)
 }
 
 /// Writes the MP table for `cpus` vCPUs into the EBDA.
 pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), MptableError> {
-    let bytes = build(EBDA, cpus);
+    // The EBDA sits below 1 MiB.
+    let base = u32::try_from(EBDA.0).map_err(|_| MptableError::TooManyCpus(cpus))?;
+    let bytes = build(base, cpus)?;
     if EBDA.0 + bytes.len() as u64 > EBDA_END.0 {
         return Err(MptableError::TooManyCpus(cpus));
     }
@@ -125,7 +133,7 @@ mod tests {
 
     #[test]
     fn test_checksums_and_cpu_entries() {
-        let bytes = build(EBDA, 4);
+        let bytes = build(0x9fc00, 4).expect("build");
         assert_eq!(&bytes[..4], b"_MP_");
         assert_eq!(sum(&bytes[..16]), 0);
         let table = &bytes[16..];
@@ -142,6 +150,12 @@ mod tests {
 
     #[test]
     fn test_32_cpus_fit_in_ebda() {
-        assert!(EBDA.0 + build(EBDA, 32).len() as u64 <= EBDA_END.0);
+        assert!(EBDA.0 + build(0x9fc00, 32).expect("build").len() as u64 <= EBDA_END.0);
+    }
+
+    #[test]
+    fn test_apic_addresses_match_layout() {
+        assert_eq!(u64::from(IOAPIC_ADDR), memory::layout::IOAPIC_START.0);
+        assert_eq!(u64::from(LAPIC_ADDR), memory::layout::LAPIC_START.0);
     }
 }

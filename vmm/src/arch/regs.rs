@@ -52,9 +52,12 @@ const GDT: [u64; 4] = [
     0x00cf_9300_0000_ffff,
     0x0080_8b00_0000_ffff,
 ];
+const GDT_LIMIT: u16 = 4 * 8 - 1;
 
 fn segment(selector: u16, descriptor: u64) -> kvm_segment {
-    let flags = |bit: u32, width: u32| ((descriptor >> bit) & ((1 << width) - 1)) as u8;
+    // Each field is at most 4 bits wide, so the mask makes the value fit a u8.
+    let flags =
+        |bit: u32, width: u32| u8::try_from((descriptor >> bit) & ((1 << width) - 1)).unwrap_or(0);
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
@@ -92,7 +95,7 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
 pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: GuestAddress) -> Result<(), RegsError> {
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     sregs.gdt.base = BOOT_GDT.0;
-    sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+    sregs.gdt.limit = GDT_LIMIT;
     sregs.idt.base = BOOT_IDT.0;
     sregs.idt.limit = 7;
     let code = segment(0x08, GDT[1]);
