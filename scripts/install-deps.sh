@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs the Debian packages ferry's build and tests need, once per machine.
+# Installs the Debian packages ferry's build and tests need (QEMU boots the test guest
+# through its PVH note, to check that entry), once per machine, and checks
+# that KVM is there.
 set -euo pipefail
-packages=(python3 xz-utils libclang-dev iproute2)
+packages=(python3 ca-certificates qemu-system-x86)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -12,7 +14,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq >&2
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
-if [ ! -r /dev/kvm ]; then
-  echo "error: /dev/kvm is not available; ferry needs KVM" >&2
+if [ ! -w /dev/kvm ]; then
+  echo "error: /dev/kvm is missing or not writable; ferry needs KVM" >&2
   exit 1
 fi

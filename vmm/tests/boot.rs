@@ -239,3 +239,25 @@ fn test_bad_input_gets_clear_error_and_nonzero_exit() {
         "{stderr}"
     );
 }
+
+#[test]
+fn test_64_gib_guest_boots_without_touching_its_memory() {
+    let dir = TempDir::new("64g");
+    let mut ferry =
+        Ferry::spawn(&dir.write("vm.json", guest_config(1, 64 * 1024, "workload=idle")));
+    ferry.expect_line("ferry-guest: idle", BOOT);
+    let pid = ferry.pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let shmem_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("RssShmem");
+    assert!(
+        shmem_kib < 64 * 1024,
+        "a 64 GiB idle guest has {shmem_kib} KiB of guest RAM resident"
+    );
+    ferry.signal(libc::SIGTERM);
+    let (status, _, stderr) = ferry.wait(BOOT);
+    assert!(status.success(), "{status}: {stderr}");
+}

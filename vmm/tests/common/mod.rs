@@ -157,6 +157,10 @@ impl Ferry {
         &self.seen
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn signal(&self, sig: i32) {
         // SAFETY: sends a signal to our own child process.
         unsafe { libc::kill(self.child.id() as i32, sig) };

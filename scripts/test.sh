@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs ferry's whole test suite on this machine: installs what it needs, builds the test
+# guest and fetches Debian's kernel (both cached outside the clone), checks formatting
+# and lints, then runs every unit and end-to-end test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+FERRY_GUEST=$(scripts/build-guest.sh)
+FERRY_LINUX_DIR=$(resources/linux/build.sh)
+export FERRY_GUEST FERRY_LINUX_DIR
+echo "test guest: $FERRY_GUEST"
+echo "linux:      $FERRY_LINUX_DIR"
+
+cargo fmt --all -- --check
+(cd resources/guest && cargo fmt -- --check)
+cargo clippy --workspace --all-targets --release --quiet -- -D warnings
+(cd resources/guest && CARGO_TARGET_DIR="$(scripts/cache-dir.sh)/guest/target" cargo clippy --release --quiet -- -D warnings)
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --release 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "ferry: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
