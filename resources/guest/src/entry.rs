@@ -101,25 +101,14 @@ common64:
     /* Idle unless "workload=" names something else. */
     test rax, rax
     jz idle
+    mov r14, rax
     mov rdi, rax
     xor eax, eax
     mov ecx, 4096
     repne scasb             /* rdi = one past the NUL */
-    mov r14, rdi
-    mov rdi, r13
-    test r12, r12
-    jnz 4f
-    mov eax, [r13 + 0x228]
-    mov edx, [r13 + 0xc8]
-    shl rdx, 32
-    or rax, rdx
-    mov rdi, rax
-    jmp 5f
-4:
-    mov rdi, [r13 + 24]
-5:
-    mov rcx, r14
-    sub rcx, rdi            /* bytes left, NUL included */
+    mov rcx, rdi
+    mov rdi, r14
+    sub rcx, rdi            /* bytes to search, NUL included */
 find_key:
     mov al, 'w'
     repne scasb
