@@ -3,7 +3,7 @@
 # through its PVH note, to check that entry), once per machine, and checks
 # that KVM is there.
 set -euo pipefail
-packages=(python3 ca-certificates qemu-system-x86)
+packages=(python3 ca-certificates curl qemu-system-x86)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -153,6 +153,57 @@ impl MachineConfig {
     }
 }
 
+/// `PATCH /machine-config`: any subset of the fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    /// New vCPU count.
+    #[serde(default)]
+    pub vcpu_count: Option<u64>,
+    /// New memory size.
+    #[serde(default)]
+    pub mem_size_mib: Option<u64>,
+    /// New SMT setting.
+    #[serde(default)]
+    pub smt: Option<bool>,
+    /// New dirty-tracking setting.
+    #[serde(default)]
+    pub track_dirty_pages: Option<bool>,
+    /// New CPU template.
+    #[serde(default)]
+    pub cpu_template: Option<String>,
+    /// New huge pages setting.
+    #[serde(default)]
+    pub huge_pages: Option<String>,
+}
+
+impl MachineConfig {
+    /// This configuration with `update` applied, validated.
+    pub fn updated(&self, update: &MachineConfigUpdate) -> Result<MachineConfig, ConfigError> {
+        let mut next = self.clone();
+        if let Some(v) = update.vcpu_count {
+            next.vcpu_count = v;
+        }
+        if let Some(v) = update.mem_size_mib {
+            next.mem_size_mib = v;
+        }
+        if let Some(v) = update.smt {
+            next.smt = v;
+        }
+        if let Some(v) = update.track_dirty_pages {
+            next.track_dirty_pages = v;
+        }
+        if update.cpu_template.is_some() {
+            next.cpu_template = update.cpu_template.clone();
+        }
+        if update.huge_pages.is_some() {
+            next.huge_pages = update.huge_pages.clone();
+        }
+        next.validate()?;
+        Ok(next)
+    }
+}
+
 /// `drives[]` entries, Firecracker's fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -249,6 +300,30 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// A configuration from its sections (as assembled through the API).
+    pub fn new(
+        boot_source: BootSource,
+        machine_config: MachineConfig,
+        drives: Vec<Drive>,
+        network_interfaces: Vec<NetworkInterface>,
+        serial: Option<SerialConfig>,
+    ) -> Self {
+        VmConfig {
+            boot_source,
+            machine_config,
+            drives,
+            network_interfaces,
+            serial,
+            logger: None,
+            metrics: None,
+            balloon: None,
+            vsock: None,
+            mmds_config: None,
+            entropy: None,
+            cpu_config: None,
+        }
+    }
+
     /// Parses and validates a configuration file's text.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
         let config: VmConfig = serde_json::from_str(text)?;
@@ -288,6 +363,105 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+impl BootSource {
+    /// Checks that the files exist.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        require_file("boot-source.kernel_image_path", &self.kernel_image_path)?;
+        if let Some(initrd) = &self.initrd_path {
+            require_file("boot-source.initrd_path", initrd)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drive {
+    /// Checks the fields ferry can check before the device exists.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        require_id("drives.drive_id", &self.drive_id)?;
+        match &self.path_on_host {
+            Some(path) => require_file("drives.path_on_host", path)?,
+            None if self.socket.is_none() => {
+                return Err(invalid(
+                    "drives.path_on_host",
+                    "is required for a block device",
+                ));
+            }
+            None => {}
+        }
+        if self.socket.is_some() {
+            return Err(ConfigError::Unsupported(
+                "drives.socket (vhost-user block)".into(),
+            ));
+        }
+        if self.rate_limiter.is_some() {
+            return Err(ConfigError::Unsupported("drives.rate_limiter".into()));
+        }
+        if let Some(c) = self.cache_type.as_deref() {
+            if c != "Unsafe" && c != "Writeback" {
+                return Err(invalid(
+                    "drives.cache_type",
+                    format!("\"{c}\" is not Unsafe or Writeback"),
+                ));
+            }
+        }
+        if let Some(e) = self.io_engine.as_deref() {
+            if e != "Sync" && e != "Async" {
+                return Err(invalid(
+                    "drives.io_engine",
+                    format!("\"{e}\" is not Sync or Async"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl NetworkInterface {
+    /// Checks the fields ferry can check before the device exists.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        require_id("network-interfaces.iface_id", &self.iface_id)?;
+        if self.host_dev_name.is_empty() || self.host_dev_name.len() > 15 {
+            return Err(invalid(
+                "network-interfaces.host_dev_name",
+                format!(
+                    "\"{}\" is not a tap device name (1 to 15 bytes)",
+                    self.host_dev_name
+                ),
+            ));
+        }
+        if let Some(mac) = &self.guest_mac {
+            let ok = mac.split(':').count() == 6
+                && mac
+                    .split(':')
+                    .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+            if !ok {
+                return Err(invalid(
+                    "network-interfaces.guest_mac",
+                    format!("\"{mac}\" is not a MAC address"),
+                ));
+            }
+        }
+        if self.rx_rate_limiter.is_some() || self.tx_rate_limiter.is_some() {
+            return Err(ConfigError::Unsupported(
+                "network-interfaces rate limiters".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// IDs are used in paths: non-empty, at most 64 bytes, letters, digits and `_`.
+fn require_id(field: &'static str, id: &str) -> Result<(), ConfigError> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(invalid(
+            field,
+            format!("\"{id}\" must be 1 to 64 letters, digits or underscores"),
+        ));
+    }
+    Ok(())
 }
 
 fn require_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {

@@ -5,6 +5,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use api::VmConfig;
 use devices::legacy::{IrqLine, Serial, SerialOutput, I8042};
@@ -16,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::cpuid::{self, CpuidParams, Topology};
 use crate::arch::{boot, mptable, regs};
-use crate::vcpu::{self, Vcpu, VcpuError};
+use crate::vcpu::{self, Vcpu, VcpuError, VcpuMetrics};
 use crate::vm::{HostKvm, Vm, VmError};
 use crate::{Devices, VmState, Vmm};
 
@@ -127,9 +128,10 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         ),
         None => Box::new(std::io::stdout()),
     };
+    let serial_bytes = Arc::new(AtomicU64::new(0));
     let serial = Arc::new(Mutex::new(Serial::new(
         IrqLine(serial_irq),
-        SerialOutput::new(sink, Arc::new(AtomicU64::new(0))),
+        SerialOutput::new(sink, serial_bytes.clone()),
     )));
 
     let kbd_irq =
@@ -156,6 +158,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     let vcpu_event_fd =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| device_err("the vCPU event fd")(&e))?;
     let boot_msrs = regs::boot_msrs(&host.msrs);
+    let vcpu_metrics = Arc::new(VcpuMetrics::default());
     let topology = Topology {
         vcpus: vcpu_count,
         smt: machine.smt,
@@ -204,6 +207,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
             index,
             fd,
             bus.clone(),
+            vcpu_metrics.clone(),
             event_tx.clone(),
             event_fd,
         ));
@@ -215,9 +219,13 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         pending,
         devices: Devices {
             serial,
+            serial_bytes,
             i8042,
             reset_evt,
         },
+        vcpu_metrics,
+        paused_since: None,
+        paused_total: Duration::ZERO,
         vcpu_events: event_rx,
         vcpu_event_fd,
         state: VmState::NotStarted,

@@ -4,18 +4,20 @@
 
 pub mod arch;
 pub mod builder;
-mod event_handler;
+pub mod controller;
 pub mod vcpu;
 pub mod vm;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use devices::legacy::{Serial, I8042};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use builder::{build, BuildError};
-pub use event_handler::{run_until_exit, StdinInput};
+pub use controller::{run_until_exit, Controller};
 use vcpu::{VcpuCommand, VcpuError, VcpuEvent, VcpuHandle};
 
 /// Where the VM is in its life.
@@ -82,6 +84,8 @@ impl ExitReason {
 pub struct Devices {
     /// COM1.
     pub serial: Arc<Mutex<Serial>>,
+    /// Bytes the guest wrote to COM1.
+    pub serial_bytes: Arc<AtomicU64>,
     /// The keyboard controller.
     pub i8042: Arc<Mutex<I8042>>,
     /// Written by the i8042 when the guest resets the CPU.
@@ -97,6 +101,9 @@ pub struct Vmm {
     vcpu_events: Receiver<(u8, VcpuEvent)>,
     vcpu_event_fd: EventFd,
     state: VmState,
+    vcpu_metrics: Arc<vcpu::VcpuMetrics>,
+    paused_since: Option<Instant>,
+    paused_total: Duration,
 }
 
 impl Vmm {
@@ -150,6 +157,7 @@ impl Vmm {
         self.transition(VmState::Paused)?;
         self.command_all(VcpuCommand::Pause)?;
         self.state = VmState::Paused;
+        self.paused_since = Some(Instant::now());
         Ok(())
     }
 
@@ -163,6 +171,9 @@ impl Vmm {
         }
         self.command_all(VcpuCommand::Resume)?;
         self.state = VmState::Running;
+        if let Some(since) = self.paused_since.take() {
+            self.paused_total += since.elapsed();
+        }
         Ok(())
     }
 
@@ -174,6 +185,26 @@ impl Vmm {
         self.vcpus.clear();
         self.pending.clear();
         self.state = VmState::Stopped;
+    }
+
+    /// The VM's metrics: vCPU exits by reason, time spent paused, serial bytes.
+    pub fn metrics(&self) -> serde_json::Value {
+        let paused = self.paused_total + self.paused_since.map_or(Duration::ZERO, |s| s.elapsed());
+        serde_json::json!({
+            "vcpu": self.vcpu_metrics.json(),
+            "vmm": { "paused_us": u64::try_from(paused.as_micros()).unwrap_or(u64::MAX) },
+            "uart": { "write_bytes": self.devices.serial_bytes.load(Ordering::Relaxed) },
+        })
+    }
+
+    /// The fds that become readable when the guest stops: vCPU events and the i8042
+    /// reset line.
+    pub fn exit_fds(&self) -> [std::os::fd::RawFd; 2] {
+        use std::os::fd::AsRawFd;
+        [
+            self.vcpu_event_fd.as_raw_fd(),
+            self.devices.reset_evt.as_raw_fd(),
+        ]
     }
 
     /// Presses Ctrl-Alt-Del on the guest's keyboard controller.

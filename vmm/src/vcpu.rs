@@ -3,6 +3,7 @@
 //! and then kicking the thread out of `KVM_RUN` with a signal.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -66,6 +67,38 @@ pub enum VcpuEvent {
     Failed(String),
 }
 
+/// Exit counts, shared by all vCPUs of a VM, for the metrics endpoint.
+#[derive(Default, Debug)]
+pub struct VcpuMetrics {
+    /// Port reads.
+    pub exit_io_in: AtomicU64,
+    /// Port writes.
+    pub exit_io_out: AtomicU64,
+    /// MMIO reads.
+    pub exit_mmio_read: AtomicU64,
+    /// MMIO writes.
+    pub exit_mmio_write: AtomicU64,
+    /// Returns from KVM_RUN because ferry kicked the vCPU (pause, stop).
+    pub exit_kicked: AtomicU64,
+    /// Exits that ended the guest: reset, power-off, triple fault, errors.
+    pub exit_final: AtomicU64,
+}
+
+impl VcpuMetrics {
+    /// The counts as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "exit_io_in": get(&self.exit_io_in),
+            "exit_io_out": get(&self.exit_io_out),
+            "exit_mmio_read": get(&self.exit_mmio_read),
+            "exit_mmio_write": get(&self.exit_mmio_write),
+            "exit_kicked": get(&self.exit_kicked),
+            "exit_final": get(&self.exit_final),
+        })
+    }
+}
+
 /// How long a vCPU may take to acknowledge a command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -99,6 +132,7 @@ pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
     bus: Arc<PioBus>,
+    metrics: Arc<VcpuMetrics>,
     events: Sender<(u8, VcpuEvent)>,
     event_fd: EventFd,
 }
@@ -129,26 +163,36 @@ fn io_access_size(run: *const kvm_run) -> usize {
     }
 }
 
-fn handle_exit(bus: &PioBus, index: u8, exit: VcpuExit, run: *const kvm_run) -> Outcome {
+fn handle_exit(
+    bus: &PioBus,
+    metrics: &VcpuMetrics,
+    index: u8,
+    exit: VcpuExit,
+    run: *const kvm_run,
+) -> Outcome {
     match exit {
         VcpuExit::IoOut(port, data) => {
+            metrics.exit_io_out.fetch_add(1, Ordering::Relaxed);
             for element in data.chunks(io_access_size(run)) {
                 bus.write(port, element);
             }
             Outcome::Continue
         }
         VcpuExit::IoIn(port, data) => {
+            metrics.exit_io_in.fetch_add(1, Ordering::Relaxed);
             for element in data.chunks_mut(io_access_size(run)) {
                 bus.read(port, element);
             }
             Outcome::Continue
         }
         VcpuExit::MmioRead(addr, data) => {
+            metrics.exit_mmio_read.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(vcpu = index, "read of unclaimed MMIO address {addr:#x}");
             data.fill(0xff);
             Outcome::Continue
         }
         VcpuExit::MmioWrite(addr, _) => {
+            metrics.exit_mmio_write.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(vcpu = index, "write to unclaimed MMIO address {addr:#x}");
             Outcome::Continue
         }
@@ -172,6 +216,7 @@ impl Vcpu {
         index: u8,
         fd: VcpuFd,
         bus: Arc<PioBus>,
+        metrics: Arc<VcpuMetrics>,
         events: Sender<(u8, VcpuEvent)>,
         event_fd: EventFd,
     ) -> Self {
@@ -179,6 +224,7 @@ impl Vcpu {
             index,
             fd,
             bus,
+            metrics,
             events,
             event_fd,
         }
@@ -214,7 +260,7 @@ impl Vcpu {
         }
         loop {
             let flow = match self.fd.run() {
-                Ok(exit) => match handle_exit(&self.bus, self.index, exit, run) {
+                Ok(exit) => match handle_exit(&self.bus, &self.metrics, self.index, exit, run) {
                     Outcome::Continue => Flow::Continue,
                     Outcome::Stop(event) => Flow::Exit(event),
                     Outcome::Fail(what) => Flow::Exit(self.failure(what)),
@@ -230,6 +276,7 @@ impl Vcpu {
                 },
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
+                    self.metrics.exit_kicked.fetch_add(1, Ordering::Relaxed);
                     if tracing::enabled!(tracing::Level::DEBUG) {
                         let r = self.fd.get_regs().unwrap_or_default();
                         tracing::debug!(
@@ -248,6 +295,7 @@ impl Vcpu {
                 Err(e) => Flow::Exit(self.failure(format!("KVM_RUN failed: {e}"))),
             };
             if let Flow::Exit(event) = flow {
+                self.metrics.exit_final.fetch_add(1, Ordering::Relaxed);
                 // A closed channel means the VMM is already stopping.
                 let _ = self.events.send((self.index, event));
                 let _ = self.event_fd.write(1);

@@ -76,6 +76,14 @@ fn check(page: u64, pass: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Reboots on Ctrl-Alt-Del, as a PC guest does; polled once per pass.
+fn check_keyboard() {
+    if crate::console::ctrl_alt_del_pressed() {
+        println!("ferry-guest: ctrl-alt-del, rebooting");
+        crate::reboot();
+    }
+}
+
 /// Each pass checks that every page still holds what the previous pass wrote (pass
 /// number at the start, the check word just after it and again in the last word), then
 /// writes this pass's values. A page that lost a write shows up as a corruption.
@@ -103,6 +111,7 @@ pub fn verify(p: &Params) {
             throttle.page_done();
             page += PAGE;
         }
+        check_keyboard();
         if bad == 0 {
             println!("pass {pass} ok");
         } else {
@@ -134,6 +143,7 @@ pub fn dirty(p: &Params) {
             throttle.page_done();
             page += PAGE;
         }
+        check_keyboard();
         let now = rdtsc();
         let due = if report_every == 0 {
             pass % 1024 == 0

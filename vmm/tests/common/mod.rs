@@ -85,10 +85,17 @@ pub struct Ferry {
 
 impl Ferry {
     pub fn spawn(config: &Path) -> Ferry {
+        Ferry::spawn_args(&[
+            "--config-file".as_ref(),
+            config.as_os_str(),
+            "--no-api".as_ref(),
+        ])
+    }
+
+    /// `ferry ARGS…` with the console on a pipe.
+    pub fn spawn_args(args: &[&std::ffi::OsStr]) -> Ferry {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .arg("--config-file")
-            .arg(config)
-            .arg("--no-api")
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -213,5 +220,65 @@ pub fn run_refused(config: &Path) -> (Option<i32>, String) {
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Waits until a Unix socket accepts connections.
+pub fn wait_for_socket(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never accepted connections",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One request with curl, a real HTTP client: returns (status, body as JSON or Null).
+pub fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "20", "--unix-socket"])
+        .arg(sock);
+    cmd.args([
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+        "-H",
+        "Content-Type: application/json",
+    ]);
+    if let Some(b) = body {
+        cmd.args(["--data-binary", "@-"]);
+    }
+    cmd.arg(format!("http://localhost{path}"));
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .expect("run curl (scripts/install-deps.sh installs it)");
+    if let Some(b) = body {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b.as_bytes())
+            .expect("write body");
+    }
+    let out = child.wait_with_output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let status = code.trim().parse().unwrap_or_else(|_| {
+        panic!(
+            "curl {method} {path}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
     )
 }

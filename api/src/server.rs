@@ -1,0 +1,259 @@
+//! The HTTP server: tiny_http on a Unix socket, one thread, requests handled in order.
+//! It never touches VM state: each request becomes a `VmmRequest` for the VMM thread,
+//! which it wakes through an eventfd, and it waits a bounded time for the answer.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::action::{ApiError, VmmData, VmmRequest};
+use crate::routes::{self, Parsed};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A live ferry already serves this socket.
+    #[error("{0} is already served by a running process")]
+    InUse(PathBuf),
+    /// The path exists and is not a socket: it is not ours to delete.
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// Binding failed.
+    #[error("cannot create the API socket {path}: {source}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// tiny_http or thread setup failed.
+    #[error("cannot start the API server: {0}")]
+    Start(String),
+}
+
+/// Binds the API socket with mode 0600. A stale socket (nobody accepts on it) is
+/// replaced; a live one is left alone.
+pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+    let bind_err = |source| ServerError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ServerError::NotASocket(path.to_owned()))
+        }
+        Ok(_) => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ServerError::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(bind_err)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_err(e)),
+    }
+    // The umask makes the socket 0600 from its creation, with no wider window. ferry
+    // binds before it starts any other thread, so no other file creation races this.
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = listener.map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    Ok(listener)
+}
+
+/// Counts answered requests by status code.
+#[derive(Default)]
+struct StatusCounts(BTreeMap<u16, u64>);
+
+impl StatusCounts {
+    fn json(&self) -> serde_json::Value {
+        let by_status: serde_json::Map<String, serde_json::Value> = self
+            .0
+            .iter()
+            .map(|(k, v)| (k.to_string(), (*v).into()))
+            .collect();
+        serde_json::json!({ "requests_by_status": by_status, "requests": self.0.values().sum::<u64>() })
+    }
+}
+
+/// The VMM thread's end of the API: requests, and the eventfd that signals them.
+pub struct ApiChannel {
+    /// Incoming requests.
+    pub requests: Receiver<VmmRequest>,
+    /// Readable when requests are waiting.
+    pub wake: EventFd,
+}
+
+/// Starts the server thread on `listener`. Each request waits at most `timeout` for the
+/// VMM thread.
+pub fn start(
+    listener: UnixListener,
+    timeout: Duration,
+) -> Result<(ApiChannel, JoinHandle<()>), ServerError> {
+    let server = tiny_http::Server::from_listener(listener, None)
+        .map_err(|e| ServerError::Start(e.to_string()))?;
+    let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| ServerError::Start(e.to_string()))?;
+    let thread_wake = wake
+        .try_clone()
+        .map_err(|e| ServerError::Start(e.to_string()))?;
+    let (tx, rx) = mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || serve(&server, &tx, &thread_wake, timeout))
+        .map_err(|e| ServerError::Start(e.to_string()))?;
+    Ok((ApiChannel { requests: rx, wake }, handle))
+}
+
+fn serve(server: &tiny_http::Server, vmm: &Sender<VmmRequest>, wake: &EventFd, timeout: Duration) {
+    let mut counts = StatusCounts::default();
+    for mut request in server.incoming_requests() {
+        let start = Instant::now();
+        let method = request.method().as_str().to_owned();
+        let url = request.url().to_owned();
+        let (status, body) = match handle(&mut request, &method, &url, vmm, wake, timeout, &counts)
+        {
+            Ok(VmmData::Empty) => (204, None),
+            Ok(VmmData::Json(v)) => (200, Some(v.to_string())),
+            Err(e) => (
+                e.status,
+                Some(serde_json::json!({ "fault_message": e.message }).to_string()),
+            ),
+        };
+        *counts.0.entry(status).or_default() += 1;
+        let mut response =
+            tiny_http::Response::from_string(body.unwrap_or_default()).with_status_code(status);
+        if status != 204 {
+            if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", "application/json") {
+                response.add_header(h);
+            }
+        }
+        if let Err(e) = request.respond(response) {
+            tracing::debug!("client went away before the response: {e}");
+        }
+        tracing::info!(
+            method,
+            url,
+            status,
+            duration_us = start.elapsed().as_micros() as u64,
+            "api request"
+        );
+    }
+}
+
+fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError> {
+    let too_large =
+        |n: usize| ApiError::bad_request(format!("the body is {n} bytes; the limit is {MAX_BODY}"));
+    if let Some(n) = request.body_length() {
+        if n > MAX_BODY {
+            return Err(too_large(n));
+        }
+    }
+    let mut bytes = Vec::new();
+    request
+        .as_reader()
+        .take(MAX_BODY as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}")))?;
+    if bytes.len() > MAX_BODY {
+        return Err(ApiError::bad_request(format!(
+            "the body is over {MAX_BODY} bytes"
+        )));
+    }
+    Ok(bytes)
+}
+
+fn handle(
+    request: &mut tiny_http::Request,
+    method: &str,
+    url: &str,
+    vmm: &Sender<VmmRequest>,
+    wake: &EventFd,
+    timeout: Duration,
+    counts: &StatusCounts,
+) -> Result<VmmData, ApiError> {
+    let body = read_body(request)?;
+    let action = match routes::parse(method, url, &body)? {
+        Parsed::Version => {
+            return Ok(VmmData::Json(serde_json::json!({
+                "firecracker_version": env!("CARGO_PKG_VERSION"),
+                "ferry_version": env!("CARGO_PKG_VERSION"),
+            })))
+        }
+        Parsed::Vmm(action) => action,
+    };
+    let is_metrics = action == crate::action::VmmAction::GetMetrics;
+    let stopped = || ApiError {
+        status: 503,
+        message: "the VMM has stopped".into(),
+    };
+    let (reply, answer) = mpsc::channel();
+    vmm.send(VmmRequest { action, reply })
+        .map_err(|_| stopped())?;
+    wake.write(1).map_err(|_| stopped())?;
+    let result = match answer.recv_timeout(timeout) {
+        Ok(result) => result,
+        Err(RecvTimeoutError::Timeout) => Err(ApiError {
+            status: 503,
+            message: format!(
+                "the VMM did not answer within {} ms; the request may still take effect",
+                timeout.as_millis()
+            ),
+        }),
+        Err(RecvTimeoutError::Disconnected) => Err(stopped()),
+    };
+    match result {
+        // The API server's own counts belong in the metrics the VMM reports.
+        Ok(VmmData::Json(mut v)) if is_metrics => {
+            v["api_server"] = counts.json();
+            Ok(VmmData::Json(v))
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("ferry-api-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn test_socket_is_0600_and_stale_socket_is_replaced() {
+        let path = temp_path("stale.sock");
+        let _ = std::fs::remove_file(&path);
+        drop(bind(&path).expect("first bind"));
+        // The listener is gone but the file stays: a stale socket.
+        let listener = bind(&path).expect("stale socket replaced");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A live socket is not taken over.
+        let err = bind(&path).expect_err("live socket");
+        assert!(matches!(err, ServerError::InUse(_)), "{err}");
+        drop(listener);
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn test_regular_file_is_not_deleted() {
+        let path = temp_path("file");
+        std::fs::write(&path, b"precious").expect("write");
+        assert!(matches!(bind(&path), Err(ServerError::NotASocket(_))));
+        assert_eq!(std::fs::read(&path).expect("still there"), b"precious");
+        std::fs::remove_file(&path).ok();
+    }
+}

@@ -1,0 +1,414 @@
+//! The VMM thread. A `Controller` owns the VM's configuration and, once started, the
+//! `Vmm`. It runs on an event-manager (epoll) loop and reacts to:
+//! - API requests (channel plus eventfd): each one is a lifecycle transition or a
+//!   configuration change, answered on the request's own channel;
+//! - the guest stopping (vCPU events, i8042 reset);
+//! - SIGINT and SIGTERM;
+//! - console input, when stdin is a terminal.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use api::action::{ApiError, MetricsConfig, VmmAction, VmmData, VmmResult};
+use api::server::ApiChannel;
+use api::{BootSource, Drive, MachineConfig, NetworkInterface, SerialConfig, VmConfig};
+use devices::legacy::SerialInput;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::register_signal_handler;
+
+use crate::{ExitReason, VmState, Vmm};
+
+/// The eventfd that SIGINT and SIGTERM write to; -1 until the loop is set up.
+static STOP_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn handle_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let fd = STOP_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one = 1u64;
+        // SAFETY: write(2) on an eventfd with an 8-byte buffer is async-signal-safe.
+        unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+}
+
+/// Why the event loop could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLoopError {
+    /// epoll, eventfd or signal setup failed.
+    #[error("cannot set up the event loop: {0}")]
+    Setup(String),
+}
+
+/// The configuration being assembled through the API, before `InstanceStart`.
+#[derive(Default)]
+struct Resources {
+    boot_source: Option<BootSource>,
+    machine: MachineConfig,
+    drives: Vec<Drive>,
+    network_interfaces: Vec<NetworkInterface>,
+    serial: Option<SerialConfig>,
+}
+
+impl Resources {
+    fn from_config(config: &VmConfig) -> Self {
+        Resources {
+            boot_source: Some(config.boot_source.clone()),
+            machine: config.machine_config.clone(),
+            drives: config.drives.clone(),
+            network_interfaces: config.network_interfaces.clone(),
+            serial: config.serial.clone(),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "boot-source": self.boot_source,
+            "machine-config": self.machine,
+            "drives": self.drives,
+            "network-interfaces": self.network_interfaces,
+            "serial": self.serial,
+        })
+    }
+
+    fn to_config(&self) -> Result<VmConfig, ApiError> {
+        let boot_source = self.boot_source.clone().ok_or_else(|| {
+            ApiError::bad_request(
+                "cannot start the microVM: no boot source is configured (PUT /boot-source)",
+            )
+        })?;
+        let config = VmConfig::new(
+            boot_source,
+            self.machine.clone(),
+            self.drives.clone(),
+            self.network_interfaces.clone(),
+            self.serial.clone(),
+        );
+        config
+            .validate()
+            .map_err(|e| ApiError::bad_request(format!("cannot start the microVM: {e}")))?;
+        Ok(config)
+    }
+}
+
+const NOT_AFTER_BOOT: &str = "the update operation is not allowed after boot";
+
+/// The VMM thread's state.
+pub struct Controller {
+    resources: Resources,
+    vmm: Option<Vmm>,
+    api: Option<ApiChannel>,
+    stop: EventFd,
+    stdin: bool,
+    exit: Option<ExitReason>,
+    metrics_file: Option<File>,
+}
+
+impl Controller {
+    /// A controller with no VM yet, driven by the API.
+    pub fn with_api(api: ApiChannel, stdin: bool) -> Result<Self, EventLoopError> {
+        Self::new(Resources::default(), None, Some(api), stdin)
+    }
+
+    /// A controller for a VM already built (and started) from `config`; `api` is optional.
+    pub fn with_vmm(
+        config: &VmConfig,
+        vmm: Vmm,
+        api: Option<ApiChannel>,
+        stdin: bool,
+    ) -> Result<Self, EventLoopError> {
+        Self::new(Resources::from_config(config), Some(vmm), api, stdin)
+    }
+
+    fn new(
+        resources: Resources,
+        vmm: Option<Vmm>,
+        api: Option<ApiChannel>,
+        stdin: bool,
+    ) -> Result<Self, EventLoopError> {
+        let stop =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| EventLoopError::Setup(e.to_string()))?;
+        Ok(Controller {
+            resources,
+            vmm,
+            api,
+            stop,
+            stdin,
+            exit: None,
+            metrics_file: None,
+        })
+    }
+
+    fn watch_vm(&self, ops: &mut EventOps) {
+        let Some(vmm) = &self.vmm else { return };
+        let mut fds: Vec<RawFd> = vmm.exit_fds().to_vec();
+        if self.stdin {
+            fds.push(libc::STDIN_FILENO);
+        }
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                tracing::error!("cannot watch fd {fd}: {e:?}");
+            }
+        }
+    }
+
+    fn started(&self) -> Result<&Vmm, ApiError> {
+        self.vmm
+            .as_ref()
+            .ok_or_else(|| ApiError::bad_request("the microVM is not started"))
+    }
+
+    fn before_boot(&self) -> Result<(), ApiError> {
+        if self.vmm.is_some() {
+            return Err(ApiError::bad_request(NOT_AFTER_BOOT));
+        }
+        Ok(())
+    }
+
+    fn state_name(&self) -> &'static str {
+        match self.vmm.as_ref().map(Vmm::state) {
+            None | Some(VmState::NotStarted) => "Not started",
+            Some(VmState::Running) => "Running",
+            Some(VmState::Paused) => "Paused",
+            Some(VmState::Stopped) => "Stopped",
+        }
+    }
+
+    fn metrics(&self) -> serde_json::Value {
+        let mut m = self
+            .vmm
+            .as_ref()
+            .map_or_else(|| serde_json::json!({}), Vmm::metrics);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        m["utc_timestamp_ms"] = u64::try_from(now.as_millis()).unwrap_or(u64::MAX).into();
+        m
+    }
+
+    fn handle(&mut self, action: VmmAction, ops: &mut EventOps) -> VmmResult {
+        let bad = |e: api::ConfigError| ApiError::bad_request(e.to_string());
+        match action {
+            VmmAction::GetInstanceInfo => Ok(VmmData::Json(serde_json::json!({
+                "id": "anonymous-instance",
+                "state": self.state_name(),
+                "vmm_version": env!("CARGO_PKG_VERSION"),
+                "app_name": "ferry",
+            }))),
+            VmmAction::GetVmConfig => Ok(VmmData::Json(self.resources.json())),
+            VmmAction::GetMachineConfig => {
+                Ok(VmmData::Json(serde_json::json!(self.resources.machine)))
+            }
+            VmmAction::GetMetrics => Ok(VmmData::Json(self.metrics())),
+            VmmAction::PutMachineConfig(config) => {
+                self.before_boot()?;
+                self.resources.machine = config;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchMachineConfig(update) => {
+                self.before_boot()?;
+                self.resources.machine = self.resources.machine.updated(&update).map_err(bad)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutBootSource(source) => {
+                self.before_boot()?;
+                self.resources.boot_source = Some(source);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutDrive(drive) => {
+                self.before_boot()?;
+                let drives = &mut self.resources.drives;
+                match drives.iter_mut().find(|d| d.drive_id == drive.drive_id) {
+                    Some(d) => *d = drive,
+                    None => drives.push(drive),
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutNetworkInterface(iface) => {
+                self.before_boot()?;
+                let ifaces = &mut self.resources.network_interfaces;
+                match ifaces.iter_mut().find(|n| n.iface_id == iface.iface_id) {
+                    Some(n) => *n = iface,
+                    None => ifaces.push(iface),
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchDrive(update) => {
+                self.started().map_err(|_| {
+                    ApiError::bad_request("PATCH /drives is only allowed after InstanceStart")
+                })?;
+                Err(ApiError::bad_request(format!(
+                    "the microVM has no drive \"{}\"",
+                    update.drive_id
+                )))
+            }
+            VmmAction::PatchNetworkInterface(update) => {
+                self.started().map_err(|_| {
+                    ApiError::bad_request(
+                        "PATCH /network-interfaces is only allowed after InstanceStart",
+                    )
+                })?;
+                Err(ApiError::bad_request(format!(
+                    "the microVM has no network interface \"{}\"",
+                    update.iface_id
+                )))
+            }
+            VmmAction::PutSerial(serial) => {
+                self.before_boot()?;
+                self.resources.serial = Some(serial);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutMetrics(MetricsConfig { metrics_path }) => {
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&metrics_path)
+                    .map_err(|e| {
+                        ApiError::bad_request(format!(
+                            "metrics_path: cannot open {}: {e}",
+                            metrics_path.display()
+                        ))
+                    })?;
+                self.metrics_file = Some(file);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::FlushMetrics => {
+                let line = format!("{}\n", self.metrics());
+                let file = self.metrics_file.as_mut().ok_or_else(|| {
+                    ApiError::bad_request("metrics are not configured: PUT /metrics first")
+                })?;
+                file.write_all(line.as_bytes())
+                    .map_err(|e| ApiError::bad_request(format!("cannot write metrics: {e}")))?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::StartInstance => {
+                if self.vmm.is_some() {
+                    return Err(ApiError::bad_request("the microVM is already started"));
+                }
+                let config = self.resources.to_config()?;
+                let mut vmm = crate::build(&config)
+                    .map_err(|e| ApiError::bad_request(format!("cannot start the microVM: {e}")))?;
+                vmm.start()
+                    .map_err(|e| ApiError::bad_request(format!("cannot start the microVM: {e}")))?;
+                self.vmm = Some(vmm);
+                self.watch_vm(ops);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::SendCtrlAltDel => {
+                self.started()?
+                    .send_ctrl_alt_del()
+                    .map_err(|e| ApiError::bad_request(format!("cannot send Ctrl-Alt-Del: {e}")))?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::Pause | VmmAction::Resume => {
+                let vmm = self
+                    .vmm
+                    .as_mut()
+                    .ok_or_else(|| ApiError::bad_request("the microVM is not started"))?;
+                let result = if action == VmmAction::Pause {
+                    vmm.pause()
+                } else {
+                    vmm.resume()
+                };
+                result.map_err(|e| ApiError::bad_request(e.to_string()))?;
+                Ok(VmmData::Empty)
+            }
+        }
+    }
+
+    fn serve_api(&mut self, ops: &mut EventOps) {
+        let Some(api) = &self.api else { return };
+        let _ = api.wake.read();
+        let requests: Vec<_> = api.requests.try_iter().collect();
+        for request in requests {
+            let result = self.handle(request.action, ops);
+            // The API thread may have given up waiting; nothing to do then.
+            let _ = request.reply.send(result);
+        }
+    }
+
+    fn console_input(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        match std::io::stdin().lock().read(&mut buf) {
+            Ok(0) | Err(_) => {
+                // End of input: stop watching it; the guest keeps running.
+                let _ = ops.remove(events);
+            }
+            Ok(n) => {
+                if let Some(vmm) = &self.vmm {
+                    let taken = vmm
+                        .devices()
+                        .serial
+                        .lock()
+                        .expect("poisoned")
+                        .enqueue(&buf[..n]);
+                    if taken < n {
+                        tracing::debug!("serial FIFO full, {} input bytes dropped", n - taken);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for Controller {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut fds = vec![self.stop.as_raw_fd()];
+        if let Some(api) = &self.api {
+            fds.push(api.wake.as_raw_fd());
+        }
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                tracing::error!("cannot watch fd {fd}: {e:?}");
+            }
+        }
+        self.watch_vm(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.stop.as_raw_fd() {
+            let _ = self.stop.read();
+            self.exit = Some(ExitReason::Requested);
+        } else if self.api.as_ref().is_some_and(|a| a.wake.as_raw_fd() == fd) {
+            self.serve_api(ops);
+        } else if fd == libc::STDIN_FILENO {
+            self.console_input(events, ops);
+        } else if let Some(reason) = self.vmm.as_ref().and_then(Vmm::guest_exit) {
+            self.exit = Some(reason);
+        }
+    }
+}
+
+/// Runs the VMM thread's loop until the VM ends (or ferry is told to stop), stops the
+/// VM, and returns why it ended.
+pub fn run_until_exit(controller: Controller) -> Result<ExitReason, EventLoopError> {
+    let setup = |e: &dyn std::fmt::Debug| EventLoopError::Setup(format!("{e:?}"));
+    STOP_FD.store(controller.stop.as_raw_fd(), Ordering::Relaxed);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        register_signal_handler(sig, handle_stop_signal).map_err(|e| setup(&e))?;
+    }
+    let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(|e| setup(&e))?;
+    let controller = Arc::new(Mutex::new(controller));
+    manager.add_subscriber(controller.clone());
+    loop {
+        {
+            let mut c = controller.lock().expect("poisoned");
+            if let Some(reason) = c.exit.take() {
+                STOP_FD.store(-1, Ordering::Relaxed);
+                if let Some(vmm) = c.vmm.as_mut() {
+                    vmm.stop();
+                }
+                return Ok(reason);
+            }
+        }
+        if let Err(e) = manager.run() {
+            // A stop signal delivered to this thread interrupts epoll_wait.
+            tracing::debug!("event loop woke with {e:?}");
+        }
+    }
+}

@@ -1,0 +1,469 @@
+//! The HTTP API, driven with curl against real `ferry --api-sock` processes.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{curl, guest_image, wait_for_socket, Ferry, TempDir};
+use serde_json::json;
+
+const BOOT: Duration = Duration::from_secs(20);
+
+fn spawn_api(dir: &TempDir, extra: &[&str]) -> (Ferry, std::path::PathBuf) {
+    let sock = dir.path().join("api.sock");
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--api-sock".as_ref(), sock.as_os_str()];
+    args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+    let ferry = Ferry::spawn_args(&args);
+    wait_for_socket(&sock);
+    (ferry, sock)
+}
+
+fn boot_source(args: &str) -> String {
+    json!({ "kernel_image_path": guest_image(), "boot_args": format!("console=ttyS0 {args}") })
+        .to_string()
+}
+
+fn expect(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    status: u16,
+) -> serde_json::Value {
+    let (got, json) = curl(sock, method, path, body);
+    assert_eq!(got, status, "{method} {path} {body:?}: {json}");
+    json
+}
+
+#[test]
+fn test_complete_session_configure_start_pause_resume_ctrl_alt_del() {
+    let dir = TempDir::new("api-session");
+    let (mut ferry, sock) = spawn_api(&dir, &[]);
+    let mode = std::fs::metadata(&sock)
+        .expect("stat socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let info = expect(&sock, "GET", "/", None, 200);
+    assert_eq!(info["state"], "Not started");
+    assert_eq!(info["app_name"], "ferry");
+    assert_eq!(info["id"], "anonymous-instance");
+    assert!(expect(&sock, "GET", "/version", None, 200)["firecracker_version"].is_string());
+
+    expect(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 64}"#),
+        204,
+    );
+    expect(
+        &sock,
+        "PATCH",
+        "/machine-config",
+        Some(r#"{"mem_size_mib": 128}"#),
+        204,
+    );
+    let machine = expect(&sock, "GET", "/machine-config", None, 200);
+    assert_eq!(
+        (
+            machine["vcpu_count"].as_u64(),
+            machine["mem_size_mib"].as_u64()
+        ),
+        (Some(2), Some(128))
+    );
+    expect(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(&boot_source("workload=verify size=16M")),
+        204,
+    );
+    let metrics_path = dir.path().join("metrics.json");
+    expect(
+        &sock,
+        "PUT",
+        "/metrics",
+        Some(&json!({ "metrics_path": metrics_path }).to_string()),
+        204,
+    );
+    let config = expect(&sock, "GET", "/vm/config", None, 200);
+    assert_eq!(config["machine-config"]["mem_size_mib"], 128);
+    assert_eq!(
+        config["boot-source"]["boot_args"],
+        "console=ttyS0 workload=verify size=16M"
+    );
+
+    expect(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        204,
+    );
+    ferry.expect_line("pass 2 ok", BOOT);
+    assert_eq!(expect(&sock, "GET", "/", None, 200)["state"], "Running");
+    let refused = expect(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
+        400,
+    );
+    assert_eq!(
+        refused["fault_message"],
+        "the update operation is not allowed after boot"
+    );
+    let again = expect(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        400,
+    );
+    assert_eq!(again["fault_message"], "the microVM is already started");
+
+    expect(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#), 204);
+    assert_eq!(expect(&sock, "GET", "/", None, 200)["state"], "Paused");
+    let twice = expect(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#), 400);
+    assert_eq!(twice["fault_message"], "cannot go from Paused to Paused");
+    std::thread::sleep(Duration::from_millis(50));
+    expect(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#), 204);
+    assert_eq!(expect(&sock, "GET", "/", None, 200)["state"], "Running");
+    let seen = ferry.console().len();
+    ferry.expect_line(" ok", BOOT);
+    assert!(
+        ferry.console().len() > seen,
+        "the guest goes on after resume"
+    );
+
+    let metrics = expect(&sock, "GET", "/metrics", None, 200);
+    assert!(
+        metrics["vcpu"]["exit_io_out"].as_u64() > Some(0),
+        "{metrics}"
+    );
+    assert!(
+        metrics["vcpu"]["exit_kicked"].as_u64() >= Some(2),
+        "{metrics}"
+    );
+    assert!(
+        metrics["vmm"]["paused_us"].as_u64() >= Some(50_000),
+        "{metrics}"
+    );
+    assert!(
+        metrics["uart"]["write_bytes"].as_u64() > Some(100),
+        "{metrics}"
+    );
+    assert!(
+        metrics["api_server"]["requests_by_status"]["204"].as_u64() >= Some(7),
+        "{metrics}"
+    );
+    assert!(
+        metrics["api_server"]["requests_by_status"]["400"].as_u64() >= Some(3),
+        "{metrics}"
+    );
+    expect(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+        204,
+    );
+    let flushed: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&metrics_path)
+            .expect("metrics file")
+            .trim(),
+    )
+    .expect("JSON line");
+    assert!(flushed["vcpu"]["exit_io_out"].as_u64() > Some(0));
+
+    // The guest polls its keyboard and reboots on Ctrl-Alt-Del; ferry then exits 0.
+    expect(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+        204,
+    );
+    ferry.expect_line("ferry-guest: ctrl-alt-del, rebooting", BOOT);
+    let (status, _, stderr) = ferry.wait(BOOT);
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(!sock.exists(), "the API socket is removed on exit");
+}
+
+#[test]
+fn test_bad_requests_get_400_404_405_naming_the_problem() {
+    let dir = TempDir::new("api-bad");
+    let (ferry, sock) = spawn_api(&dir, &[]);
+    let big = format!(r#"{{"kernel_image_path": "{}"}}"#, "x".repeat(70_000));
+    let drive = |id: &str| {
+        json!({ "drive_id": id, "path_on_host": guest_image(), "is_root_device": false })
+            .to_string()
+    };
+    let cases: Vec<(&str, &str, Option<String>, u16, &str)> = vec![
+        (
+            "PUT",
+            "/machine-config",
+            Some("{not json".into()),
+            400,
+            "invalid JSON body: key must be a string",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": "2", "mem_size_mib": 64}"#.into()),
+            400,
+            "vcpu_count: invalid type: string \"2\", expected u64",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 2, "mem_size_mib": 64, "gpu": 1}"#.into()),
+            400,
+            "unknown field `gpu`",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"mem_size_mib": 64}"#.into()),
+            400,
+            "missing field `vcpu_count`",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 0, "mem_size_mib": 64}"#.into()),
+            400,
+            "machine-config.vcpu_count: 0 is out of range",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 33, "mem_size_mib": 64}"#.into()),
+            400,
+            "machine-config.vcpu_count: 33 is out of range",
+        ),
+        (
+            "PATCH",
+            "/machine-config",
+            Some(r#"{"mem_size_mib": 0}"#.into()),
+            400,
+            "machine-config.mem_size_mib: 0 is out of range",
+        ),
+        (
+            "PUT",
+            "/boot-source",
+            Some(r#"{"kernel_image_path": "/no/such/vmlinux"}"#.into()),
+            400,
+            "boot-source.kernel_image_path: /no/such/vmlinux does not exist",
+        ),
+        (
+            "PUT",
+            "/boot-source",
+            Some(big),
+            400,
+            "the body is 70025 bytes; the limit is 65536",
+        ),
+        (
+            "PUT",
+            "/drives/rootfs",
+            Some(drive("other")),
+            400,
+            "the drive_id in the body (\"other\") differs from the one in the path (\"rootfs\")",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "nope"}"#.into()),
+            400,
+            "network-interfaces.guest_mac: \"nope\" is not a MAC address",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "Explode"}"#.into()),
+            400,
+            "action_type: unknown variant `Explode`",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#.into()),
+            400,
+            "no boot source is configured",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "SendCtrlAltDel"}"#.into()),
+            400,
+            "the microVM is not started",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "FlushMetrics"}"#.into()),
+            400,
+            "metrics are not configured",
+        ),
+        (
+            "PATCH",
+            "/vm",
+            Some(r#"{"state": "Paused"}"#.into()),
+            400,
+            "the microVM is not started",
+        ),
+        (
+            "PATCH",
+            "/vm",
+            Some(r#"{"state": "Sleeping"}"#.into()),
+            400,
+            "state: unknown variant `Sleeping`",
+        ),
+        (
+            "PATCH",
+            "/drives/rootfs",
+            Some(r#"{"drive_id": "rootfs"}"#.into()),
+            400,
+            "only allowed after InstanceStart",
+        ),
+        (
+            "GET",
+            "/no/such/thing",
+            None,
+            404,
+            "no such resource: /no/such/thing",
+        ),
+        (
+            "DELETE",
+            "/machine-config",
+            None,
+            405,
+            "method DELETE is not allowed on /machine-config; allowed: GET, PUT, PATCH",
+        ),
+        ("POST", "/actions", Some("{}".into()), 405, "allowed: PUT"),
+    ];
+    for (method, path, body, status, message) in &cases {
+        let (got, json) = curl(&sock, method, path, body.as_deref());
+        assert_eq!(got, *status, "{method} {path}: {json}");
+        let fault = json["fault_message"].as_str().unwrap_or_default();
+        assert!(
+            fault.contains(message),
+            "{method} {path}: expected {message:?} in {fault:?}"
+        );
+    }
+
+    // Drives and network interfaces are accepted now, and InstanceStart says why it
+    // cannot use them yet.
+    expect(&sock, "PUT", "/drives/rootfs", Some(&drive("rootfs")), 204);
+    expect(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(&boot_source("workload=idle")),
+        204,
+    );
+    let refused = expect(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        400,
+    );
+    assert_eq!(
+        refused["fault_message"],
+        "cannot start the microVM: drives (virtio-blk) is not supported by ferry yet"
+    );
+    // Still answering, nothing lost.
+    assert_eq!(expect(&sock, "GET", "/", None, 200)["state"], "Not started");
+    assert_eq!(
+        expect(&sock, "GET", "/vm/config", None, 200)["drives"][0]["drive_id"],
+        "rootfs"
+    );
+    drop(ferry);
+}
+
+#[test]
+fn test_stale_socket_is_replaced_and_live_one_is_refused() {
+    let dir = TempDir::new("api-sock");
+    let sock = dir.path().join("api.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).expect("stale socket"));
+    let (first, _) = spawn_api(&dir, &[]);
+    expect(&sock, "GET", "/", None, 200);
+    let second = Ferry::spawn_args(&["--api-sock".as_ref(), sock.as_os_str()]);
+    let (status, _, stderr) = second.wait(BOOT);
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains("is already served by a running process"),
+        "{stderr}"
+    );
+    // The first one still owns and serves its socket.
+    expect(&sock, "GET", "/", None, 200);
+    drop(first);
+}
+
+#[test]
+fn test_slow_vmm_answer_gets_503_and_api_keeps_serving() {
+    let dir = TempDir::new("api-503");
+    let (mut ferry, sock) = spawn_api(&dir, &["--api-timeout-ms", "1"]);
+    // Building 32 vCPUs takes the VMM thread far longer than 1 ms.
+    expect(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 32, "mem_size_mib": 256}"#),
+        204,
+    );
+    expect(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(&boot_source("workload=verify size=4M")),
+        204,
+    );
+    let slow = expect(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        503,
+    );
+    assert_eq!(
+        slow["fault_message"],
+        "the VMM did not answer within 1 ms; the request may still take effect"
+    );
+    // The start went ahead; the API answers again once the VMM thread is free.
+    ferry.expect_line("pass 1 ok", BOOT);
+    let deadline = Instant::now() + BOOT;
+    loop {
+        let (status, json) = curl(&sock, "GET", "/", None);
+        if status == 200 {
+            assert_eq!(json["state"], "Running");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "API never recovered: {status} {json}"
+        );
+    }
+}
+
+#[test]
+fn test_config_file_with_api_boots_at_once() {
+    let dir = TempDir::new("api-config");
+    let config = dir.write(
+        "vm.json",
+        common::guest_config(1, 64, "workload=verify size=4M"),
+    );
+    let (mut ferry, sock) = spawn_api(&dir, &["--config-file", config.to_str().expect("utf-8")]);
+    ferry.expect_line("pass 1 ok", BOOT);
+    assert_eq!(expect(&sock, "GET", "/", None, 200)["state"], "Running");
+    assert_eq!(
+        expect(&sock, "GET", "/vm/config", None, 200)["machine-config"]["vcpu_count"],
+        1
+    );
+}
