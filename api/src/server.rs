@@ -147,7 +147,7 @@ fn serve(server: &tiny_http::Server, vmm: &Sender<VmmRequest>, wake: &EventFd, t
             method,
             url,
             status,
-            duration_us = start.elapsed().as_micros() as u64,
+            duration_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
             "api request"
         );
     }
