@@ -249,7 +249,7 @@ pub fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, 
         "-H",
         "Content-Type: application/json",
     ]);
-    if let Some(b) = body {
+    if body.is_some() {
         cmd.args(["--data-binary", "@-"]);
     }
     cmd.arg(format!("http://localhost{path}"));
