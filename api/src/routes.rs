@@ -38,6 +38,8 @@ pub enum Parsed {
     Vmm(VmmAction),
     /// `GET /version`, answered by the API thread itself.
     Version,
+    /// `GET /`, answered by the API thread from the published `InstanceStatus`.
+    InstanceInfo,
 }
 
 #[derive(Deserialize)]
@@ -149,7 +151,7 @@ pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<Parsed, ApiError>
     let id = id.unwrap_or_default();
     let action = match (method, route) {
         ("GET", "/version") => return Ok(Parsed::Version),
-        ("GET", "/") => VmmAction::GetInstanceInfo,
+        ("GET", "/") => return Ok(Parsed::InstanceInfo),
         ("GET", "/vm/config") => VmmAction::GetVmConfig,
         ("GET", "/machine-config") => VmmAction::GetMachineConfig,
         ("GET", "/metrics") => VmmAction::GetMetrics,
@@ -331,10 +333,7 @@ mod tests {
 
     #[test]
     fn test_valid_requests_parse() {
-        assert_eq!(
-            parse("GET", "/?x=1", b""),
-            Ok(Parsed::Vmm(VmmAction::GetInstanceInfo))
-        );
+        assert_eq!(parse("GET", "/?x=1", b""), Ok(Parsed::InstanceInfo));
         assert_eq!(parse("GET", "/version", b""), Ok(Parsed::Version));
         assert_eq!(
             parse("PATCH", "/vm", br#"{"state": "Paused"}"#),

@@ -8,12 +8,13 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::action::{ApiError, VmmData, VmmRequest};
+use crate::action::{ApiError, InstanceStatus, VmmData, VmmRequest};
 use crate::routes::{self, Parsed};
 
 /// Largest request body accepted.
@@ -95,6 +96,8 @@ pub struct ApiChannel {
     pub requests: Receiver<VmmRequest>,
     /// Readable when requests are waiting.
     pub wake: EventFd,
+    /// Where the VMM thread publishes its lifecycle state.
+    pub status: Arc<InstanceStatus>,
 }
 
 /// Starts the server thread on `listener`. Each request waits at most `timeout` for the
@@ -109,48 +112,27 @@ pub fn start(
     let thread_wake = wake
         .try_clone()
         .map_err(|e| ServerError::Start(e.to_string()))?;
+    let status = Arc::new(InstanceStatus::default());
     let (tx, rx) = mpsc::channel();
+    let serving = Serving {
+        vmm: tx,
+        wake: thread_wake,
+        status: status.clone(),
+        timeout,
+        counts: StatusCounts::default(),
+    };
     let handle = std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || serve(&server, &tx, &thread_wake, timeout))
+        .spawn(move || serving.run(&server))
         .map_err(|e| ServerError::Start(e.to_string()))?;
-    Ok((ApiChannel { requests: rx, wake }, handle))
-}
-
-fn serve(server: &tiny_http::Server, vmm: &Sender<VmmRequest>, wake: &EventFd, timeout: Duration) {
-    let mut counts = StatusCounts::default();
-    for mut request in server.incoming_requests() {
-        let start = Instant::now();
-        let method = request.method().as_str().to_owned();
-        let url = request.url().to_owned();
-        let (status, body) = match handle(&mut request, &method, &url, vmm, wake, timeout, &counts)
-        {
-            Ok(VmmData::Empty) => (204, None),
-            Ok(VmmData::Json(v)) => (200, Some(v.to_string())),
-            Err(e) => (
-                e.status,
-                Some(serde_json::json!({ "fault_message": e.message }).to_string()),
-            ),
-        };
-        *counts.0.entry(status).or_default() += 1;
-        let mut response =
-            tiny_http::Response::from_string(body.unwrap_or_default()).with_status_code(status);
-        if status != 204 {
-            if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", "application/json") {
-                response.add_header(h);
-            }
-        }
-        if let Err(e) = request.respond(response) {
-            tracing::debug!("client went away before the response: {e}");
-        }
-        tracing::info!(
-            method,
-            url,
+    Ok((
+        ApiChannel {
+            requests: rx,
+            wake,
             status,
-            duration_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
-            "api request"
-        );
-    }
+        },
+        handle,
+    ))
 }
 
 fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError> {
@@ -175,52 +157,91 @@ fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError> {
     Ok(bytes)
 }
 
-fn handle(
-    request: &mut tiny_http::Request,
-    method: &str,
-    url: &str,
-    vmm: &Sender<VmmRequest>,
-    wake: &EventFd,
+/// The API thread's state.
+struct Serving {
+    vmm: Sender<VmmRequest>,
+    wake: EventFd,
+    status: Arc<InstanceStatus>,
     timeout: Duration,
-    counts: &StatusCounts,
-) -> Result<VmmData, ApiError> {
-    let body = read_body(request)?;
-    let action = match routes::parse(method, url, &body)? {
-        Parsed::Version => {
-            return Ok(VmmData::Json(serde_json::json!({
-                "firecracker_version": env!("CARGO_PKG_VERSION"),
-                "ferry_version": env!("CARGO_PKG_VERSION"),
-            })))
+    counts: StatusCounts,
+}
+
+impl Serving {
+    fn run(mut self, server: &tiny_http::Server) {
+        for mut request in server.incoming_requests() {
+            let start = Instant::now();
+            let method = request.method().as_str().to_owned();
+            let url = request.url().to_owned();
+            let (status, body) = match self.handle(&mut request, &method, &url) {
+                Ok(VmmData::Empty) => (204, None),
+                Ok(VmmData::Json(v)) => (200, Some(v.to_string())),
+                Err(e) => (
+                    e.status,
+                    Some(serde_json::json!({ "fault_message": e.message }).to_string()),
+                ),
+            };
+            *self.counts.0.entry(status).or_default() += 1;
+            let mut response =
+                tiny_http::Response::from_string(body.unwrap_or_default()).with_status_code(status);
+            if status != 204 {
+                if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", "application/json") {
+                    response.add_header(h);
+                }
+            }
+            if let Err(e) = request.respond(response) {
+                tracing::debug!("client went away before the response: {e}");
+            }
+            let duration_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+            tracing::info!(method, url, status, duration_us, "api request");
         }
-        Parsed::Vmm(action) => action,
-    };
-    let is_metrics = action == crate::action::VmmAction::GetMetrics;
-    let stopped = || ApiError {
-        status: 503,
-        message: "the VMM has stopped".into(),
-    };
-    let (reply, answer) = mpsc::channel();
-    vmm.send(VmmRequest { action, reply })
-        .map_err(|_| stopped())?;
-    wake.write(1).map_err(|_| stopped())?;
-    let result = match answer.recv_timeout(timeout) {
-        Ok(result) => result,
-        Err(RecvTimeoutError::Timeout) => Err(ApiError {
+    }
+
+    fn handle(
+        &self,
+        request: &mut tiny_http::Request,
+        method: &str,
+        url: &str,
+    ) -> Result<VmmData, ApiError> {
+        let body = read_body(request)?;
+        let action = match routes::parse(method, url, &body)? {
+            Parsed::Version => {
+                return Ok(VmmData::Json(serde_json::json!({
+                    "firecracker_version": env!("CARGO_PKG_VERSION"),
+                    "ferry_version": env!("CARGO_PKG_VERSION"),
+                })))
+            }
+            Parsed::InstanceInfo => return Ok(VmmData::Json(self.status.instance_info())),
+            Parsed::Vmm(action) => action,
+        };
+        let is_metrics = action == crate::action::VmmAction::GetMetrics;
+        let stopped = || ApiError {
             status: 503,
-            message: format!(
-                "the VMM did not answer within {} ms; the request may still take effect",
-                timeout.as_millis()
-            ),
-        }),
-        Err(RecvTimeoutError::Disconnected) => Err(stopped()),
-    };
-    match result {
-        // The API server's own counts belong in the metrics the VMM reports.
-        Ok(VmmData::Json(mut v)) if is_metrics => {
-            v["api_server"] = counts.json();
-            Ok(VmmData::Json(v))
+            message: "the VMM has stopped".into(),
+        };
+        let (reply, answer) = mpsc::channel();
+        self.vmm
+            .send(VmmRequest { action, reply })
+            .map_err(|_| stopped())?;
+        self.wake.write(1).map_err(|_| stopped())?;
+        let result = match answer.recv_timeout(self.timeout) {
+            Ok(result) => result,
+            Err(RecvTimeoutError::Timeout) => Err(ApiError {
+                status: 503,
+                message: format!(
+                    "the VMM did not answer within {} ms; the request may still take effect",
+                    self.timeout.as_millis()
+                ),
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(stopped()),
+        };
+        match result {
+            // The API server's own counts belong in the metrics the VMM reports.
+            Ok(VmmData::Json(mut v)) if is_metrics => {
+                v["api_server"] = self.counts.json();
+                Ok(VmmData::Json(v))
+            }
+            other => other,
         }
-        other => other,
     }
 }
 

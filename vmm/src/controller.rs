@@ -168,12 +168,14 @@ impl Controller {
         Ok(())
     }
 
-    fn state_name(&self) -> &'static str {
-        match self.vmm.as_ref().map(Vmm::state) {
-            None | Some(VmState::NotStarted) => "Not started",
-            Some(VmState::Running) => "Running",
-            Some(VmState::Paused) => "Paused",
-            Some(VmState::Stopped) => "Stopped",
+    /// Publishes the lifecycle state for the API thread's `GET /`.
+    fn publish_state(&self) {
+        if let Some(api) = &self.api {
+            let state = self.vmm.as_ref().map(Vmm::state);
+            api.status.set(
+                state.is_some_and(|s| s != VmState::NotStarted),
+                state == Some(VmState::Paused),
+            );
         }
     }
 
@@ -192,12 +194,6 @@ impl Controller {
     fn handle(&mut self, action: VmmAction, ops: &mut EventOps) -> VmmResult {
         let bad = |e: api::ConfigError| ApiError::bad_request(e.to_string());
         match action {
-            VmmAction::GetInstanceInfo => Ok(VmmData::Json(serde_json::json!({
-                "id": "anonymous-instance",
-                "state": self.state_name(),
-                "vmm_version": env!("CARGO_PKG_VERSION"),
-                "app_name": "ferry",
-            }))),
             VmmAction::GetVmConfig => Ok(VmmData::Json(self.resources.json())),
             VmmAction::GetMachineConfig => {
                 Ok(VmmData::Json(serde_json::json!(self.resources.machine)))
@@ -325,6 +321,7 @@ impl Controller {
         let requests: Vec<_> = api.requests.try_iter().collect();
         for request in requests {
             let result = self.handle(request.action, ops);
+            self.publish_state();
             // The API thread may have given up waiting; nothing to do then.
             let _ = request.reply.send(result);
         }
@@ -366,6 +363,7 @@ impl MutEventSubscriber for Controller {
             }
         }
         self.watch_vm(ops);
+        self.publish_state();
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
