@@ -42,11 +42,12 @@ struct Percentiles {
 
 fn percentiles(mut us: Vec<f64>) -> Percentiles {
     us.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize];
+    // Nearest rank, in integers: the sample at `per_mille`/1000 of the sorted list.
+    let at = |per_mille: usize| us[(us.len() - 1) * per_mille / 1000];
     Percentiles {
-        p50: at(0.5),
-        p99: at(0.99),
-        max: at(1.0),
+        p50: at(500),
+        p99: at(990),
+        max: at(1000),
     }
 }
 
