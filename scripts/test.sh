@@ -15,6 +15,8 @@ cargo fmt --all -- --check
 (cd resources/guest && cargo fmt -- --check)
 cargo clippy --workspace --all-targets --release --quiet -- -D warnings
 (cd resources/guest && CARGO_TARGET_DIR="$(scripts/cache-dir.sh)/guest/target" cargo clippy --release --quiet -- -D warnings)
+# ferryctl's tests run the binary next to ferry's.
+cargo build --workspace --bins --release --quiet
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

@@ -1,0 +1,97 @@
+//! `ferryctl` drives a real ferry through its socket and prints JSON.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{guest_image, wait_for_socket, Ferry, TempDir};
+
+/// ferryctl is built next to ferry (`cargo build --workspace --bins`, as scripts/test.sh does).
+fn ferryctl_bin() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_ferry")).with_file_name("ferryctl");
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace's binaries first",
+        path.display()
+    );
+    path
+}
+
+fn ferryctl(sock: &Path, args: &[&str]) -> (i32, serde_json::Value, String) {
+    let out = Command::new(ferryctl_bin())
+        .arg("--sock")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("run ferryctl");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.code().unwrap_or(-1),
+        json,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(sock: &Path, args: &[&str]) -> serde_json::Value {
+    let (code, json, stderr) = ferryctl(sock, args);
+    assert_eq!(code, 0, "ferryctl {args:?}: {stderr}");
+    json
+}
+
+#[test]
+fn test_ferryctl_configures_starts_pauses_resumes() {
+    let dir = TempDir::new("ferryctl");
+    let sock = dir.path().join("api.sock");
+    let mut ferry = Ferry::spawn_args(&["--api-sock".as_ref(), sock.as_os_str()]);
+    wait_for_socket(&sock);
+    let guest = guest_image();
+
+    assert_eq!(ok(&sock, &["info"])["state"], "Not started");
+    assert_eq!(
+        ok(
+            &sock,
+            &["machine-config", "--vcpus", "2", "--mem-mib", "96"]
+        ),
+        serde_json::json!({})
+    );
+    ok(
+        &sock,
+        &[
+            "boot-source",
+            "--kernel",
+            guest.to_str().expect("utf-8"),
+            "--args",
+            "console=ttyS0 workload=verify size=8M",
+        ],
+    );
+    assert_eq!(ok(&sock, &["config"])["machine-config"]["mem_size_mib"], 96);
+    ok(&sock, &["start"]);
+    ferry.expect_line("pass 1 ok", Duration::from_secs(20));
+    assert_eq!(ok(&sock, &["info"])["state"], "Running");
+    ok(&sock, &["pause"]);
+    assert_eq!(ok(&sock, &["info"])["state"], "Paused");
+    ok(&sock, &["resume"]);
+    assert_eq!(ok(&sock, &["info"])["state"], "Running");
+    assert!(ok(&sock, &["metrics"])["vcpu"]["exit_io_out"].as_u64() > Some(0));
+    assert!(ok(&sock, &["version"])["ferry_version"].is_string());
+
+    let (code, _, stderr) = ferryctl(&sock, &["request", "GET", "/nope"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("HTTP 404") && stderr.contains("no such resource: /nope"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = ferryctl(&sock, &["pause"]);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr) = ferryctl(&sock, &["pause"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("cannot go from Paused to Paused"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = ferryctl(&dir.path().join("missing.sock"), &["info"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("missing.sock"), "{stderr}");
+}
