@@ -17,7 +17,9 @@ pub fn outb(port: u16, value: u8) {
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: port I/O has no memory effects; IOPL=3 allows it at CPL3.
-    unsafe { core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack))
+    };
     value
 }
 
@@ -37,7 +39,11 @@ pub fn ctrl_alt_del_pressed() -> bool {
             break;
         }
         let b = inb(I8042_DATA);
-        matched = if b == CTRL_ALT_DEL[matched] { matched + 1 } else { usize::from(b == CTRL_ALT_DEL[0]) };
+        matched = if b == CTRL_ALT_DEL[matched] {
+            matched + 1
+        } else {
+            usize::from(b == CTRL_ALT_DEL[0])
+        };
         if matched == CTRL_ALT_DEL.len() {
             seen = true;
             matched = 0;
