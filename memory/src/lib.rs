@@ -6,8 +6,12 @@
 //! fills through a second mapping, and zero-copy local migration that hands the fd to
 //! another process.
 
+pub mod dirty;
 pub mod layout;
 mod ram;
 mod sys;
 
 pub use ram::{GuestRam, RamError, RamRegion};
+
+/// The page size of guest RAM and of dirty tracking.
+pub const PAGE_SIZE: u64 = 4096;

@@ -6,8 +6,11 @@ use std::sync::Arc;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
+use vm_memory::Bytes;
+
+use crate::dirty::{guest_to_page, total_pages, AtomicBitmap, TrackedRam};
 use crate::layout::{self, MIB, MIN_MEM_MIB};
-use crate::sys;
+use crate::{sys, PAGE_SIZE};
 
 /// Why guest RAM could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,17 @@ pub enum RamError {
         #[source]
         source: vm_memory::mmap::MmapRegionError,
     },
+    /// An access outside guest RAM.
+    #[error("{len:#x} bytes at guest address {addr:#x} are not all guest RAM")]
+    OutsideRam {
+        /// Start.
+        addr: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A read, write or discard failed.
+    #[error("guest memory access failed: {0}")]
+    Access(String),
     /// vm-memory refused the region layout.
     #[error("invalid guest memory layout: {0}")]
     Layout(#[source] vm_memory::GuestRegionCollectionError),
@@ -68,6 +82,8 @@ pub struct GuestRam {
     memory: GuestMemoryMmap,
     regions: Vec<RamRegion>,
     size: u64,
+    /// Pages ferry itself wrote or discarded, for dirty tracking.
+    ferry_writes: Arc<AtomicBitmap>,
 }
 
 impl GuestRam {
@@ -131,11 +147,13 @@ impl GuestRam {
             offset += len;
         }
         let memory = GuestMemoryMmap::from_regions(mapped).map_err(RamError::Layout)?;
+        let ferry_writes = Arc::new(AtomicBitmap::new(total_pages(&regions)));
         Ok(GuestRam {
             file,
             memory,
             regions,
             size,
+            ferry_writes,
         })
     }
 
@@ -157,6 +175,56 @@ impl GuestRam {
     /// The memfd that backs all regions.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// What a dirty tracker needs.
+    pub fn tracked(&self) -> TrackedRam {
+        TrackedRam {
+            regions: self.regions.clone(),
+            ferry_writes: self.ferry_writes.clone(),
+        }
+    }
+
+    /// The memfd pages of `addr..addr+len`, checked to lie in one RAM region.
+    fn pages_of(&self, addr: GuestAddress, len: u64) -> Result<(usize, usize), RamError> {
+        let outside = || RamError::OutsideRam { addr: addr.0, len };
+        let last = addr.0.checked_add(len.max(1) - 1).ok_or_else(outside)?;
+        let first_page = guest_to_page(&self.regions, addr).ok_or_else(outside)?;
+        let last_page = guest_to_page(&self.regions, GuestAddress(last)).ok_or_else(outside)?;
+        let span = (last / PAGE_SIZE) - (addr.0 / PAGE_SIZE);
+        if last_page < first_page || (last_page - first_page) as u64 != span {
+            return Err(outside());
+        }
+        Ok((first_page, last_page - first_page + 1))
+    }
+
+    /// Writes `data` at `addr` as ferry (not the guest): through the tracked mapping, so
+    /// the userfaultfd trackers see it, and marked in ferry's own bitmap, which every
+    /// tracker merges (the KVM dirty log never sees userspace writes).
+    pub fn write(&self, data: &[u8], addr: GuestAddress) -> Result<(), RamError> {
+        let (first, count) = self.pages_of(addr, data.len() as u64)?;
+        self.memory
+            .write_slice(data, addr)
+            .map_err(|e| RamError::Access(e.to_string()))?;
+        self.ferry_writes.set_range(first, count);
+        Ok(())
+    }
+
+    /// Discards whole pages: their contents become zero and their memory is freed. The
+    /// kernel reports a punched page as not written, so ferry marks it dirty itself.
+    pub fn discard(&self, addr: GuestAddress, len: u64) -> Result<(), RamError> {
+        if addr.0 % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+            return Err(RamError::Access(format!(
+                "discard of {len:#x} bytes at {:#x} is not whole pages",
+                addr.0
+            )));
+        }
+        let (first, count) = self.pages_of(addr, len)?;
+        let offset = first as u64 * PAGE_SIZE;
+        sys::punch_hole(&self.file, offset, len)
+            .map_err(|e| RamError::Access(format!("punch hole: {e}")))?;
+        self.ferry_writes.set_range(first, count);
+        Ok(())
     }
 }
 

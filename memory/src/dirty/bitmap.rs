@@ -1,0 +1,201 @@
+//! Page bitmaps indexed by page number in the guest-RAM memfd, which numbers the pages of
+//! every RAM region (below and above the MMIO hole) in one space.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vm_memory::GuestAddress;
+
+use crate::{RamRegion, PAGE_SIZE};
+
+/// Pages written in one round: bit `i` is memfd page `i`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    words: Vec<u64>,
+    regions: Vec<RamRegion>,
+}
+
+impl DirtyBitmap {
+    /// An empty bitmap over `regions`.
+    pub fn new(regions: &[RamRegion]) -> Self {
+        let pages = total_pages(regions);
+        DirtyBitmap {
+            words: vec![0; pages.div_ceil(64)],
+            regions: regions.to_vec(),
+        }
+    }
+
+    /// Marks memfd page `page`.
+    pub fn set(&mut self, page: usize) {
+        if let Some(w) = self.words.get_mut(page / 64) {
+            *w |= 1 << (page % 64);
+        }
+    }
+
+    /// Whether memfd page `page` is marked.
+    pub fn get(&self, page: usize) -> bool {
+        self.words
+            .get(page / 64)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    /// ORs `other`'s words into this bitmap.
+    pub fn merge_words(&mut self, other: impl Iterator<Item = u64>) {
+        for (w, o) in self.words.iter_mut().zip(other) {
+            *w |= o;
+        }
+    }
+
+    /// The raw words.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// Number of marked pages.
+    pub fn count(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Marked memfd pages, in order.
+    pub fn pages(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let bit = w.trailing_zeros() as usize;
+                w &= w - 1;
+                Some(i * 64 + bit)
+            })
+        })
+    }
+
+    /// Guest-physical addresses of the marked pages, in order.
+    pub fn guest_pages(&self) -> impl Iterator<Item = GuestAddress> + '_ {
+        self.pages().filter_map(|p| page_to_guest(&self.regions, p))
+    }
+
+    /// Runs of consecutive marked pages as (first page, count).
+    pub fn runs(&self) -> Vec<(usize, usize)> {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for p in self.pages() {
+            match runs.last_mut() {
+                Some((start, n)) if *start + *n == p => *n += 1,
+                _ => runs.push((p, 1)),
+            }
+        }
+        runs
+    }
+}
+
+/// Pages of all regions.
+pub fn total_pages(regions: &[RamRegion]) -> usize {
+    regions
+        .iter()
+        .map(|r| usize::try_from(r.size / PAGE_SIZE).unwrap_or(usize::MAX))
+        .sum()
+}
+
+/// The guest address of memfd page `page`.
+pub fn page_to_guest(regions: &[RamRegion], page: usize) -> Option<GuestAddress> {
+    let offset = page as u64 * PAGE_SIZE;
+    regions
+        .iter()
+        .find(|r| offset >= r.file_offset && offset < r.file_offset + r.size)
+        .map(|r| GuestAddress(r.guest_addr.0 + offset - r.file_offset))
+}
+
+/// The memfd page of a guest address, if it is RAM.
+pub fn guest_to_page(regions: &[RamRegion], addr: GuestAddress) -> Option<usize> {
+    regions
+        .iter()
+        .find(|r| addr.0 >= r.guest_addr.0 && addr.0 < r.guest_addr.0 + r.size)
+        .and_then(|r| usize::try_from((r.file_offset + addr.0 - r.guest_addr.0) / PAGE_SIZE).ok())
+}
+
+/// A bitmap that several threads mark concurrently: the sync handler, and ferry's own
+/// writes to guest RAM.
+#[derive(Debug)]
+pub struct AtomicBitmap {
+    words: Vec<AtomicU64>,
+}
+
+impl AtomicBitmap {
+    /// An empty bitmap of `pages` bits.
+    pub fn new(pages: usize) -> Self {
+        AtomicBitmap {
+            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Marks pages `first..first+count`.
+    pub fn set_range(&self, first: usize, count: usize) {
+        for p in first..first + count {
+            if let Some(w) = self.words.get(p / 64) {
+                w.fetch_or(1 << (p % 64), Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Takes every word, leaving zeros.
+    pub fn take(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().map(|w| w.swap(0, Ordering::AcqRel))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::MIB;
+
+    fn regions() -> Vec<RamRegion> {
+        vec![
+            RamRegion {
+                guest_addr: GuestAddress(0),
+                size: 3072 * MIB,
+                host_addr: 0,
+                file_offset: 0,
+            },
+            RamRegion {
+                guest_addr: GuestAddress(4096 * MIB),
+                size: 1024 * MIB,
+                host_addr: 0,
+                file_offset: 3072 * MIB,
+            },
+        ]
+    }
+
+    #[test]
+    fn test_pages_map_across_the_mmio_hole() {
+        let r = regions();
+        let high = GuestAddress(4096 * MIB + 8192);
+        let page = guest_to_page(&r, high).expect("RAM");
+        assert_eq!(page, (3072 * MIB / PAGE_SIZE) as usize + 2);
+        assert_eq!(page_to_guest(&r, page), Some(high));
+        assert_eq!(
+            guest_to_page(&r, GuestAddress(3584 * MIB)),
+            None,
+            "the MMIO hole is not RAM"
+        );
+    }
+
+    #[test]
+    fn test_runs_and_counts() {
+        let mut b = DirtyBitmap::new(&regions());
+        for p in [1, 2, 3, 64, 65, 200] {
+            b.set(p);
+        }
+        assert_eq!(b.count(), 6);
+        assert_eq!(b.runs(), vec![(1, 3), (64, 2), (200, 1)]);
+        assert_eq!(b.guest_pages().next(), Some(GuestAddress(4096)));
+    }
+
+    #[test]
+    fn test_atomic_take_clears() {
+        let a = AtomicBitmap::new(130);
+        a.set_range(63, 3);
+        let words: Vec<u64> = a.take().collect();
+        assert_eq!(words, vec![1 << 63, 0b11, 0]);
+        assert!(a.take().all(|w| w == 0));
+    }
+}

@@ -1,0 +1,142 @@
+//! KVM's dirty log: `KVM_MEM_LOG_DIRTY_PAGES` on each memory slot, read with
+//! `KVM_GET_DIRTY_LOG`. With `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, reading does not
+//! re-protect, and `KVM_CLEAR_DIRTY_LOG` re-protects only the pages that were dirty.
+
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
+};
+use kvm_ioctls::VmFd;
+
+use super::{DirtyBitmap, DirtyError, DirtyTracker, TrackedRam, TrackingMode};
+use crate::{sys, PAGE_SIZE};
+
+/// The KVM dirty-log tracker. Slot `i` is RAM region `i`.
+pub struct KvmDirtyLog {
+    ram: TrackedRam,
+    vm: Arc<VmFd>,
+    manual_protect: bool,
+    started: bool,
+}
+
+impl KvmDirtyLog {
+    /// A tracker over the VM's RAM slots.
+    pub fn new(ram: TrackedRam, vm: Arc<VmFd>) -> Self {
+        KvmDirtyLog {
+            ram,
+            vm,
+            manual_protect: false,
+            started: false,
+        }
+    }
+
+    fn set_slots(&self, flags: u32) -> Result<(), DirtyError> {
+        for (slot, r) in (0u32..).zip(&self.ram.regions) {
+            let region = kvm_userspace_memory_region {
+                slot,
+                flags,
+                guest_phys_addr: r.guest_addr.0,
+                memory_size: r.size,
+                userspace_addr: r.host_addr,
+            };
+            // SAFETY: the region is the same live mapping the slot already has; only
+            // its flags change.
+            unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| DirtyError::Sys {
+                what: "KVM_SET_USER_MEMORY_REGION",
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl DirtyTracker for KvmDirtyLog {
+    fn mode(&self) -> TrackingMode {
+        TrackingMode::KvmDirtyLog
+    }
+
+    fn start(&mut self) -> Result<(), DirtyError> {
+        if self.started {
+            return Err(DirtyError::State("already started"));
+        }
+        if self
+            .vm
+            .check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2))
+            > 0
+            && !self.manual_protect
+        {
+            let cap = kvm_enable_cap {
+                cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                args: [u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE), 0, 0, 0],
+                ..Default::default()
+            };
+            self.vm.enable_cap(&cap).map_err(|e| DirtyError::Sys {
+                what: "KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)",
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            })?;
+            self.manual_protect = true;
+        }
+        self.set_slots(KVM_MEM_LOG_DIRTY_PAGES)?;
+        self.ram.ferry_writes.take().for_each(drop);
+        self.started = true;
+        Ok(())
+    }
+
+    fn collect(&mut self) -> Result<DirtyBitmap, DirtyError> {
+        if !self.started {
+            return Err(DirtyError::State("not started"));
+        }
+        let mut bitmap = DirtyBitmap::new(&self.ram.regions);
+        for (slot, r) in (0u32..).zip(&self.ram.regions) {
+            let size =
+                usize::try_from(r.size).map_err(|_| DirtyError::State("over a slot too large"))?;
+            let mut words = self
+                .vm
+                .get_dirty_log(slot, size)
+                .map_err(|e| DirtyError::Sys {
+                    what: "KVM_GET_DIRTY_LOG",
+                    source: std::io::Error::from_raw_os_error(e.errno()),
+                })?;
+            let base = (r.file_offset / PAGE_SIZE) as usize;
+            for (i, &w) in words.iter().enumerate() {
+                let mut w = w;
+                while w != 0 {
+                    let bit = w.trailing_zeros() as usize;
+                    w &= w - 1;
+                    bitmap.set(base + i * 64 + bit);
+                }
+            }
+            if self.manual_protect {
+                let pages = u32::try_from(r.size / PAGE_SIZE)
+                    .map_err(|_| DirtyError::State("over a slot too large"))?;
+                sys::kvm_clear_dirty_log(self.vm.as_ref(), slot, pages, &mut words).map_err(
+                    |source| DirtyError::Sys {
+                        what: "KVM_CLEAR_DIRTY_LOG",
+                        source,
+                    },
+                )?;
+            }
+        }
+        // KVM never sees ferry's own writes: they come from GuestRam's bitmap.
+        bitmap.merge_words(self.ram.ferry_writes.take());
+        Ok(bitmap)
+    }
+
+    fn stop(&mut self) -> Result<(), DirtyError> {
+        if !self.started {
+            return Err(DirtyError::State("not started"));
+        }
+        self.started = false;
+        self.set_slots(0)
+    }
+}
+
+impl Drop for KvmDirtyLog {
+    fn drop(&mut self) {
+        if self.started {
+            let _ = self.stop();
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Dirty-page tracking over guest RAM: which pages were written since the last look.
+//!
+//! Three mechanisms, one interface (`DirtyTracker`), chosen at runtime (`TrackingMode`):
+//! - `UffdAsync`: userfaultfd write-protect with `UFFD_FEATURE_WP_ASYNC`. The kernel
+//!   resolves write faults itself and records them in the page tables; `collect` is a
+//!   `PAGEMAP_SCAN` that returns the written pages and write-protects them again in
+//!   the same call.
+//! - `UffdSync`: userfaultfd write-protect with a handler thread that records each write
+//!   fault in a bitmap and un-protects the page. It sees every first write as it happens.
+//! - `KvmDirtyLog`: `KVM_GET_DIRTY_LOG` (with `KVM_CLEAR_DIRTY_LOG` when the kernel has
+//!   manual protect), the mechanism Firecracker and Cloud Hypervisor use.
+//!
+//! Writes ferry makes itself (device emulation, a host-side store) and pages it discards
+//! go through `GuestRam::write` and `GuestRam::discard`. Those write through the tracked
+//! mapping, which the userfaultfd modes see, and also mark `GuestRam`'s own bitmap,
+//! which every `collect` merges. The KVM dirty log does not see userspace writes, and
+//! no mode sees a discard (the kernel reports a punched page as not written).
+
+mod bitmap;
+mod kvm_log;
+mod uffd;
+mod uffd_async;
+mod uffd_sync;
+
+use std::sync::Arc;
+
+pub use bitmap::{guest_to_page, page_to_guest, total_pages, AtomicBitmap, DirtyBitmap};
+pub use kvm_log::KvmDirtyLog;
+pub use uffd_async::UffdAsync;
+pub use uffd_sync::UffdSync;
+
+use crate::RamRegion;
+
+/// Which mechanism tracks dirty pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrackingMode {
+    /// userfaultfd write-protect, asynchronous, collected with PAGEMAP_SCAN.
+    UffdAsync,
+    /// userfaultfd write-protect with a fault-handling thread.
+    UffdSync,
+    /// KVM's dirty log.
+    KvmDirtyLog,
+}
+
+impl TrackingMode {
+    /// Every mode.
+    pub const ALL: [TrackingMode; 3] = [
+        TrackingMode::UffdAsync,
+        TrackingMode::UffdSync,
+        TrackingMode::KvmDirtyLog,
+    ];
+
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrackingMode::UffdAsync => "uffd-async",
+            TrackingMode::UffdSync => "uffd-sync",
+            TrackingMode::KvmDirtyLog => "kvm-dirty-log",
+        }
+    }
+}
+
+impl std::str::FromStr for TrackingMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        TrackingMode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                format!("unknown tracking mode {s:?}: use uffd-async, uffd-sync or kvm-dirty-log")
+            })
+    }
+}
+
+/// Why tracking failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyError {
+    /// The kernel lacks a userfaultfd feature the mode needs.
+    #[error("this kernel's userfaultfd lacks {0}, which {1} tracking needs")]
+    MissingFeature(&'static str, &'static str),
+    /// KVM lacks a capability the mode needs.
+    #[error("this host's KVM lacks {0}, which dirty-log tracking needs")]
+    MissingCap(&'static str),
+    /// A userfaultfd operation failed.
+    #[error("userfaultfd {what} failed: {source}")]
+    Uffd {
+        /// Which operation.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// A system call failed.
+    #[error("{what} failed: {source}")]
+    Sys {
+        /// Which call.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The tracker is not in the state the call needs.
+    #[error("dirty tracking is {0}")]
+    State(&'static str),
+}
+
+/// Tracks which guest pages are written.
+pub trait DirtyTracker: Send {
+    /// The mechanism.
+    fn mode(&self) -> TrackingMode;
+    /// Starts tracking: every page counts as clean from here on.
+    fn start(&mut self) -> Result<(), DirtyError>;
+    /// The pages written since `start` or the previous `collect`, and re-arms tracking.
+    /// A write that races with `collect` is reported by this call or the next one.
+    fn collect(&mut self) -> Result<DirtyBitmap, DirtyError>;
+    /// Stops tracking and removes every protection it installed.
+    fn stop(&mut self) -> Result<(), DirtyError>;
+}
+
+/// What a tracker needs to know about guest RAM.
+#[derive(Clone)]
+pub struct TrackedRam {
+    /// The RAM regions (slot `i` is region `i`).
+    pub regions: Vec<RamRegion>,
+    /// ferry's own writes and discards, merged into every collect.
+    pub ferry_writes: Arc<AtomicBitmap>,
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::{GuestRam, PAGE_SIZE};
+
+    fn trackers(ram: &GuestRam) -> Vec<Box<dyn DirtyTracker>> {
+        vec![
+            Box::new(UffdAsync::new(ram.tracked()).expect("pagemap")),
+            Box::new(UffdSync::new(ram.tracked())),
+        ]
+    }
+
+    fn pages(b: &DirtyBitmap) -> Vec<u64> {
+        b.guest_pages().map(|a| a.0 / PAGE_SIZE).collect()
+    }
+
+    /// Plain stores through the mapping, as KVM and the guest make them.
+    #[test]
+    fn test_uffd_modes_report_exactly_the_written_pages() {
+        let ram = GuestRam::new(64, 46).expect("ram");
+        for mut t in trackers(&ram) {
+            t.start().expect("start");
+            assert_eq!(
+                pages(&t.collect().expect("collect")),
+                Vec::<u64>::new(),
+                "{:?}: clean at start",
+                t.mode()
+            );
+            for round in 1..=3u64 {
+                let written: Vec<u64> = (0..40).map(|i| (i * 97 + round * 13) % 16384).collect();
+                for &p in &written {
+                    ram.memory()
+                        .write_obj(round, GuestAddress(p * PAGE_SIZE + 8))
+                        .expect("store");
+                }
+                let mut want = written.clone();
+                want.sort_unstable();
+                want.dedup();
+                assert_eq!(
+                    pages(&t.collect().expect("collect")),
+                    want,
+                    "{:?} round {round}",
+                    t.mode()
+                );
+            }
+            t.stop().expect("stop");
+        }
+    }
+
+    #[test]
+    fn test_ferry_writes_and_discards_are_reported() {
+        let ram = GuestRam::new(5 * 1024, 46).expect("ram with two regions");
+        let high = GuestAddress(4 << 30);
+        for mut t in trackers(&ram) {
+            t.start().expect("start");
+            ram.memory().write_obj(1u64, high).expect("store");
+            assert_eq!(
+                pages(&t.collect().expect("collect")),
+                vec![high.0 / PAGE_SIZE],
+                "{:?}",
+                t.mode()
+            );
+            // A punched page reads as zero but the kernel does not call it written.
+            ram.discard(high, PAGE_SIZE).expect("discard");
+            ram.write(b"ferry", GuestAddress(0x5000))
+                .expect("ferry write");
+            assert_eq!(
+                pages(&t.collect().expect("collect")),
+                vec![5, high.0 / PAGE_SIZE],
+                "{:?}",
+                t.mode()
+            );
+            assert_eq!(ram.memory().read_obj::<u64>(high).expect("load"), 0);
+            t.stop().expect("stop");
+        }
+    }
+
+    #[test]
+    fn test_ferry_access_outside_ram_is_refused() {
+        let ram = GuestRam::new(4096, 46).expect("ram");
+        let hole = GuestAddress(3 << 30);
+        assert!(ram.write(b"x", hole).is_err());
+        assert!(
+            ram.write(&[0; 8192], GuestAddress((3 << 30) - 4096))
+                .is_err(),
+            "crosses into the hole"
+        );
+        assert!(ram.discard(GuestAddress(0x1001), PAGE_SIZE).is_err());
+    }
+}

@@ -1,0 +1,94 @@
+//! Opening a userfaultfd that can write-protect guest RAM and that KVM's faults reach.
+
+use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+
+use super::{DirtyError, TrackedRam};
+
+/// Opens a userfaultfd with `features`, naming the first one the kernel lacks.
+pub fn open(features: &[(u64, &'static str)], mode: &'static str) -> Result<Uffd, DirtyError> {
+    let builder = |bits: u64| {
+        let mut b = UffdBuilder::new();
+        // KVM's accesses to guest RAM are kernel-mode faults: a user-mode-only uffd
+        // would turn them into errors instead of events (ENVIRONMENT.md).
+        b.close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(FeatureFlags::from_bits_retain(bits));
+        b
+    };
+    let all = features.iter().fold(0, |acc, (bit, _)| acc | bit);
+    match builder(all).create() {
+        Ok(uffd) => Ok(uffd),
+        Err(source) => {
+            for (bit, name) in features {
+                if builder(*bit).create().is_err() {
+                    return Err(DirtyError::MissingFeature(name, mode));
+                }
+            }
+            Err(DirtyError::Uffd {
+                what: "UFFDIO_API",
+                source,
+            })
+        }
+    }
+}
+
+/// Registers every region for write-protect tracking.
+pub fn register(uffd: &Uffd, ram: &TrackedRam) -> Result<(), DirtyError> {
+    for r in &ram.regions {
+        uffd.register_with_mode(
+            r.host_addr as *mut libc::c_void,
+            region_len(r)?,
+            RegisterMode::WRITE_PROTECT,
+        )
+        .map_err(|source| DirtyError::Uffd {
+            what: "UFFDIO_REGISTER",
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Write-protects every region.
+pub fn protect_all(uffd: &Uffd, ram: &TrackedRam) -> Result<(), DirtyError> {
+    for r in &ram.regions {
+        uffd.write_protect(r.host_addr as *mut libc::c_void, region_len(r)?)
+            .map_err(|source| DirtyError::Uffd {
+                what: "UFFDIO_WRITEPROTECT",
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Unregisters every region, which also drops its write protection.
+pub fn unregister(uffd: &Uffd, ram: &TrackedRam) -> Result<(), DirtyError> {
+    for r in &ram.regions {
+        uffd.unregister(r.host_addr as *mut libc::c_void, region_len(r)?)
+            .map_err(|source| DirtyError::Uffd {
+                what: "UFFDIO_UNREGISTER",
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+fn region_len(r: &crate::RamRegion) -> Result<usize, DirtyError> {
+    usize::try_from(r.size).map_err(|_| DirtyError::State("over a region too large to map"))
+}
+
+/// Userfaultfd feature bits, by kernel name.
+pub mod features {
+    /// `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
+    pub const WP: (u64, &str) = (1 << 0, "UFFD_FEATURE_PAGEFAULT_FLAG_WP");
+    /// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`: write-protect on shmem, which guest RAM is.
+    pub const WP_SHMEM: (u64, &str) = (
+        linux_raw_sys::general::UFFD_FEATURE_WP_HUGETLBFS_SHMEM as u64,
+        "UFFD_FEATURE_WP_HUGETLBFS_SHMEM",
+    );
+    /// `UFFD_FEATURE_WP_ASYNC` (Linux 6.7).
+    pub const WP_ASYNC: (u64, &str) = (
+        linux_raw_sys::general::UFFD_FEATURE_WP_ASYNC as u64,
+        "UFFD_FEATURE_WP_ASYNC",
+    );
+}

@@ -1,0 +1,131 @@
+//! uffd-wp asynchronous: the kernel resolves write faults by itself and marks the page
+//! written; `PAGEMAP_SCAN` reads those marks and write-protects the pages again in one
+//! call.
+
+use std::fs::File;
+
+use linux_raw_sys::general::{
+    page_region, pm_scan_arg, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
+};
+use userfaultfd::Uffd;
+
+use super::uffd::{self, features};
+use super::{DirtyBitmap, DirtyError, DirtyTracker, TrackedRam, TrackingMode};
+use crate::{sys, PAGE_SIZE};
+
+/// Entries of `page_region` per `PAGEMAP_SCAN` call; a region may need several calls.
+const SCAN_BATCH: usize = 4096;
+
+/// The uffd-wp async tracker.
+pub struct UffdAsync {
+    ram: TrackedRam,
+    uffd: Option<Uffd>,
+    pagemap: File,
+    regions_buf: Vec<page_region>,
+}
+
+impl UffdAsync {
+    /// A tracker over `ram`; nothing is protected until `start`.
+    pub fn new(ram: TrackedRam) -> Result<Self, DirtyError> {
+        let pagemap = File::open("/proc/self/pagemap").map_err(|source| DirtyError::Sys {
+            what: "open /proc/self/pagemap",
+            source,
+        })?;
+        let empty = page_region {
+            start: 0,
+            end: 0,
+            categories: 0,
+        };
+        Ok(UffdAsync {
+            ram,
+            uffd: None,
+            pagemap,
+            regions_buf: vec![empty; SCAN_BATCH],
+        })
+    }
+}
+
+impl DirtyTracker for UffdAsync {
+    fn mode(&self) -> TrackingMode {
+        TrackingMode::UffdAsync
+    }
+
+    fn start(&mut self) -> Result<(), DirtyError> {
+        if self.uffd.is_some() {
+            return Err(DirtyError::State("already started"));
+        }
+        let uffd = uffd::open(
+            &[features::WP, features::WP_SHMEM, features::WP_ASYNC],
+            "uffd-wp async",
+        )?;
+        uffd::register(&uffd, &self.ram)?;
+        // Never-touched shmem pages get a PTE marker: nothing needs populating first.
+        uffd::protect_all(&uffd, &self.ram)?;
+        self.ram.ferry_writes.take().for_each(drop);
+        self.uffd = Some(uffd);
+        Ok(())
+    }
+
+    fn collect(&mut self) -> Result<DirtyBitmap, DirtyError> {
+        if self.uffd.is_none() {
+            return Err(DirtyError::State("not started"));
+        }
+        let mut bitmap = DirtyBitmap::new(&self.ram.regions);
+        for r in &self.ram.regions {
+            let end = r.host_addr + r.size;
+            let mut start = r.host_addr;
+            let base_page = (r.file_offset / PAGE_SIZE) as usize;
+            while start < end {
+                // On this kernel only this exact mask takes the fast path (ENVIRONMENT.md).
+                let mut arg = pm_scan_arg {
+                    size: std::mem::size_of::<pm_scan_arg>() as u64,
+                    flags: u64::from(PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC),
+                    start,
+                    end,
+                    walk_end: 0,
+                    vec: self.regions_buf.as_mut_ptr() as u64,
+                    vec_len: SCAN_BATCH as u64,
+                    max_pages: 0,
+                    category_inverted: 0,
+                    category_mask: u64::from(PAGE_IS_WRITTEN),
+                    category_anyof_mask: 0,
+                    return_mask: u64::from(PAGE_IS_WRITTEN),
+                };
+                let n = sys::pagemap_scan(&self.pagemap, &mut arg).map_err(|source| {
+                    DirtyError::Sys {
+                        what: "PAGEMAP_SCAN",
+                        source,
+                    }
+                })?;
+                for pr in &self.regions_buf[..n.min(SCAN_BATCH)] {
+                    // Clamp to the region: the kernel reports only within [start, end).
+                    let first = (pr.start.max(r.host_addr) - r.host_addr) / PAGE_SIZE;
+                    let last = (pr.end.min(end) - r.host_addr) / PAGE_SIZE;
+                    for p in first..last {
+                        bitmap.set(base_page + p as usize);
+                    }
+                }
+                if arg.walk_end <= start {
+                    return Err(DirtyError::State("stuck: PAGEMAP_SCAN made no progress"));
+                }
+                start = arg.walk_end;
+            }
+        }
+        // After the scan: a ferry write racing with it is reported now or next time.
+        bitmap.merge_words(self.ram.ferry_writes.take());
+        Ok(bitmap)
+    }
+
+    fn stop(&mut self) -> Result<(), DirtyError> {
+        let uffd = self.uffd.take().ok_or(DirtyError::State("not started"))?;
+        uffd::unregister(&uffd, &self.ram)
+    }
+}
+
+impl Drop for UffdAsync {
+    fn drop(&mut self) {
+        if self.uffd.is_some() {
+            let _ = self.stop();
+        }
+    }
+}

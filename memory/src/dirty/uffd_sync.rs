@@ -1,0 +1,202 @@
+//! uffd-wp synchronous: a handler thread receives each write fault on a protected page,
+//! records the page, and un-protects it, which lets the writer go on. `collect` takes the
+//! recorded pages and protects them again.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use userfaultfd::{Event, Uffd};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::uffd::{self, features};
+use super::{AtomicBitmap, DirtyBitmap, DirtyError, DirtyTracker, TrackedRam, TrackingMode};
+use crate::dirty::bitmap::total_pages;
+use crate::PAGE_SIZE;
+
+struct Shared {
+    uffd: Uffd,
+    ram: TrackedRam,
+    seen: AtomicBitmap,
+    /// Held by the handler while it records and un-protects one page, and by `collect`
+    /// while it takes the record and re-protects: so a page is never un-protected after
+    /// `collect` re-protected it without also being recorded for the next round.
+    order: Mutex<()>,
+}
+
+impl Shared {
+    fn page_of(&self, host_addr: u64) -> Option<(usize, u64)> {
+        self.ram
+            .regions
+            .iter()
+            .find(|r| host_addr >= r.host_addr && host_addr < r.host_addr + r.size)
+            .map(|r| {
+                let in_region = (host_addr - r.host_addr) & !(PAGE_SIZE - 1);
+                (
+                    ((r.file_offset + in_region) / PAGE_SIZE) as usize,
+                    r.host_addr + in_region,
+                )
+            })
+    }
+}
+
+/// The uffd-wp sync tracker.
+pub struct UffdSync {
+    ram: TrackedRam,
+    running: Option<(Arc<Shared>, EventFd, JoinHandle<()>)>,
+}
+
+impl UffdSync {
+    /// A tracker over `ram`; nothing is protected until `start`.
+    pub fn new(ram: TrackedRam) -> Self {
+        UffdSync { ram, running: None }
+    }
+}
+
+fn handle_faults(shared: &Shared, stop: &EventFd) {
+    let mut fds = [
+        libc::pollfd {
+            fd: shared.uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfds that lives across the call.
+        let ret = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if ret < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::error!(
+                "uffd-wp sync: poll failed: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        loop {
+            match shared.uffd.read_event() {
+                Ok(Some(Event::Pagefault { addr, .. })) => {
+                    let Some((page, page_addr)) = shared.page_of(addr as u64) else {
+                        continue;
+                    };
+                    let _order = shared.order.lock().expect("poisoned");
+                    shared.seen.set_range(page, 1);
+                    if let Err(e) = shared.uffd.remove_write_protection(
+                        page_addr as *mut libc::c_void,
+                        PAGE_SIZE as usize,
+                        true,
+                    ) {
+                        tracing::error!("uffd-wp sync: cannot un-protect {page_addr:#x}: {e}");
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("uffd-wp sync: reading events failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl DirtyTracker for UffdSync {
+    fn mode(&self) -> TrackingMode {
+        TrackingMode::UffdSync
+    }
+
+    fn start(&mut self) -> Result<(), DirtyError> {
+        if self.running.is_some() {
+            return Err(DirtyError::State("already started"));
+        }
+        let uffd = uffd::open(&[features::WP, features::WP_SHMEM], "uffd-wp sync")?;
+        uffd::register(&uffd, &self.ram)?;
+        uffd::protect_all(&uffd, &self.ram)?;
+        self.ram.ferry_writes.take().for_each(drop);
+        let shared = Arc::new(Shared {
+            uffd,
+            ram: self.ram.clone(),
+            seen: AtomicBitmap::new(total_pages(&self.ram.regions)),
+            order: Mutex::new(()),
+        });
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DirtyError::Sys {
+            what: "eventfd",
+            source,
+        })?;
+        let thread_stop = stop.try_clone().map_err(|source| DirtyError::Sys {
+            what: "eventfd",
+            source,
+        })?;
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("uffd-wp".into())
+            .spawn(move || handle_faults(&thread_shared, &thread_stop))
+            .map_err(|source| DirtyError::Sys {
+                what: "spawn the uffd-wp handler",
+                source,
+            })?;
+        self.running = Some((shared, stop, thread));
+        Ok(())
+    }
+
+    fn collect(&mut self) -> Result<DirtyBitmap, DirtyError> {
+        let (shared, _, _) = self
+            .running
+            .as_ref()
+            .ok_or(DirtyError::State("not started"))?;
+        let mut bitmap = DirtyBitmap::new(&self.ram.regions);
+        {
+            let _order = shared.order.lock().expect("poisoned");
+            bitmap.merge_words(shared.seen.take());
+            for (first, count) in bitmap.runs() {
+                for r in &self.ram.regions {
+                    let region_first = (r.file_offset / PAGE_SIZE) as usize;
+                    let region_pages = (r.size / PAGE_SIZE) as usize;
+                    if first >= region_first && first < region_first + region_pages {
+                        let addr = r.host_addr + (first - region_first) as u64 * PAGE_SIZE;
+                        let len =
+                            count.min(region_first + region_pages - first) * PAGE_SIZE as usize;
+                        shared
+                            .uffd
+                            .write_protect(addr as *mut libc::c_void, len)
+                            .map_err(|source| DirtyError::Uffd {
+                                what: "UFFDIO_WRITEPROTECT",
+                                source,
+                            })?;
+                    }
+                }
+            }
+        }
+        bitmap.merge_words(self.ram.ferry_writes.take());
+        Ok(bitmap)
+    }
+
+    fn stop(&mut self) -> Result<(), DirtyError> {
+        let (shared, stop, thread) = self
+            .running
+            .take()
+            .ok_or(DirtyError::State("not started"))?;
+        // Unregistering first wakes any writer still blocked on a protected page.
+        let result = uffd::unregister(&shared.uffd, &self.ram);
+        let _ = stop.write(1);
+        let _ = thread.join();
+        result
+    }
+}
+
+impl Drop for UffdSync {
+    fn drop(&mut self) {
+        if self.running.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
