@@ -117,6 +117,14 @@ impl Vmm {
         self.vm.ram()
     }
 
+    /// A dirty-page tracker of the chosen kind over guest RAM, not yet started.
+    pub fn dirty_tracker(
+        &self,
+        mode: memory::dirty::TrackingMode,
+    ) -> Result<Box<dyn memory::dirty::DirtyTracker>, memory::dirty::DirtyError> {
+        self.vm.dirty_tracker(mode)
+    }
+
     /// The devices.
     pub fn devices(&self) -> &Devices {
         &self.devices

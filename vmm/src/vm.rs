@@ -5,6 +5,9 @@ use kvm_bindings::{
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use std::sync::Arc;
+
+use memory::dirty::{DirtyError, DirtyTracker, KvmDirtyLog, TrackingMode, UffdAsync, UffdSync};
 use memory::GuestRam;
 
 /// Why the VM could not be created.
@@ -115,7 +118,7 @@ impl HostKvm {
 
 /// A KVM VM with its RAM registered and its interrupt controllers created.
 pub struct Vm {
-    fd: VmFd,
+    fd: Arc<VmFd>,
     ram: GuestRam,
 }
 
@@ -145,7 +148,10 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        Ok(Vm { fd, ram })
+        Ok(Vm {
+            fd: Arc::new(fd),
+            ram,
+        })
     }
 
     /// The VM fd.
@@ -156,5 +162,16 @@ impl Vm {
     /// Guest RAM.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// A dirty-page tracker of the chosen kind over guest RAM, not yet started.
+    pub fn dirty_tracker(&self, mode: TrackingMode) -> Result<Box<dyn DirtyTracker>, DirtyError> {
+        Ok(match mode {
+            TrackingMode::UffdAsync => Box::new(UffdAsync::new(self.ram.tracked())?),
+            TrackingMode::UffdSync => Box::new(UffdSync::new(self.ram.tracked())),
+            TrackingMode::KvmDirtyLog => {
+                Box::new(KvmDirtyLog::new(self.ram.tracked(), self.fd.clone()))
+            }
+        })
     }
 }

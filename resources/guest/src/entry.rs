@@ -182,14 +182,15 @@ pml4:
     .quad pdpt + 0x7
     .fill 511, 8, 0
 pdpt:
-    .quad pd + 0x7
-    .quad pd + 0x1000 + 0x7
-    .quad pd + 0x2000 + 0x7
-    .quad pd + 0x3000 + 0x7
-    .fill 508, 8, 0
-pd:                         /* identity map of the first 4 GiB, 2 MiB pages, P|W|U|PS */
+    .set gib, 0
+    .rept 8
+    .quad pd + gib * 0x1000 + 0x7
+    .set gib, gib + 1
+    .endr
+    .fill 504, 8, 0
+pd:                         /* identity map of the first 8 GiB, 2 MiB pages, P|W|U|PS */
     .set page, 0
-    .rept 2048
+    .rept 4096
     .quad (page << 21) | 0x87
     .set page, page + 1
     .endr
@@ -215,4 +216,4 @@ user_stack_top:
 );
 
 /// Highest guest-physical address (exclusive) that our page tables map.
-pub const MAPPED_LIMIT: u64 = 4 << 30;
+pub const MAPPED_LIMIT: u64 = 8 << 30;

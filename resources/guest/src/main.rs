@@ -4,13 +4,14 @@
 //! line; results go to the serial console as plain lines.
 //!
 //! Command line (all optional):
-//!   workload=idle|verify|dirty|fault   what to run (default idle). idle prints two
+//!   workload=idle|verify|dirty|rounds|fault   what to run (default idle). idle prints two
 //!                                lines and halts at CPL0; fault ends the guest with a
 //!                                triple fault, as every error does
 //!   start=ADDR size=BYTES        the memory range to work on (K/M/G suffixes, 0x hex);
 //!                                default: from 4 MiB to the end of that RAM range
 //!   rate=PAGES                   pages written per second, 0 = as fast as possible
 //!   passes=N                     stop after N passes and reboot, 0 = run forever
+//!   mailbox=ADDR                 workload=rounds: the page the host uses to start rounds
 
 #![no_std]
 #![no_main]
@@ -60,6 +61,7 @@ fn key_error(key: &str) -> &'static str {
         "start" => "start= is not a number",
         "size" => "size= is not a number",
         "rate" => "rate= is not a number",
+        "mailbox" => "mailbox= is not a number",
         _ => "passes= is not a number",
     }
 }
@@ -87,6 +89,27 @@ fn work_range(info: &BootInfo) -> Result<(u64, u64), &'static str> {
         return Err("the range runs past usable, mapped RAM");
     }
     Ok((start, size))
+}
+
+/// The `rounds` workload's mailbox: a usable, mapped page outside the work range.
+fn mailbox(info: &BootInfo, p: &workload::Params) -> Result<u64, &'static str> {
+    let addr = arg_size(info, "mailbox", u64::MAX)?;
+    if addr == u64::MAX {
+        return Err("workload=rounds needs mailbox=ADDR");
+    }
+    let usable = info
+        .ranges()
+        .iter()
+        .any(|r| r.kind == 1 && r.start <= addr && addr + 4096 <= r.start + r.len);
+    let image_top = core::ptr::addr_of!(image_end) as u64;
+    if addr % 4096 != 0 || !usable || addr + 4096 > entry::MAPPED_LIMIT || addr < image_top {
+        return Err("mailbox= must be a page of usable RAM above the guest image");
+    }
+    if addr + 4096 > p.start && addr < p.start + p.size {
+        return Err("mailbox= must lie outside the work range");
+    }
+    println!("ferry-guest: mailbox {addr:#x}");
+    Ok(addr)
 }
 
 /// Entered at CPL3 from `entry.rs`.
@@ -163,6 +186,13 @@ extern "C" fn guest_main(kind: u64, ptr: u64, tsc_khz: u64) -> ! {
     match workload {
         b"verify" => workload::verify(&params),
         b"dirty" => workload::dirty(&params),
+        b"rounds" => match mailbox(&info, &params) {
+            Ok(addr) => workload::rounds(&params, addr),
+            Err(e) => {
+                println!("ferry-guest: error: {e}");
+                fail();
+            }
+        },
         _ => {
             println!("ferry-guest: error: unknown workload {name}");
             fail();

@@ -129,6 +129,35 @@ pub fn verify(p: &Params) {
     }
 }
 
+/// Whether `page` is written in `round` of the `rounds` workload: a pseudo-random
+/// quarter of the pages. Tests compute the same set (vmm/tests/dirty.rs).
+pub fn in_round(page: u64, round: u64) -> bool {
+    check(page, round).is_multiple_of(4)
+}
+
+/// Rounds driven by the host, for exact dirty-tracking tests: the guest waits until the
+/// mailbox word holds a round number it has not done, writes that round's pages, then
+/// stores the round number in the mailbox's second word.
+pub fn rounds(p: &Params, mailbox: u64) {
+    let mut done = 0;
+    loop {
+        let round = read(mailbox);
+        if round <= done {
+            core::hint::spin_loop();
+            continue;
+        }
+        let mut page = p.start;
+        while page < p.start + p.size {
+            if in_round(page, round) {
+                write(page, round);
+            }
+            page += PAGE;
+        }
+        write(mailbox + 8, round);
+        done = round;
+    }
+}
+
 /// Writes one word per page, sweeping the range, at the given rate. Reports progress at
 /// most once a second (every 1024 sweeps when the TSC rate is unknown).
 pub fn dirty(p: &Params) {
