@@ -15,3 +15,12 @@ pub use ram::{GuestRam, RamError, RamRegion};
 
 /// The page size of guest RAM and of dirty tracking.
 pub const PAGE_SIZE: u64 = 4096;
+
+/// `PAGE_SIZE` for lengths in memory.
+pub const PAGE_BYTES: usize = 4096;
+
+/// A page number as an index. Page numbers come from RAM sizes that already fit the
+/// address space, so this saturates only on values no bitmap holds anyway.
+pub(crate) fn page_index(page: u64) -> usize {
+    usize::try_from(page).unwrap_or(usize::MAX)
+}

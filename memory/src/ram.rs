@@ -213,7 +213,7 @@ impl GuestRam {
     /// Discards whole pages: their contents become zero and their memory is freed. The
     /// kernel reports a punched page as not written, so ferry marks it dirty itself.
     pub fn discard(&self, addr: GuestAddress, len: u64) -> Result<(), RamError> {
-        if addr.0 % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+        if !addr.0.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) || len == 0 {
             return Err(RamError::Access(format!(
                 "discard of {len:#x} bytes at {:#x} is not whole pages",
                 addr.0

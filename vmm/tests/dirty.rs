@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use api::VmConfig;
 use common::{guest_image, TempDir};
 use memory::dirty::{DirtyBitmap, TrackingMode};
-use memory::PAGE_SIZE;
+use memory::{PAGE_BYTES, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
 
 fn build(console: &Path, mem_mib: u64, args: &str) -> vmm::Vmm {
@@ -51,7 +51,7 @@ fn check(page: u64, pass: u64) -> u64 {
 
 /// The guest's `in_round`: the pages it writes in a round.
 fn in_round(page: u64, round: u64) -> bool {
-    check(page, round) % 4 == 0
+    check(page, round).is_multiple_of(4)
 }
 
 fn in_range(b: &DirtyBitmap, start: u64, size: u64) -> Vec<u64> {
@@ -96,7 +96,7 @@ fn exact_rounds(mode: TrackingMode, mem_mib: u64, start: u64, size: u64) {
         }
         let got = tracker.collect().expect("collect");
         let want: Vec<u64> = (start..start + size)
-            .step_by(PAGE_SIZE as usize)
+            .step_by(PAGE_BYTES)
             .filter(|p| in_round(*p, round))
             .collect();
         assert!(
@@ -156,8 +156,8 @@ fn test_no_write_missed_over_1000_rounds_at_full_speed() {
         let mut refresh = |b: &DirtyBitmap| {
             let pages = in_range(b, START, SIZE as u64);
             for p in &pages {
-                let at = (p - START) as usize;
-                mem.read_slice(&mut shadow[at..at + PAGE_SIZE as usize], GuestAddress(*p))
+                let at = usize::try_from(p - START).expect("inside the range");
+                mem.read_slice(&mut shadow[at..at + PAGE_BYTES], GuestAddress(*p))
                     .expect("copy page");
             }
             pages.len()
@@ -174,7 +174,7 @@ fn test_no_write_missed_over_1000_rounds_at_full_speed() {
         let mut now = vec![0u8; SIZE];
         mem.read_slice(&mut now, GuestAddress(START)).expect("read");
         let stale = (0..SIZE)
-            .step_by(PAGE_SIZE as usize)
+            .step_by(PAGE_BYTES)
             .find(|at| shadow[*at..*at + 4096] != now[*at..*at + 4096]);
         assert_eq!(
             stale.map(|at| START + at as u64),
@@ -182,7 +182,7 @@ fn test_no_write_missed_over_1000_rounds_at_full_speed() {
             "{mode:?}: a write was missed"
         );
         assert!(
-            reported >= 2 * SIZE / PAGE_SIZE as usize,
+            reported >= 2 * SIZE / PAGE_BYTES,
             "{mode:?}: the guest kept writing during the rounds ({reported} pages)"
         );
         tracker.stop().expect("stop");

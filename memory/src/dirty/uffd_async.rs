@@ -11,7 +11,7 @@ use userfaultfd::Uffd;
 
 use super::uffd::{self, features};
 use super::{DirtyBitmap, DirtyError, DirtyTracker, TrackedRam, TrackingMode};
-use crate::{sys, PAGE_SIZE};
+use crate::{page_index, sys, PAGE_SIZE};
 
 /// Entries of `page_region` per `PAGEMAP_SCAN` call; a region may need several calls.
 const SCAN_BATCH: usize = 4096;
@@ -102,7 +102,7 @@ impl DirtyTracker for UffdAsync {
                     let first = (pr.start.max(r.host_addr) - r.host_addr) / PAGE_SIZE;
                     let last = (pr.end.min(end) - r.host_addr) / PAGE_SIZE;
                     for p in first..last {
-                        bitmap.set(base_page + p as usize);
+                        bitmap.set(base_page + page_index(p));
                     }
                 }
                 if arg.walk_end <= start {

@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::uffd::{self, features};
 use super::{AtomicBitmap, DirtyBitmap, DirtyError, DirtyTracker, TrackedRam, TrackingMode};
 use crate::dirty::bitmap::total_pages;
-use crate::PAGE_SIZE;
+use crate::{PAGE_BYTES, PAGE_SIZE};
 
 struct Shared {
     uffd: Uffd,
@@ -92,7 +92,7 @@ fn handle_faults(shared: &Shared, stop: &EventFd) {
                     shared.seen.set_range(page, 1);
                     if let Err(e) = shared.uffd.remove_write_protection(
                         page_addr as *mut libc::c_void,
-                        PAGE_SIZE as usize,
+                        PAGE_BYTES,
                         true,
                     ) {
                         tracing::error!("uffd-wp sync: cannot un-protect {page_addr:#x}: {e}");
@@ -163,8 +163,7 @@ impl DirtyTracker for UffdSync {
                     let region_pages = (r.size / PAGE_SIZE) as usize;
                     if first >= region_first && first < region_first + region_pages {
                         let addr = r.host_addr + (first - region_first) as u64 * PAGE_SIZE;
-                        let len =
-                            count.min(region_first + region_pages - first) * PAGE_SIZE as usize;
+                        let len = count.min(region_first + region_pages - first) * PAGE_BYTES;
                         shared
                             .uffd
                             .write_protect(addr as *mut libc::c_void, len)
