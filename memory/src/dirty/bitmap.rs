@@ -31,6 +31,23 @@ impl DirtyBitmap {
         }
     }
 
+    /// Marks pages `first..first+count`, a word at a time where it can.
+    pub fn set_run(&mut self, first: usize, count: usize) {
+        let end = (first + count).min(self.words.len() * 64);
+        let mut p = first;
+        while p < end {
+            let bit = p % 64;
+            let n = (64 - bit).min(end - p);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[p / 64] |= mask;
+            p += n;
+        }
+    }
+
     /// Whether memfd page `page` is marked.
     pub fn get(&self, page: usize) -> bool {
         self.words
@@ -42,6 +59,26 @@ impl DirtyBitmap {
     pub fn merge_words(&mut self, other: impl Iterator<Item = u64>) {
         for (w, o) in self.words.iter_mut().zip(other) {
             *w |= o;
+        }
+    }
+
+    /// ORs `words` into this bitmap from page `first_page` on. A page-aligned start that
+    /// is a multiple of 64 takes whole words; any other start goes bit by bit.
+    pub fn merge_at(&mut self, first_page: usize, words: &[u64]) {
+        if first_page % 64 == 0 {
+            let base = first_page / 64;
+            for (w, o) in self.words.iter_mut().skip(base).zip(words) {
+                *w |= o;
+            }
+            return;
+        }
+        for (i, &w) in words.iter().enumerate() {
+            let mut w = w;
+            while w != 0 {
+                let bit = w.trailing_zeros() as usize;
+                w &= w - 1;
+                self.set(first_page + i * 64 + bit);
+            }
         }
     }
 
@@ -118,6 +155,9 @@ pub fn guest_to_page(regions: &[RamRegion], addr: GuestAddress) -> Option<usize>
 #[derive(Debug)]
 pub struct AtomicBitmap {
     words: Vec<AtomicU64>,
+    /// Set by every mark, so that taking an untouched bitmap costs one load, not a swap
+    /// per word (a 4 GiB guest has 16,384 words).
+    any: std::sync::atomic::AtomicBool,
 }
 
 impl AtomicBitmap {
@@ -125,11 +165,13 @@ impl AtomicBitmap {
     pub fn new(pages: usize) -> Self {
         AtomicBitmap {
             words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            any: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Marks pages `first..first+count`.
     pub fn set_range(&self, first: usize, count: usize) {
+        self.any.store(true, Ordering::Release);
         for p in first..first + count {
             if let Some(w) = self.words.get(p / 64) {
                 w.fetch_or(1 << (p % 64), Ordering::AcqRel);
@@ -139,7 +181,17 @@ impl AtomicBitmap {
 
     /// Takes every word, leaving zeros.
     pub fn take(&self) -> impl Iterator<Item = u64> + '_ {
+        self.any.store(false, Ordering::Release);
         self.words.iter().map(|w| w.swap(0, Ordering::AcqRel))
+    }
+
+    /// ORs every marked page into `into` and clears them here.
+    pub fn take_into(&self, into: &mut DirtyBitmap) {
+        // The flag is cleared before the words are swapped: a mark that races with this
+        // sets it again, so its page is taken now or next time, never lost.
+        if self.any.swap(false, Ordering::AcqRel) {
+            into.merge_words(self.words.iter().map(|w| w.swap(0, Ordering::AcqRel)));
+        }
     }
 }
 
@@ -188,6 +240,29 @@ mod tests {
         assert_eq!(b.count(), 6);
         assert_eq!(b.runs(), vec![(1, 3), (64, 2), (200, 1)]);
         assert_eq!(b.guest_pages().next(), Some(GuestAddress(4096)));
+    }
+
+    #[test]
+    fn test_set_run_fills_words() {
+        let mut a = DirtyBitmap::new(&regions());
+        a.set_run(60, 200);
+        assert_eq!(a.count(), 200);
+        assert_eq!(a.runs(), vec![(60, 200)]);
+        let b = AtomicBitmap::new(256);
+        let mut into = DirtyBitmap::new(&regions());
+        b.take_into(&mut into);
+        assert_eq!(into.count(), 0);
+        b.set_range(7, 2);
+        b.take_into(&mut into);
+        assert_eq!(into.pages().collect::<Vec<_>>(), vec![7, 8]);
+    }
+
+    #[test]
+    fn test_merge_at_aligned_and_unaligned() {
+        let mut a = DirtyBitmap::new(&regions());
+        a.merge_at(128, &[0b101]);
+        a.merge_at(3, &[0b11]);
+        assert_eq!(a.pages().collect::<Vec<_>>(), vec![3, 4, 128, 130]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 
 use super::{DirtyBitmap, DirtyError, DirtyTracker, TrackedRam, TrackingMode};
-use crate::{sys, PAGE_SIZE};
+use crate::{page_index, sys, PAGE_SIZE};
 
 /// The KVM dirty-log tracker. Slot `i` is RAM region `i`.
 pub struct KvmDirtyLog {
@@ -99,15 +99,7 @@ impl DirtyTracker for KvmDirtyLog {
                     what: "KVM_GET_DIRTY_LOG",
                     source: std::io::Error::from_raw_os_error(e.errno()),
                 })?;
-            let base = (r.file_offset / PAGE_SIZE) as usize;
-            for (i, &w) in words.iter().enumerate() {
-                let mut w = w;
-                while w != 0 {
-                    let bit = w.trailing_zeros() as usize;
-                    w &= w - 1;
-                    bitmap.set(base + i * 64 + bit);
-                }
-            }
+            bitmap.merge_at(page_index(r.file_offset / PAGE_SIZE), &words);
             if self.manual_protect {
                 let pages = u32::try_from(r.size / PAGE_SIZE)
                     .map_err(|_| DirtyError::State("over a slot too large"))?;
@@ -120,8 +112,38 @@ impl DirtyTracker for KvmDirtyLog {
             }
         }
         // KVM never sees ferry's own writes: they come from GuestRam's bitmap.
-        bitmap.merge_words(self.ram.ferry_writes.take());
+        self.ram.ferry_writes.take_into(&mut bitmap);
         Ok(bitmap)
+    }
+
+    fn floor_collect(&mut self) -> Result<usize, DirtyError> {
+        if !self.started {
+            return Err(DirtyError::State("not started"));
+        }
+        let mut pages = 0;
+        for (slot, r) in (0u32..).zip(&self.ram.regions) {
+            let size =
+                usize::try_from(r.size).map_err(|_| DirtyError::State("over a slot too large"))?;
+            let mut words = self
+                .vm
+                .get_dirty_log(slot, size)
+                .map_err(|e| DirtyError::Sys {
+                    what: "KVM_GET_DIRTY_LOG",
+                    source: std::io::Error::from_raw_os_error(e.errno()),
+                })?;
+            pages += words.iter().map(|w| w.count_ones() as usize).sum::<usize>();
+            if self.manual_protect {
+                let n = u32::try_from(r.size / PAGE_SIZE)
+                    .map_err(|_| DirtyError::State("over a slot too large"))?;
+                sys::kvm_clear_dirty_log(self.vm.as_ref(), slot, n, &mut words).map_err(
+                    |source| DirtyError::Sys {
+                        what: "KVM_CLEAR_DIRTY_LOG",
+                        source,
+                    },
+                )?;
+            }
+        }
+        Ok(pages)
     }
 
     fn stop(&mut self) -> Result<(), DirtyError> {

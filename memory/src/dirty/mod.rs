@@ -116,6 +116,9 @@ pub trait DirtyTracker: Send {
     fn collect(&mut self) -> Result<DirtyBitmap, DirtyError>;
     /// Stops tracking and removes every protection it installed.
     fn stop(&mut self) -> Result<(), DirtyError>;
+    /// The bare mechanism of `collect`, for benchmarks: the same system calls with the
+    /// same effect on protection, but no bitmap. Returns how many pages were dirty.
+    fn floor_collect(&mut self) -> Result<usize, DirtyError>;
 }
 
 /// What a tracker needs to know about guest RAM.

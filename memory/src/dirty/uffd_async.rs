@@ -45,36 +45,19 @@ impl UffdAsync {
     }
 }
 
-impl DirtyTracker for UffdAsync {
-    fn mode(&self) -> TrackingMode {
-        TrackingMode::UffdAsync
-    }
-
-    fn start(&mut self) -> Result<(), DirtyError> {
-        if self.uffd.is_some() {
-            return Err(DirtyError::State("already started"));
-        }
-        let uffd = uffd::open(
-            &[features::WP, features::WP_SHMEM, features::WP_ASYNC],
-            "uffd-wp async",
-        )?;
-        uffd::register(&uffd, &self.ram)?;
-        // Never-touched shmem pages get a PTE marker: nothing needs populating first.
-        uffd::protect_all(&uffd, &self.ram)?;
-        self.ram.ferry_writes.take().for_each(drop);
-        self.uffd = Some(uffd);
-        Ok(())
-    }
-
-    fn collect(&mut self) -> Result<DirtyBitmap, DirtyError> {
+impl UffdAsync {
+    /// Calls `found(first, last)` for each run of written pages (page numbers within the
+    /// region, which `scan` turns into memfd pages), write-protecting them again.
+    fn scan_regions(
+        &mut self,
+        mut found: impl FnMut(&crate::RamRegion, u64, u64),
+    ) -> Result<(), DirtyError> {
         if self.uffd.is_none() {
             return Err(DirtyError::State("not started"));
         }
-        let mut bitmap = DirtyBitmap::new(&self.ram.regions);
         for r in &self.ram.regions {
             let end = r.host_addr + r.size;
             let mut start = r.host_addr;
-            let base_page = (r.file_offset / PAGE_SIZE) as usize;
             while start < end {
                 // On this kernel only this exact mask takes the fast path (ENVIRONMENT.md).
                 let mut arg = pm_scan_arg {
@@ -101,9 +84,7 @@ impl DirtyTracker for UffdAsync {
                     // Clamp to the region: the kernel reports only within [start, end).
                     let first = (pr.start.max(r.host_addr) - r.host_addr) / PAGE_SIZE;
                     let last = (pr.end.min(end) - r.host_addr) / PAGE_SIZE;
-                    for p in first..last {
-                        bitmap.set(base_page + page_index(p));
-                    }
+                    found(r, first, last);
                 }
                 if arg.walk_end <= start {
                     return Err(DirtyError::State("stuck: PAGEMAP_SCAN made no progress"));
@@ -111,9 +92,54 @@ impl DirtyTracker for UffdAsync {
                 start = arg.walk_end;
             }
         }
+        Ok(())
+    }
+
+    fn scan(&mut self, bitmap: &mut DirtyBitmap) -> Result<(), DirtyError> {
+        self.scan_regions(|r, first, last| {
+            let base = page_index(r.file_offset / PAGE_SIZE);
+            bitmap.set_run(base + page_index(first), page_index(last - first));
+        })
+    }
+
+    fn scan_ranges(&mut self, mut found: impl FnMut(u64, u64)) -> Result<(), DirtyError> {
+        self.scan_regions(|_, first, last| found(first, last))
+    }
+}
+
+impl DirtyTracker for UffdAsync {
+    fn mode(&self) -> TrackingMode {
+        TrackingMode::UffdAsync
+    }
+
+    fn start(&mut self) -> Result<(), DirtyError> {
+        if self.uffd.is_some() {
+            return Err(DirtyError::State("already started"));
+        }
+        let uffd = uffd::open(
+            &[features::WP, features::WP_SHMEM, features::WP_ASYNC],
+            "uffd-wp async",
+        )?;
+        uffd::register(&uffd, &self.ram)?;
+        // Never-touched shmem pages get a PTE marker: nothing needs populating first.
+        uffd::protect_all(&uffd, &self.ram)?;
+        self.ram.ferry_writes.take().for_each(drop);
+        self.uffd = Some(uffd);
+        Ok(())
+    }
+
+    fn collect(&mut self) -> Result<DirtyBitmap, DirtyError> {
+        let mut bitmap = DirtyBitmap::new(&self.ram.regions);
+        self.scan(&mut bitmap)?;
         // After the scan: a ferry write racing with it is reported now or next time.
-        bitmap.merge_words(self.ram.ferry_writes.take());
+        self.ram.ferry_writes.take_into(&mut bitmap);
         Ok(bitmap)
+    }
+
+    fn floor_collect(&mut self) -> Result<usize, DirtyError> {
+        let mut pages = 0;
+        self.scan_ranges(|first, last| pages += (last - first) as usize)?;
+        Ok(pages)
     }
 
     fn stop(&mut self) -> Result<(), DirtyError> {

@@ -175,8 +175,14 @@ impl DirtyTracker for UffdSync {
                 }
             }
         }
-        bitmap.merge_words(self.ram.ferry_writes.take());
+        self.ram.ferry_writes.take_into(&mut bitmap);
         Ok(bitmap)
+    }
+
+    fn floor_collect(&mut self) -> Result<usize, DirtyError> {
+        // The mechanism is the bitmap swap plus one UFFDIO_WRITEPROTECT per run: that
+        // is all `collect` does, so its floor is itself without the ferry-write merge.
+        Ok(self.collect()?.count())
     }
 
     fn stop(&mut self) -> Result<(), DirtyError> {
