@@ -65,7 +65,7 @@ impl DirtyBitmap {
     /// ORs `words` into this bitmap from page `first_page` on. A page-aligned start that
     /// is a multiple of 64 takes whole words; any other start goes bit by bit.
     pub fn merge_at(&mut self, first_page: usize, words: &[u64]) {
-        if first_page % 64 == 0 {
+        if first_page.is_multiple_of(64) {
             let base = first_page / 64;
             for (w, o) in self.words.iter_mut().skip(base).zip(words) {
                 *w |= o;

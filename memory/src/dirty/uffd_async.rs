@@ -138,7 +138,7 @@ impl DirtyTracker for UffdAsync {
 
     fn floor_collect(&mut self) -> Result<usize, DirtyError> {
         let mut pages = 0;
-        self.scan_ranges(|first, last| pages += (last - first) as usize)?;
+        self.scan_ranges(|first, last| pages += page_index(last - first))?;
         Ok(pages)
     }
 
