@@ -12,7 +12,7 @@
 //! - the floor: the bare mechanism (`PAGEMAP_SCAN`, `KVM_GET_DIRTY_LOG` + `CLEAR`, or
 //!   the sync tracker's own swap and re-protect) on the same state, and the ratio.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use api::VmConfig;
@@ -65,7 +65,7 @@ struct Guest {
 }
 
 impl Guest {
-    fn boot(guest: &PathBuf, mem_mib: u64, size: u64) -> Result<Guest, String> {
+    fn boot(guest: &Path, mem_mib: u64, size: u64) -> Result<Guest, String> {
         let json = format!(
             r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "console=ttyS0 workload=dirty start={RANGE_START:#x} size={size:#x} rate=0"}},
                 "machine-config": {{"vcpu_count": 1, "mem_size_mib": {mem_mib}}},
@@ -158,7 +158,7 @@ fn least(v: Vec<f64>) -> f64 {
     v.into_iter().fold(f64::INFINITY, f64::min)
 }
 
-fn throughput(args: &Args, guest: &PathBuf, mem_mib: u64) -> Result<(), String> {
+fn throughput(args: &Args, guest: &Path, mem_mib: u64) -> Result<(), String> {
     for &range in &args.ranges {
         let g = Guest::boot(guest, mem_mib, range << 20)?;
         let untracked = g.page_rate(Duration::from_secs(1), Duration::from_millis(100), None);
@@ -215,7 +215,7 @@ fn throughput(args: &Args, guest: &PathBuf, mem_mib: u64) -> Result<(), String> 
 /// nothing dirty. Returns (dirty pages, collect ms, floor ms) per state.
 fn collect_cost(
     args: &Args,
-    guest: &PathBuf,
+    guest: &Path,
     mem_mib: u64,
     range: u64,
     mode: TrackingMode,
