@@ -66,9 +66,15 @@ impl DirtyBitmap {
     /// is a multiple of 64 takes whole words; any other start goes bit by bit.
     pub fn merge_at(&mut self, first_page: usize, words: &[u64]) {
         if first_page.is_multiple_of(64) {
+            // Only non-zero words are written: a fresh bitmap's pages stay untouched
+            // (and unfaulted) where nothing is dirty.
             let base = first_page / 64;
-            for (w, o) in self.words.iter_mut().skip(base).zip(words) {
-                *w |= o;
+            for (i, &o) in words.iter().enumerate() {
+                if o != 0 {
+                    if let Some(w) = self.words.get_mut(base + i) {
+                        *w |= o;
+                    }
+                }
             }
             return;
         }

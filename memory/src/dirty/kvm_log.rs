@@ -52,6 +52,42 @@ impl KvmDirtyLog {
     }
 }
 
+impl KvmDirtyLog {
+    /// Reads each slot's dirty log, hands it to `visit`, then re-protects those pages
+    /// (with manual protect; otherwise reading already did).
+    fn each_slot(
+        &mut self,
+        mut visit: impl FnMut(&crate::RamRegion, &[u64]),
+    ) -> Result<(), DirtyError> {
+        if !self.started {
+            return Err(DirtyError::State("not started"));
+        }
+        for (slot, r) in (0u32..).zip(&self.ram.regions) {
+            let size =
+                usize::try_from(r.size).map_err(|_| DirtyError::State("over a slot too large"))?;
+            let mut words = self
+                .vm
+                .get_dirty_log(slot, size)
+                .map_err(|e| DirtyError::Sys {
+                    what: "KVM_GET_DIRTY_LOG",
+                    source: std::io::Error::from_raw_os_error(e.errno()),
+                })?;
+            visit(r, &words);
+            if self.manual_protect {
+                let pages = u32::try_from(r.size / PAGE_SIZE)
+                    .map_err(|_| DirtyError::State("over a slot too large"))?;
+                sys::kvm_clear_dirty_log(self.vm.as_ref(), slot, pages, &mut words).map_err(
+                    |source| DirtyError::Sys {
+                        what: "KVM_CLEAR_DIRTY_LOG",
+                        source,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl DirtyTracker for KvmDirtyLog {
     fn mode(&self) -> TrackingMode {
         TrackingMode::KvmDirtyLog
@@ -85,64 +121,18 @@ impl DirtyTracker for KvmDirtyLog {
     }
 
     fn collect(&mut self) -> Result<DirtyBitmap, DirtyError> {
-        if !self.started {
-            return Err(DirtyError::State("not started"));
-        }
         let mut bitmap = DirtyBitmap::new(&self.ram.regions);
-        for (slot, r) in (0u32..).zip(&self.ram.regions) {
-            let size =
-                usize::try_from(r.size).map_err(|_| DirtyError::State("over a slot too large"))?;
-            let mut words = self
-                .vm
-                .get_dirty_log(slot, size)
-                .map_err(|e| DirtyError::Sys {
-                    what: "KVM_GET_DIRTY_LOG",
-                    source: std::io::Error::from_raw_os_error(e.errno()),
-                })?;
-            bitmap.merge_at(page_index(r.file_offset / PAGE_SIZE), &words);
-            if self.manual_protect {
-                let pages = u32::try_from(r.size / PAGE_SIZE)
-                    .map_err(|_| DirtyError::State("over a slot too large"))?;
-                sys::kvm_clear_dirty_log(self.vm.as_ref(), slot, pages, &mut words).map_err(
-                    |source| DirtyError::Sys {
-                        what: "KVM_CLEAR_DIRTY_LOG",
-                        source,
-                    },
-                )?;
-            }
-        }
+        self.each_slot(|r, words| bitmap.merge_at(page_index(r.file_offset / PAGE_SIZE), words))?;
         // KVM never sees ferry's own writes: they come from GuestRam's bitmap.
         self.ram.ferry_writes.take_into(&mut bitmap);
         Ok(bitmap)
     }
 
     fn floor_collect(&mut self) -> Result<usize, DirtyError> {
-        if !self.started {
-            return Err(DirtyError::State("not started"));
-        }
         let mut pages = 0;
-        for (slot, r) in (0u32..).zip(&self.ram.regions) {
-            let size =
-                usize::try_from(r.size).map_err(|_| DirtyError::State("over a slot too large"))?;
-            let mut words = self
-                .vm
-                .get_dirty_log(slot, size)
-                .map_err(|e| DirtyError::Sys {
-                    what: "KVM_GET_DIRTY_LOG",
-                    source: std::io::Error::from_raw_os_error(e.errno()),
-                })?;
-            pages += words.iter().map(|w| w.count_ones() as usize).sum::<usize>();
-            if self.manual_protect {
-                let n = u32::try_from(r.size / PAGE_SIZE)
-                    .map_err(|_| DirtyError::State("over a slot too large"))?;
-                sys::kvm_clear_dirty_log(self.vm.as_ref(), slot, n, &mut words).map_err(
-                    |source| DirtyError::Sys {
-                        what: "KVM_CLEAR_DIRTY_LOG",
-                        source,
-                    },
-                )?;
-            }
-        }
+        self.each_slot(|_, words| {
+            pages += words.iter().map(|w| w.count_ones() as usize).sum::<usize>()
+        })?;
         Ok(pages)
     }
 

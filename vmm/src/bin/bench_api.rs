@@ -5,6 +5,8 @@
 //! p99 and max. The floor is a round trip of a request-sized message to an echo thread
 //! over a Unix socket in this process: no API on a Unix socket can answer faster.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -99,17 +101,8 @@ fn floor(rounds: usize, size: usize) -> Result<Percentiles, String> {
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    let ferry = match &args.ferry {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| e.to_string())?
-            .with_file_name("ferry"),
-    };
-    let guest = args
-        .guest
-        .clone()
-        .or_else(|| std::env::var_os("FERRY_GUEST").map(PathBuf::from))
-        .ok_or("no guest: pass --guest or set FERRY_GUEST (scripts/build-guest.sh prints it)")?;
+    let ferry = common::ferry_binary(&args.ferry)?;
+    let guest = common::guest_image(&args.guest)?;
     let dir = std::env::temp_dir().join(format!("ferry-bench-api-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let sock = dir.join("api.sock");

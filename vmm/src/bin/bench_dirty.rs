@@ -12,6 +12,8 @@
 //! - the floor: the bare mechanism (`PAGEMAP_SCAN`, `KVM_GET_DIRTY_LOG` + `CLEAR`, or
 //!   the sync tracker's own swap and re-protect) on the same state, and the ratio.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -44,9 +46,13 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     reps: usize,
     /// Skip uffd-sync collects with everything dirty on guests at least this large (MiB):
-    /// every first write is a round trip to the handler thread, minutes at 4 GiB.
-    #[arg(long, default_value_t = 4096)]
+    /// every first write is a round trip to the handler thread (~100 µs here), which
+    /// makes each sweep of a 1 GiB guest take ~30 s.
+    #[arg(long, default_value_t = 1024)]
     sync_full_limit: u64,
+    /// Only the collect-cost figures.
+    #[arg(long)]
+    collect_only: bool,
     /// The test guest ELF (default: $FERRY_GUEST).
     #[arg(long)]
     guest: Option<PathBuf>,
@@ -282,18 +288,16 @@ fn collect_cost(
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    let guest = args
-        .guest
-        .clone()
-        .or_else(|| std::env::var_os("FERRY_GUEST").map(PathBuf::from))
-        .ok_or("no guest: pass --guest or set FERRY_GUEST (scripts/build-guest.sh prints it)")?;
+    let guest = common::guest_image(&args.guest)?;
     if !args.json {
         println!(
             "guest throughput under tracking (dirty workload at full speed, one write per page)"
         );
     }
     for &mem in &args.sizes {
-        throughput(args, &guest, mem)?;
+        if !args.collect_only {
+            throughput(args, &guest, mem)?;
+        }
     }
     if !args.json {
         println!("\ncollect cost per guest page (guest paused during the collect; floor = the bare mechanism)");

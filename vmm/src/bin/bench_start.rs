@@ -7,6 +7,8 @@
 //! RAM) from /proc while the guest runs. The floor is spawning `/bin/echo` and reading
 //! its line the same way: no VMM can start faster than a process that does nothing.
 
+mod common;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -94,17 +96,8 @@ fn run(args: &Args) -> Result<(), String> {
     if args.runs < 10 {
         return Err("--runs must be at least 10".into());
     }
-    let ferry = match &args.ferry {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| e.to_string())?
-            .with_file_name("ferry"),
-    };
-    let guest = args
-        .guest
-        .clone()
-        .or_else(|| std::env::var_os("FERRY_GUEST").map(PathBuf::from))
-        .ok_or("no guest: pass --guest or set FERRY_GUEST (scripts/build-guest.sh prints it)")?;
+    let ferry = common::ferry_binary(&args.ferry)?;
+    let guest = common::guest_image(&args.guest)?;
     let dir = std::env::temp_dir().join(format!("ferry-bench-start-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let config = dir.join("vm.json");
