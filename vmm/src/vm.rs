@@ -172,6 +172,9 @@ impl Vm {
             TrackingMode::KvmDirtyLog => {
                 Box::new(KvmDirtyLog::new(self.ram.tracked(), self.fd.clone()))
             }
+            TrackingMode::KvmDirtyLogHot => {
+                Box::new(KvmDirtyLog::new(self.ram.tracked(), self.fd.clone()).retain_hot(true))
+            }
         })
     }
 }

@@ -1,6 +1,12 @@
 //! KVM's dirty log: `KVM_MEM_LOG_DIRTY_PAGES` on each memory slot, read with
 //! `KVM_GET_DIRTY_LOG`. With `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, reading does not
 //! re-protect, and `KVM_CLEAR_DIRTY_LOG` re-protects only the pages that were dirty.
+//!
+//! With `retain_hot`, a page dirty in two rounds in a row is not re-protected: the guest
+//! stops paying a fault for it every round, and KVM keeps reporting it dirty until
+//! tracking stops. `collect` then returns a superset of the pages written (the hot
+//! ones each round), which is what a migration sends anyway for pages that change
+//! every round.
 
 use std::sync::Arc;
 
@@ -19,6 +25,9 @@ pub struct KvmDirtyLog {
     vm: Arc<VmFd>,
     manual_protect: bool,
     started: bool,
+    retain_hot: bool,
+    /// Each slot's dirty words from the previous round, for `retain_hot`.
+    previous: Vec<Vec<u64>>,
 }
 
 impl KvmDirtyLog {
@@ -29,7 +38,16 @@ impl KvmDirtyLog {
             vm,
             manual_protect: false,
             started: false,
+            retain_hot: false,
+            previous: Vec::new(),
         }
+    }
+
+    /// Leaves pages dirty in two rounds in a row writable (see the module doc). Takes
+    /// effect only where KVM has manual protect; without it, reading re-protects all.
+    pub fn retain_hot(mut self, on: bool) -> Self {
+        self.retain_hot = on;
+        self
     }
 
     fn set_slots(&self, flags: u32) -> Result<(), DirtyError> {
@@ -73,6 +91,20 @@ impl KvmDirtyLog {
                     source: std::io::Error::from_raw_os_error(e.errno()),
                 })?;
             visit(r, &words);
+            if self.manual_protect && self.retain_hot {
+                let index = usize::try_from(slot).unwrap_or(usize::MAX);
+                if self.previous.len() <= index {
+                    self.previous.resize(index + 1, Vec::new());
+                }
+                let previous = std::mem::replace(&mut self.previous[index], words.clone());
+                // Re-protect only what was not also dirty last round.
+                for (w, p) in words
+                    .iter_mut()
+                    .zip(previous.iter().chain(std::iter::repeat(&0)))
+                {
+                    *w &= !p;
+                }
+            }
             if self.manual_protect {
                 let pages = u32::try_from(r.size / PAGE_SIZE)
                     .map_err(|_| DirtyError::State("over a slot too large"))?;
@@ -90,7 +122,11 @@ impl KvmDirtyLog {
 
 impl DirtyTracker for KvmDirtyLog {
     fn mode(&self) -> TrackingMode {
-        TrackingMode::KvmDirtyLog
+        if self.retain_hot {
+            TrackingMode::KvmDirtyLogHot
+        } else {
+            TrackingMode::KvmDirtyLog
+        }
     }
 
     fn start(&mut self) -> Result<(), DirtyError> {
@@ -114,6 +150,7 @@ impl DirtyTracker for KvmDirtyLog {
             })?;
             self.manual_protect = true;
         }
+        self.previous.clear();
         self.set_slots(KVM_MEM_LOG_DIRTY_PAGES)?;
         self.ram.ferry_writes.take().for_each(drop);
         self.started = true;

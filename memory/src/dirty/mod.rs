@@ -40,10 +40,13 @@ pub enum TrackingMode {
     UffdSync,
     /// KVM's dirty log.
     KvmDirtyLog,
+    /// KVM's dirty log, leaving pages dirty two rounds in a row writable: `collect`
+    /// reports a superset of the writes (the hot pages every round).
+    KvmDirtyLogHot,
 }
 
 impl TrackingMode {
-    /// Every mode.
+    /// The three mechanisms, each reporting exactly the pages written.
     pub const ALL: [TrackingMode; 3] = [
         TrackingMode::UffdAsync,
         TrackingMode::UffdSync,
@@ -56,6 +59,7 @@ impl TrackingMode {
             TrackingMode::UffdAsync => "uffd-async",
             TrackingMode::UffdSync => "uffd-sync",
             TrackingMode::KvmDirtyLog => "kvm-dirty-log",
+            TrackingMode::KvmDirtyLogHot => "kvm-dirty-log-hot",
         }
     }
 }
@@ -66,9 +70,10 @@ impl std::str::FromStr for TrackingMode {
     fn from_str(s: &str) -> Result<Self, String> {
         TrackingMode::ALL
             .into_iter()
+            .chain([TrackingMode::KvmDirtyLogHot])
             .find(|m| m.name() == s)
             .ok_or_else(|| {
-                format!("unknown tracking mode {s:?}: use uffd-async, uffd-sync or kvm-dirty-log")
+                format!("unknown tracking mode {s:?}: use uffd-async, uffd-sync, kvm-dirty-log or kvm-dirty-log-hot")
             })
     }
 }

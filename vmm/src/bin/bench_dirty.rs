@@ -29,11 +29,11 @@ struct Args {
     /// Guest sizes in MiB.
     #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
     sizes: Vec<u64>,
-    /// Modes (uffd-async, uffd-sync, kvm-dirty-log).
+    /// Modes (uffd-async, uffd-sync, kvm-dirty-log, kvm-dirty-log-hot).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "uffd-async,uffd-sync,kvm-dirty-log"
+        default_value = "uffd-async,uffd-sync,kvm-dirty-log,kvm-dirty-log-hot"
     )]
     modes: Vec<TrackingMode>,
     /// Ranges the guest dirties for the throughput figures, in MiB.
