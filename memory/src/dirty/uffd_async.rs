@@ -22,6 +22,8 @@ pub struct UffdAsync {
     uffd: Option<Uffd>,
     pagemap: File,
     regions_buf: Vec<page_region>,
+    /// Most bytes one `PAGEMAP_SCAN` covers; 0 = a whole region per call.
+    chunk: u64,
 }
 
 impl UffdAsync {
@@ -41,7 +43,16 @@ impl UffdAsync {
             uffd: None,
             pagemap,
             regions_buf: vec![empty; SCAN_BATCH],
+            chunk: 0,
         })
+    }
+
+    /// Scans and re-protects at most `bytes` per `PAGEMAP_SCAN` call (0 = a whole region),
+    /// so a running guest is never held off a large range at once. Measured by
+    /// `ferry-bench-dirty --async-chunks`.
+    pub fn chunk(mut self, bytes: u64) -> Self {
+        self.chunk = bytes;
+        self
     }
 }
 
@@ -60,11 +71,16 @@ impl UffdAsync {
             let mut start = r.host_addr;
             while start < end {
                 // On this kernel only this exact mask takes the fast path (ENVIRONMENT.md).
+                let scan_end = if self.chunk == 0 {
+                    end
+                } else {
+                    end.min(start + self.chunk)
+                };
                 let mut arg = pm_scan_arg {
                     size: std::mem::size_of::<pm_scan_arg>() as u64,
                     flags: u64::from(PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC),
                     start,
-                    end,
+                    end: scan_end,
                     walk_end: 0,
                     vec: self.regions_buf.as_mut_ptr() as u64,
                     vec_len: SCAN_BATCH as u64,
@@ -83,7 +99,7 @@ impl UffdAsync {
                 for pr in &self.regions_buf[..n.min(SCAN_BATCH)] {
                     // Clamp to the region: the kernel reports only within [start, end).
                     let first = (pr.start.max(r.host_addr) - r.host_addr) / PAGE_SIZE;
-                    let last = (pr.end.min(end) - r.host_addr) / PAGE_SIZE;
+                    let last = (pr.end.min(scan_end) - r.host_addr) / PAGE_SIZE;
                     found(r, first, last);
                 }
                 if arg.walk_end <= start {

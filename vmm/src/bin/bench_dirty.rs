@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use api::VmConfig;
 use clap::Parser;
-use memory::dirty::TrackingMode;
+use memory::dirty::{DirtyTracker, TrackingMode, UffdAsync};
 use memory::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -50,9 +50,16 @@ struct Args {
     /// makes each sweep of a 1 GiB guest take ~30 s.
     #[arg(long, default_value_t = 1024)]
     sync_full_limit: u64,
+    /// Also measure uffd-async throughput with each `PAGEMAP_SCAN` covering at most this
+    /// many KiB (the "write-protect in chunks" idea); empty = skip.
+    #[arg(long, value_delimiter = ',')]
+    async_chunks: Vec<u64>,
     /// Only the collect-cost figures.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "throughput_only")]
     collect_only: bool,
+    /// Only the throughput and first-write figures.
+    #[arg(long)]
+    throughput_only: bool,
     /// The test guest ELF (default: $FERRY_GUEST).
     #[arg(long)]
     guest: Option<PathBuf>,
@@ -168,10 +175,27 @@ fn throughput(args: &Args, guest: &Path, mem_mib: u64) -> Result<(), String> {
     for &range in &args.ranges {
         let g = Guest::boot(guest, mem_mib, range << 20)?;
         let untracked = g.page_rate(Duration::from_secs(1), Duration::from_millis(100), None);
-        for &mode in &args.modes {
+        // Each mode, then uffd-async once per --async-chunks size.
+        let variants = args.modes.iter().map(|m| (*m, None)).chain(
+            args.async_chunks
+                .iter()
+                .map(|kib| (TrackingMode::UffdAsync, Some(kib << 10))),
+        );
+        for (mode, chunk) in variants {
+            let label = match chunk {
+                Some(bytes) => format!("uffd-async/{}K", bytes >> 10),
+                None => mode.name().to_owned(),
+            };
             for &interval_ms in &args.intervals {
                 let interval = Duration::from_millis(interval_ms);
-                let mut tracker = g.vmm.dirty_tracker(mode).map_err(|e| e.to_string())?;
+                let mut tracker: Box<dyn DirtyTracker> = match chunk {
+                    Some(bytes) => Box::new(
+                        UffdAsync::new(g.vmm.ram().tracked())
+                            .map_err(|e| e.to_string())?
+                            .chunk(bytes),
+                    ),
+                    None => g.vmm.dirty_tracker(mode).map_err(|e| e.to_string())?,
+                };
                 tracker.start().map_err(|e| e.to_string())?;
                 let window = Duration::from_millis((interval_ms * 4).max(1000));
                 let mut failed = None;
@@ -195,14 +219,13 @@ fn throughput(args: &Args, guest: &Path, mem_mib: u64) -> Result<(), String> {
                 let fraction = tracked / untracked;
                 if args.json {
                     println!(
-                        r#"{{"figure": "throughput", "guest_mib": {mem_mib}, "mode": "{}", "range_mib": {range}, "interval_ms": {interval_ms}, "untracked_pages_per_s": {untracked:.0}, "tracked_pages_per_s": {tracked:.0}, "fraction": {fraction:.3}, "first_write_us": {first_write_us:.2}}}"#,
-                        mode.name()
+                        r#"{{"figure": "throughput", "guest_mib": {mem_mib}, "mode": "{label}", "range_mib": {range}, "interval_ms": {interval_ms}, "untracked_pages_per_s": {untracked:.0}, "tracked_pages_per_s": {tracked:.0}, "fraction": {fraction:.3}, "first_write_us": {first_write_us:.2}}}"#
                     );
                 } else {
                     println!(
                         "{:>6} MiB  {:<14} {:>4} MiB  every {:>5} ms   {:>7.3} -> {:>7.3} Mpages/s   {:>6.3} of untracked   {:>6.2} µs/first write",
                         mem_mib,
-                        mode.name(),
+                        label,
                         range,
                         interval_ms,
                         untracked / 1e6,
@@ -303,6 +326,9 @@ fn run(args: &Args) -> Result<(), String> {
         println!("\ncollect cost per guest page (guest paused during the collect; floor = the bare mechanism)");
     }
     for &mem in &args.sizes {
+        if args.throughput_only {
+            break;
+        }
         // ~10% of the guest, and everything from 16 MiB to the end of low RAM.
         let low_end = (mem << 20).min(3 << 30);
         for (range, full) in [
