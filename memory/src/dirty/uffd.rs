@@ -33,44 +33,39 @@ pub fn open(features: &[(u64, &'static str)], mode: &'static str) -> Result<Uffd
     }
 }
 
-/// Registers every region for write-protect tracking.
-pub fn register(uffd: &Uffd, ram: &TrackedRam) -> Result<(), DirtyError> {
+/// Runs one userfaultfd operation over each region's whole mapping.
+fn each_region(
+    ram: &TrackedRam,
+    what: &'static str,
+    op: impl Fn(*mut libc::c_void, usize) -> userfaultfd::Result<()>,
+) -> Result<(), DirtyError> {
     for r in &ram.regions {
-        uffd.register_with_mode(
-            r.host_addr as *mut libc::c_void,
-            region_len(r)?,
-            RegisterMode::WRITE_PROTECT,
-        )
-        .map_err(|source| DirtyError::Uffd {
-            what: "UFFDIO_REGISTER",
-            source,
-        })?;
+        op(r.host_addr as *mut libc::c_void, region_len(r)?)
+            .map_err(|source| DirtyError::Uffd { what, source })?;
     }
     Ok(())
+}
+
+/// Registers every region for write-protect tracking.
+pub fn register(uffd: &Uffd, ram: &TrackedRam) -> Result<(), DirtyError> {
+    each_region(ram, "UFFDIO_REGISTER", |addr, len| {
+        uffd.register_with_mode(addr, len, RegisterMode::WRITE_PROTECT)
+            .map(drop)
+    })
 }
 
 /// Write-protects every region.
 pub fn protect_all(uffd: &Uffd, ram: &TrackedRam) -> Result<(), DirtyError> {
-    for r in &ram.regions {
-        uffd.write_protect(r.host_addr as *mut libc::c_void, region_len(r)?)
-            .map_err(|source| DirtyError::Uffd {
-                what: "UFFDIO_WRITEPROTECT",
-                source,
-            })?;
-    }
-    Ok(())
+    each_region(ram, "UFFDIO_WRITEPROTECT", |addr, len| {
+        uffd.write_protect(addr, len)
+    })
 }
 
 /// Unregisters every region, which also drops its write protection.
 pub fn unregister(uffd: &Uffd, ram: &TrackedRam) -> Result<(), DirtyError> {
-    for r in &ram.regions {
-        uffd.unregister(r.host_addr as *mut libc::c_void, region_len(r)?)
-            .map_err(|source| DirtyError::Uffd {
-                what: "UFFDIO_UNREGISTER",
-                source,
-            })?;
-    }
-    Ok(())
+    each_region(ram, "UFFDIO_UNREGISTER", |addr, len| {
+        uffd.unregister(addr, len)
+    })
 }
 
 fn region_len(r: &crate::RamRegion) -> Result<usize, DirtyError> {
