@@ -214,6 +214,30 @@ mod tests {
         }
     }
 
+    /// Memfd pages run on from the end of low RAM into RAM above 4 GiB, so one run of
+    /// written pages can cross the boundary; both parts must be tracked again.
+    #[test]
+    fn test_run_across_the_region_boundary_is_tracked_again() {
+        let ram = GuestRam::new(5 * 1024, 46).expect("ram with two regions");
+        let low_last = GuestAddress((3 << 30) - PAGE_SIZE);
+        let high_first = GuestAddress(4 << 30);
+        let want = vec![low_last.0 / PAGE_SIZE, high_first.0 / PAGE_SIZE];
+        for mut t in trackers(&ram) {
+            t.start().expect("start");
+            for round in 1..=3u64 {
+                ram.memory().write_obj(round, low_last).expect("store");
+                ram.memory().write_obj(round, high_first).expect("store");
+                assert_eq!(
+                    pages(&t.collect().expect("collect")),
+                    want,
+                    "{:?} round {round}",
+                    t.mode()
+                );
+            }
+            t.stop().expect("stop");
+        }
+    }
+
     #[test]
     fn test_ferry_access_outside_ram_is_refused() {
         let ram = GuestRam::new(4096, 46).expect("ram");

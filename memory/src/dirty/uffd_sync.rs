@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::uffd::{self, features};
 use super::{AtomicBitmap, DirtyBitmap, DirtyError, DirtyTracker, TrackedRam, TrackingMode};
 use crate::dirty::bitmap::total_pages;
-use crate::{PAGE_BYTES, PAGE_SIZE};
+use crate::{page_index, PAGE_BYTES, PAGE_SIZE};
 
 struct Shared {
     uffd: Uffd,
@@ -158,15 +158,17 @@ impl DirtyTracker for UffdSync {
             let _order = shared.order.lock().expect("poisoned");
             bitmap.merge_words(shared.seen.take());
             for (first, count) in bitmap.runs() {
+                // A run can cross from low RAM into RAM above 4 GiB (memfd pages are
+                // numbered on across the boundary): re-protect its part in each region.
                 for r in &self.ram.regions {
-                    let region_first = (r.file_offset / PAGE_SIZE) as usize;
-                    let region_pages = (r.size / PAGE_SIZE) as usize;
-                    if first >= region_first && first < region_first + region_pages {
-                        let addr = r.host_addr + (first - region_first) as u64 * PAGE_SIZE;
-                        let len = count.min(region_first + region_pages - first) * PAGE_BYTES;
+                    let region_first = page_index(r.file_offset / PAGE_SIZE);
+                    let region_end = region_first + page_index(r.size / PAGE_SIZE);
+                    let (from, to) = (first.max(region_first), (first + count).min(region_end));
+                    if from < to {
+                        let addr = r.host_addr + (from - region_first) as u64 * PAGE_SIZE;
                         shared
                             .uffd
-                            .write_protect(addr as *mut libc::c_void, len)
+                            .write_protect(addr as *mut libc::c_void, (to - from) * PAGE_BYTES)
                             .map_err(|source| DirtyError::Uffd {
                                 what: "UFFDIO_WRITEPROTECT",
                                 source,
