@@ -48,15 +48,8 @@ impl DirtyBitmap {
         }
     }
 
-    /// Whether memfd page `page` is marked.
-    pub fn get(&self, page: usize) -> bool {
-        self.words
-            .get(page / 64)
-            .is_some_and(|w| w & (1 << (page % 64)) != 0)
-    }
-
     /// ORs `other`'s words into this bitmap.
-    pub fn merge_words(&mut self, other: impl Iterator<Item = u64>) {
+    fn merge_words(&mut self, other: impl Iterator<Item = u64>) {
         for (w, o) in self.words.iter_mut().zip(other) {
             *w |= o;
         }
@@ -86,11 +79,6 @@ impl DirtyBitmap {
                 self.set(first_page + i * 64 + bit);
             }
         }
-    }
-
-    /// The raw words.
-    pub fn words(&self) -> &[u64] {
-        &self.words
     }
 
     /// Number of marked pages.
@@ -185,10 +173,12 @@ impl AtomicBitmap {
         }
     }
 
-    /// Takes every word, leaving zeros.
-    pub fn take(&self) -> impl Iterator<Item = u64> + '_ {
+    /// Forgets every mark (when tracking starts afresh).
+    pub fn clear(&self) {
         self.any.store(false, Ordering::Release);
-        self.words.iter().map(|w| w.swap(0, Ordering::AcqRel))
+        self.words
+            .iter()
+            .for_each(|w| w.store(0, Ordering::Release));
     }
 
     /// ORs every marked page into `into` and clears them here.
@@ -275,8 +265,15 @@ mod tests {
     fn test_atomic_take_clears() {
         let a = AtomicBitmap::new(130);
         a.set_range(63, 3);
-        let words: Vec<u64> = a.take().collect();
-        assert_eq!(words, vec![1 << 63, 0b11, 0]);
-        assert!(a.take().all(|w| w == 0));
+        let mut into = DirtyBitmap::new(&regions());
+        a.take_into(&mut into);
+        assert_eq!(into.pages().collect::<Vec<_>>(), vec![63, 64, 65]);
+        let mut again = DirtyBitmap::new(&regions());
+        a.take_into(&mut again);
+        assert_eq!(again.count(), 0);
+        a.set_range(1, 1);
+        a.clear();
+        a.take_into(&mut again);
+        assert_eq!(again.count(), 0, "clear forgets marks");
     }
 }

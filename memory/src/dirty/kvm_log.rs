@@ -152,7 +152,7 @@ impl DirtyTracker for KvmDirtyLog {
         }
         self.previous.clear();
         self.set_slots(KVM_MEM_LOG_DIRTY_PAGES)?;
-        self.ram.ferry_writes.take().for_each(drop);
+        self.ram.ferry_writes.clear();
         self.started = true;
         Ok(())
     }

@@ -139,7 +139,7 @@ impl DirtyTracker for UffdAsync {
         uffd::register(&uffd, &self.ram)?;
         // Never-touched shmem pages get a PTE marker: nothing needs populating first.
         uffd::protect_all(&uffd, &self.ram)?;
-        self.ram.ferry_writes.take().for_each(drop);
+        self.ram.ferry_writes.clear();
         self.uffd = Some(uffd);
         Ok(())
     }

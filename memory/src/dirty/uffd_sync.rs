@@ -121,7 +121,7 @@ impl DirtyTracker for UffdSync {
         let uffd = uffd::open(&[features::WP, features::WP_SHMEM], "uffd-wp sync")?;
         uffd::register(&uffd, &self.ram)?;
         uffd::protect_all(&uffd, &self.ram)?;
-        self.ram.ferry_writes.take().for_each(drop);
+        self.ram.ferry_writes.clear();
         let shared = Arc::new(Shared {
             uffd,
             ram: self.ram.clone(),
@@ -156,7 +156,7 @@ impl DirtyTracker for UffdSync {
         let mut bitmap = DirtyBitmap::new(&self.ram.regions);
         {
             let _order = shared.order.lock().expect("poisoned");
-            bitmap.merge_words(shared.seen.take());
+            shared.seen.take_into(&mut bitmap);
             for (first, count) in bitmap.runs() {
                 // A run can cross from low RAM into RAM above 4 GiB (memfd pages are
                 // numbered on across the boundary): re-protect its part in each region.
