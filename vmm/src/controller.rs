@@ -144,15 +144,8 @@ impl Controller {
 
     fn watch_vm(&self, ops: &mut EventOps) {
         let Some(vmm) = &self.vmm else { return };
-        let mut fds: Vec<RawFd> = vmm.exit_fds().to_vec();
-        if self.stdin {
-            fds.push(libc::STDIN_FILENO);
-        }
-        for fd in fds {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                tracing::error!("cannot watch fd {fd}: {e:?}");
-            }
-        }
+        let stdin = self.stdin.then_some(libc::STDIN_FILENO);
+        watch(ops, vmm.exit_fds().into_iter().chain(stdin));
     }
 
     fn started(&self) -> Result<&Vmm, ApiError> {
@@ -351,17 +344,19 @@ impl Controller {
     }
 }
 
+/// Adds each fd to the loop, readable events only.
+fn watch(ops: &mut EventOps, fds: impl Iterator<Item = RawFd>) {
+    for fd in fds {
+        if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+            tracing::error!("cannot watch fd {fd}: {e:?}");
+        }
+    }
+}
+
 impl MutEventSubscriber for Controller {
     fn init(&mut self, ops: &mut EventOps) {
-        let mut fds = vec![self.stop.as_raw_fd()];
-        if let Some(api) = &self.api {
-            fds.push(api.wake.as_raw_fd());
-        }
-        for fd in fds {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                tracing::error!("cannot watch fd {fd}: {e:?}");
-            }
-        }
+        let api = self.api.as_ref().map(|a| a.wake.as_raw_fd());
+        watch(ops, std::iter::once(self.stop.as_raw_fd()).chain(api));
         self.watch_vm(ops);
         self.publish_state();
     }
