@@ -90,6 +90,12 @@ pub enum VmmAction {
     Pause,
     /// `PATCH /vm` Resumed.
     Resume,
+    /// Every virtio device's state, as JSON (paused VMs only). No HTTP route: the
+    /// migration engine and tests send it on the VMM channel.
+    SaveDevices,
+    /// Rebuilds every virtio device from saved state on the same guest memory (paused
+    /// VMs only). No HTTP route, as `SaveDevices`.
+    RestoreDevices(serde_json::Value),
 }
 
 /// A successful answer: 204 with no body, or 200 with a JSON body.

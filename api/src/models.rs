@@ -56,6 +56,9 @@ pub struct BootSource {
     pub boot_args: Option<String>,
 }
 
+/// How many drives and network interfaces fit (one IRQ each, 5 to 23).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
 /// The command line used when `boot_args` is absent.
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 
@@ -353,12 +356,55 @@ impl VmConfig {
         if let Some(initrd) = &self.boot_source.initrd_path {
             require_file("boot-source.initrd_path", initrd)?;
         }
-        if !self.drives.is_empty() {
-            return Err(ConfigError::Unsupported("drives (virtio-blk)".into()));
+        for d in &self.drives {
+            d.validate()?;
         }
-        if !self.network_interfaces.is_empty() {
-            return Err(ConfigError::Unsupported(
-                "network-interfaces (virtio-net)".into(),
+        for n in &self.network_interfaces {
+            n.validate()?;
+        }
+        let unique = |field: &'static str, values: Vec<&str>| {
+            let mut seen = std::collections::HashSet::new();
+            match values.into_iter().find(|v| !seen.insert(*v)) {
+                Some(dup) => Err(invalid(field, format!("\"{dup}\" is used twice"))),
+                None => Ok(()),
+            }
+        };
+        unique(
+            "drives.drive_id",
+            self.drives.iter().map(|d| d.drive_id.as_str()).collect(),
+        )?;
+        unique(
+            "network-interfaces.iface_id",
+            self.network_interfaces
+                .iter()
+                .map(|n| n.iface_id.as_str())
+                .collect(),
+        )?;
+        unique(
+            "network-interfaces.host_dev_name",
+            self.network_interfaces
+                .iter()
+                .map(|n| n.host_dev_name.as_str())
+                .collect(),
+        )?;
+        unique(
+            "network-interfaces.guest_mac",
+            self.network_interfaces
+                .iter()
+                .filter_map(|n| n.guest_mac.as_deref())
+                .collect(),
+        )?;
+        if self.drives.iter().filter(|d| d.is_root_device).count() > 1 {
+            return Err(invalid(
+                "drives.is_root_device",
+                "only one drive can be the root device",
+            ));
+        }
+        let devices = self.drives.len() + self.network_interfaces.len();
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(invalid(
+                "drives",
+                format!("{devices} drives and network interfaces are more than the {MAX_VIRTIO_DEVICES} ferry can attach"),
             ));
         }
         Ok(())

@@ -1,6 +1,8 @@
-//! The port-I/O bus: which device answers which port range.
+//! The port-I/O and MMIO buses: which device answers which address range.
 
 use std::sync::{Arc, Mutex};
+
+use crate::virtio::MmioTransport;
 
 /// A device reachable through port I/O. `offset` is relative to the device's base port.
 pub trait PioDevice: Send {
@@ -14,34 +16,78 @@ pub trait PioDevice: Send {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
     /// The new range overlaps one already taken.
-    #[error("port range {base:#x}+{len} overlaps a device already on the bus")]
+    #[error("range {base:#x}+{len:#x} overlaps a device already on the bus")]
     Overlap {
-        /// Base port of the rejected range.
-        base: u16,
+        /// Base of the rejected range.
+        base: u64,
         /// Its length.
-        len: u16,
+        len: u64,
     },
-    /// The range is empty or runs past port 0xffff.
-    #[error("port range {base:#x}+{len} is empty or past the end of port space")]
+    /// The range is empty or runs past the end of the address space.
+    #[error("range {base:#x}+{len:#x} is empty or past the end of the address space")]
     BadRange {
-        /// Base port of the rejected range.
-        base: u16,
+        /// Base of the rejected range.
+        base: u64,
         /// Its length.
-        len: u16,
+        len: u64,
     },
 }
 
-struct Entry {
-    base: u16,
-    len: u16,
-    device: Arc<Mutex<dyn PioDevice>>,
+struct Entry<D: ?Sized> {
+    base: u64,
+    len: u64,
+    device: Arc<Mutex<D>>,
+}
+
+/// Address ranges mapped to devices, below `limit`.
+struct Ranges<D: ?Sized> {
+    entries: Vec<Entry<D>>,
+    limit: u64,
+}
+
+impl<D: ?Sized> Ranges<D> {
+    fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<D>>) -> Result<(), BusError> {
+        let end = base
+            .checked_add(len)
+            .filter(|&end| len > 0 && end <= self.limit);
+        let Some(end) = end else {
+            return Err(BusError::BadRange { base, len });
+        };
+        if self
+            .entries
+            .iter()
+            .any(|e| base < e.base + e.len && e.base < end)
+        {
+            return Err(BusError::Overlap { base, len });
+        }
+        self.entries.push(Entry { base, len, device });
+        Ok(())
+    }
+
+    /// The device at `addr` and the offset into its range.
+    fn find(&self, addr: u64) -> Option<(&Arc<Mutex<D>>, u64)> {
+        self.entries
+            .iter()
+            .find(|e| addr >= e.base && addr - e.base < e.len)
+            .map(|e| (&e.device, addr - e.base))
+    }
 }
 
 /// Port ranges mapped to devices. Ports nobody claims read as all ones and ignore writes,
 /// as on a PC.
-#[derive(Default)]
 pub struct PioBus {
-    entries: Vec<Entry>,
+    ranges: Ranges<dyn PioDevice>,
+}
+
+impl Default for PioBus {
+    fn default() -> Self {
+        PioBus {
+            ranges: Ranges {
+                entries: Vec::new(),
+                limit: 0x1_0000,
+            },
+        }
+    }
 }
 
 impl PioBus {
@@ -57,32 +103,21 @@ impl PioBus {
         len: u16,
         device: Arc<Mutex<dyn PioDevice>>,
     ) -> Result<(), BusError> {
-        let end = u32::from(base) + u32::from(len);
-        if len == 0 || end > 0x1_0000 {
-            return Err(BusError::BadRange { base, len });
-        }
-        let overlaps = self.entries.iter().any(|e| {
-            u32::from(base) < u32::from(e.base) + u32::from(e.len) && u32::from(e.base) < end
-        });
-        if overlaps {
-            return Err(BusError::Overlap { base, len });
-        }
-        self.entries.push(Entry { base, len, device });
-        Ok(())
+        self.ranges.insert(u64::from(base), u64::from(len), device)
     }
 
-    fn find(&self, port: u16) -> Option<(&Entry, u16)> {
-        self.entries
-            .iter()
-            .find(|e| port >= e.base && u32::from(port) < u32::from(e.base) + u32::from(e.len))
-            .map(|e| (e, port - e.base))
+    fn find(&self, port: u16) -> Option<(&Arc<Mutex<dyn PioDevice>>, u16)> {
+        // Offsets within a port range fit u16.
+        self.ranges
+            .find(u64::from(port))
+            .and_then(|(d, offset)| Some((d, u16::try_from(offset).ok()?)))
     }
 
     /// Dispatches an `in`. Returns false when no device claims the port.
     pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
         match self.find(port) {
-            Some((e, offset)) => {
-                e.device.lock().expect("poisoned").read(offset, data);
+            Some((device, offset)) => {
+                device.lock().expect("poisoned").read(offset, data);
                 true
             }
             None => {
@@ -95,8 +130,67 @@ impl PioBus {
     /// Dispatches an `out`. Returns false when no device claims the port.
     pub fn write(&self, port: u16, data: &[u8]) -> bool {
         match self.find(port) {
-            Some((e, offset)) => {
-                e.device.lock().expect("poisoned").write(offset, data);
+            Some((device, offset)) => {
+                device.lock().expect("poisoned").write(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Guest-physical MMIO ranges mapped to virtio-mmio devices. Unclaimed addresses read as
+/// all ones and ignore writes.
+pub struct MmioBus {
+    ranges: Ranges<MmioTransport>,
+}
+
+impl Default for MmioBus {
+    fn default() -> Self {
+        MmioBus {
+            ranges: Ranges {
+                entries: Vec::new(),
+                limit: u64::MAX,
+            },
+        }
+    }
+}
+
+impl MmioBus {
+    /// An empty bus.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Places `device` at `base..base+len`.
+    pub fn insert(
+        &mut self,
+        base: u64,
+        len: u64,
+        device: Arc<Mutex<MmioTransport>>,
+    ) -> Result<(), BusError> {
+        self.ranges.insert(base, len, device)
+    }
+
+    /// Dispatches a read. Returns false when no device claims the address.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.ranges.find(addr) {
+            Some((device, offset)) => {
+                device.lock().expect("poisoned").read(offset, data);
+                true
+            }
+            None => {
+                data.fill(0xff);
+                false
+            }
+        }
+    }
+
+    /// Dispatches a write. Returns false when no device claims the address.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.ranges.find(addr) {
+            Some((device, offset)) => {
+                device.lock().expect("poisoned").write(offset, data);
                 true
             }
             None => false,

@@ -5,4 +5,5 @@
 pub mod bus;
 pub mod legacy;
 
-pub use bus::{BusError, PioBus, PioDevice};
+pub use bus::{BusError, MmioBus, PioBus, PioDevice};
+pub mod virtio;

@@ -7,6 +7,8 @@ pub const MIB: u64 = 1 << 20;
 
 /// Start of the 32-bit MMIO hole: RAM stops here below 4 GiB.
 pub const MMIO_HOLE_START: GuestAddress = GuestAddress(0xc000_0000);
+/// virtio-mmio devices, one 4 KiB page each, from here up.
+pub const VIRTIO_MMIO_START: GuestAddress = GuestAddress(0xd000_0000);
 /// The IOAPIC's registers.
 pub const IOAPIC_START: GuestAddress = GuestAddress(0xfec0_0000);
 /// The local APICs' registers.

@@ -4,11 +4,11 @@ use std::fs::File;
 use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
 use vm_memory::Bytes;
 
-use crate::dirty::{guest_to_page, total_pages, AtomicBitmap, TrackedRam};
+use crate::dirty::{guest_to_page, total_pages, AtomicBitmap, TrackedRam, WriteLog};
 use crate::layout::{self, MIB, MIN_MEM_MIB};
 use crate::{sys, PAGE_SIZE};
 
@@ -76,6 +76,10 @@ pub struct RamRegion {
     pub file_offset: u64,
 }
 
+/// Guest memory as devices and loaders see it: every write through it is marked for
+/// dirty tracking.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<WriteLog>;
+
 /// All of guest RAM: the memfd and its shared mapping.
 pub struct GuestRam {
     file: Arc<File>,
@@ -113,6 +117,10 @@ impl GuestRam {
         sys::add_seals(&file, libc::F_SEAL_SHRINK).map_err(resize)?;
         let file = Arc::new(file);
 
+        // Sized for the whole memfd; the regions below are contiguous in it.
+        let ferry_writes = Arc::new(AtomicBitmap::new(
+            usize::try_from(size / PAGE_SIZE).unwrap_or(usize::MAX),
+        ));
         let mut mapped = Vec::new();
         let mut regions = Vec::new();
         let mut offset = 0u64;
@@ -122,7 +130,8 @@ impl GuestRam {
                 size_mib,
                 phys_bits,
             })?;
-            let mmap = MmapRegionBuilder::new(len_usize)
+            let log = WriteLog::new(ferry_writes.clone(), offset);
+            let mmap = MmapRegionBuilder::new_with_bitmap(len_usize, log)
                 .with_file_offset(FileOffset::from_arc(file.clone(), offset))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
@@ -147,7 +156,7 @@ impl GuestRam {
             offset += len;
         }
         let memory = GuestMemoryMmap::from_regions(mapped).map_err(RamError::Layout)?;
-        let ferry_writes = Arc::new(AtomicBitmap::new(total_pages(&regions)));
+        debug_assert_eq!(total_pages(&regions) as u64, size / PAGE_SIZE);
         Ok(GuestRam {
             file,
             memory,
@@ -199,15 +208,13 @@ impl GuestRam {
     }
 
     /// Writes `data` at `addr` as ferry (not the guest): through the tracked mapping, so
-    /// the userfaultfd trackers see it, and marked in ferry's own bitmap, which every
-    /// tracker merges (the KVM dirty log never sees userspace writes).
+    /// the userfaultfd trackers see it, and marked in ferry's own bitmap by the
+    /// `WriteLog` (the KVM dirty log never sees userspace writes).
     pub fn write(&self, data: &[u8], addr: GuestAddress) -> Result<(), RamError> {
-        let (first, count) = self.pages_of(addr, data.len() as u64)?;
+        self.pages_of(addr, data.len() as u64)?;
         self.memory
             .write_slice(data, addr)
-            .map_err(|e| RamError::Access(e.to_string()))?;
-        self.ferry_writes.set_range(first, count);
-        Ok(())
+            .map_err(|e| RamError::Access(e.to_string()))
     }
 
     /// Discards whole pages: their contents become zero and their memory is freed. The

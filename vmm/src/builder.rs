@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use api::VmConfig;
 use devices::legacy::{IrqLine, Serial, SerialOutput, I8042};
-use devices::PioBus;
+use devices::{MmioBus, PioBus};
 use kvm_bindings::CpuId;
 use kvm_ioctls::Cap;
 use memory::GuestRam;
@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::cpuid::{self, CpuidParams, Topology};
 use crate::arch::{boot, mptable, regs};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuMetrics};
+use crate::virtio::{self, VirtioDevices, VirtioError};
 use crate::vm::{HostKvm, Vm, VmError};
 use crate::{Devices, VmState, Vmm};
 
@@ -54,6 +55,9 @@ pub enum BuildError {
     /// Setting up vCPU control failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A virtio device could not be set up.
+    #[error(transparent)]
+    Virtio(#[from] VirtioError),
     /// A device could not be set up.
     #[error("cannot set up {what}: {reason}")]
     Device {
@@ -89,18 +93,20 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     host.check_vcpus(vcpu_count)?;
     let ram = GuestRam::new(machine.mem_size_mib, host.phys_bits).map_err(VmError::from)?;
 
-    // Load the guest before creating the VM: a bad kernel fails fast.
+    // Open drives and taps, and load the guest, before creating the VM: bad paths fail
+    // fast.
+    let opened = virtio::open(config)?;
     let kernel = boot::load_kernel(ram.memory(), &config.boot_source.kernel_image_path)?;
     let initrd = match &config.boot_source.initrd_path {
         Some(path) => Some(boot::load_initrd(&ram, &kernel, path)?),
         None => None,
     };
-    boot::write_boot_params(
-        &ram,
-        &kernel,
-        initrd.as_ref(),
+    let cmdline = format!(
+        "{}{}",
         config.boot_source.boot_args(),
-    )?;
+        virtio::cmdline_args(config)
+    );
+    boot::write_boot_params(&ram, &kernel, initrd.as_ref(), &cmdline)?;
     mptable::write(ram.memory(), vcpu_count)?;
     regs::write_boot_tables(ram.memory())
         .map_err(|source| BuildError::Regs { index: 0, source })?;
@@ -152,6 +158,9 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     bus.insert(I8042_PORT, 5, i8042.clone())
         .map_err(|e| device_err("the i8042")(&e))?;
     let bus = Arc::new(bus);
+    let mut mmio_bus = MmioBus::new();
+    let virtio_devices = VirtioDevices::attach(vm.fd(), vm.ram().memory(), opened, &mut mmio_bus)?;
+    let mmio_bus = Arc::new(mmio_bus);
 
     vcpu::register_kick_handler()?;
     let (event_tx, event_rx) = mpsc::channel();
@@ -207,6 +216,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
             index,
             fd,
             bus.clone(),
+            mmio_bus.clone(),
             vcpu_metrics.clone(),
             event_tx.clone(),
             event_fd,
@@ -222,6 +232,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
             serial_bytes,
             i8042,
             reset_evt,
+            virtio: virtio_devices,
         },
         vcpu_metrics,
         paused_since: None,

@@ -146,6 +146,11 @@ impl Controller {
         let Some(vmm) = &self.vmm else { return };
         let stdin = self.stdin.then_some(libc::STDIN_FILENO);
         watch(ops, vmm.exit_fds().into_iter().chain(stdin));
+        for (fd, edge) in vmm.devices().virtio.fds() {
+            if let Err(e) = ops.add(Events::new_raw(fd, event_set(edge))) {
+                tracing::error!("cannot watch device fd {fd}: {e:?}");
+            }
+        }
     }
 
     fn started(&self) -> Result<&Vmm, ApiError> {
@@ -226,24 +231,77 @@ impl Controller {
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchDrive(update) => {
-                self.started().map_err(|_| {
+                let vmm = self.vmm.as_ref().ok_or_else(|| {
                     ApiError::bad_request("PATCH /drives is only allowed after InstanceStart")
                 })?;
-                Err(ApiError::bad_request(format!(
-                    "the microVM has no drive \"{}\"",
-                    update.drive_id
-                )))
+                if update.rate_limiter.is_some() {
+                    return Err(ApiError::bad_request(
+                        "drives.rate_limiter is not supported by ferry yet",
+                    ));
+                }
+                let Some(path) = &update.path_on_host else {
+                    return Err(ApiError::bad_request(
+                        "PATCH /drives needs path_on_host: nothing else can change",
+                    ));
+                };
+                vmm.devices()
+                    .virtio
+                    .replace_drive_file(&update.drive_id, path)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                if let Some(d) = self
+                    .resources
+                    .drives
+                    .iter_mut()
+                    .find(|d| d.drive_id == update.drive_id)
+                {
+                    d.path_on_host = Some(path.clone());
+                }
+                Ok(VmmData::Empty)
             }
             VmmAction::PatchNetworkInterface(update) => {
-                self.started().map_err(|_| {
+                let vmm = self.vmm.as_ref().ok_or_else(|| {
                     ApiError::bad_request(
                         "PATCH /network-interfaces is only allowed after InstanceStart",
                     )
                 })?;
-                Err(ApiError::bad_request(format!(
-                    "the microVM has no network interface \"{}\"",
-                    update.iface_id
-                )))
+                if !vmm.devices().virtio.has_net(&update.iface_id) {
+                    return Err(ApiError::bad_request(format!(
+                        "the microVM has no network interface \"{}\"",
+                        update.iface_id
+                    )));
+                }
+                if update.rx_rate_limiter.is_some() || update.tx_rate_limiter.is_some() {
+                    return Err(ApiError::bad_request(
+                        "network-interfaces rate limiters are not supported by ferry yet",
+                    ));
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::SaveDevices => {
+                let vmm = self.started()?;
+                let state = vmm
+                    .save_devices()
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                Ok(VmmData::Json(state))
+            }
+            VmmAction::RestoreDevices(saved) => {
+                let vmm = self
+                    .vmm
+                    .as_mut()
+                    .ok_or_else(|| ApiError::bad_request("the microVM is not started"))?;
+                // The old taps close as their devices go: stop watching them first, as a
+                // new tap may get the same fd number.
+                for (fd, edge) in vmm.devices().virtio.fds() {
+                    let _ = ops.remove(Events::new_raw(fd, event_set(edge)));
+                }
+                let result = vmm.restore_devices(saved);
+                for (fd, edge) in vmm.devices().virtio.fds() {
+                    if let Err(e) = ops.add(Events::new_raw(fd, event_set(edge))) {
+                        tracing::error!("cannot watch device fd {fd}: {e:?}");
+                    }
+                }
+                result.map_err(|e| ApiError::bad_request(e.to_string()))?;
+                Ok(VmmData::Empty)
             }
             VmmAction::PutSerial(serial) => {
                 self.before_boot()?;
@@ -344,6 +402,15 @@ impl Controller {
     }
 }
 
+/// Readable events, edge-triggered for fds a device reads only while it has room.
+fn event_set(edge: bool) -> EventSet {
+    if edge {
+        EventSet::IN | EventSet::EDGE_TRIGGERED
+    } else {
+        EventSet::IN
+    }
+}
+
 /// Adds each fd to the loop, readable events only.
 fn watch(ops: &mut EventOps, fds: impl Iterator<Item = RawFd>) {
     for fd in fds {
@@ -370,6 +437,12 @@ impl MutEventSubscriber for Controller {
             self.serve_api(ops);
         } else if fd == libc::STDIN_FILENO {
             self.console_input(events, ops);
+        } else if self
+            .vmm
+            .as_ref()
+            .is_some_and(|vmm| vmm.devices().virtio.handle(fd))
+        {
+            // A device's queue or backend.
         } else if let Some(reason) = self.vmm.as_ref().and_then(Vmm::guest_exit) {
             self.exit = Some(reason);
         }

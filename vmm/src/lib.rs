@@ -6,6 +6,7 @@ pub mod arch;
 pub mod builder;
 pub mod controller;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,6 +58,9 @@ pub enum LifecycleError {
     /// A vCPU did not follow.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// Saving or rebuilding devices failed.
+    #[error(transparent)]
+    Devices(#[from] virtio::VirtioError),
 }
 
 /// Why the VM ended.
@@ -90,6 +94,8 @@ pub struct Devices {
     pub i8042: Arc<Mutex<I8042>>,
     /// Written by the i8042 when the guest resets the CPU.
     pub reset_evt: EventFd,
+    /// Drives and network interfaces.
+    pub virtio: virtio::VirtioDevices,
 }
 
 /// One microVM.
@@ -164,6 +170,8 @@ impl Vmm {
     pub fn pause(&mut self) -> Result<(), LifecycleError> {
         self.transition(VmState::Paused)?;
         self.command_all(VcpuCommand::Pause)?;
+        // After the vCPUs: a request the guest queued before stopping is held, not lost.
+        self.devices.virtio.pause();
         self.state = VmState::Paused;
         self.paused_since = Some(Instant::now());
         Ok(())
@@ -177,6 +185,8 @@ impl Vmm {
                 to: VmState::Running,
             });
         }
+        // Devices first, so the guest finds them taking requests again.
+        self.devices.virtio.resume();
         self.command_all(VcpuCommand::Resume)?;
         self.state = VmState::Running;
         if let Some(since) = self.paused_since.take() {
@@ -195,6 +205,37 @@ impl Vmm {
         self.state = VmState::Stopped;
     }
 
+    /// Every virtio device's state, as JSON. The VM must be paused, so that the state is
+    /// final.
+    pub fn save_devices(&self) -> Result<serde_json::Value, LifecycleError> {
+        self.require_paused()?;
+        serde_json::to_value(self.devices.virtio.save())
+            .map_err(|e| virtio::VirtioError::State(e.to_string()).into())
+    }
+
+    /// Replaces every virtio device with one built from `saved` (as `save_devices`
+    /// returned it), on the same guest memory. The VM must be paused; the new devices
+    /// take requests from `resume` on.
+    pub fn restore_devices(&mut self, saved: serde_json::Value) -> Result<(), LifecycleError> {
+        self.require_paused()?;
+        let saved: Vec<virtio::SavedDevice> =
+            serde_json::from_value(saved).map_err(|e| virtio::VirtioError::State(e.to_string()))?;
+        self.devices
+            .virtio
+            .restore(&saved, self.vm.ram().memory())?;
+        Ok(())
+    }
+
+    fn require_paused(&self) -> Result<(), LifecycleError> {
+        if self.state != VmState::Paused {
+            return Err(LifecycleError::InvalidTransition {
+                from: self.state,
+                to: VmState::Paused,
+            });
+        }
+        Ok(())
+    }
+
     /// The VM's metrics: vCPU exits by reason, time spent paused, serial bytes.
     pub fn metrics(&self) -> serde_json::Value {
         let paused = self.paused_total + self.paused_since.map_or(Duration::ZERO, |s| s.elapsed());
@@ -202,6 +243,7 @@ impl Vmm {
             "vcpu": self.vcpu_metrics.json(),
             "vmm": { "paused_us": u64::try_from(paused.as_micros()).unwrap_or(u64::MAX) },
             "uart": { "write_bytes": self.devices.serial_bytes.load(Ordering::Relaxed) },
+            "virtio": self.devices.virtio.metrics(),
         })
     }
 

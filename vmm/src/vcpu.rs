@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use devices::PioBus;
+use devices::{MmioBus, PioBus};
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -132,6 +132,7 @@ pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
     bus: Arc<PioBus>,
+    mmio: Arc<MmioBus>,
     metrics: Arc<VcpuMetrics>,
     events: Sender<(u8, VcpuEvent)>,
     event_fd: EventFd,
@@ -165,6 +166,7 @@ fn io_access_size(run: *const kvm_run) -> usize {
 
 fn handle_exit(
     bus: &PioBus,
+    mmio: &MmioBus,
     metrics: &VcpuMetrics,
     index: u8,
     exit: VcpuExit,
@@ -187,13 +189,16 @@ fn handle_exit(
         }
         VcpuExit::MmioRead(addr, data) => {
             metrics.exit_mmio_read.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(vcpu = index, "read of unclaimed MMIO address {addr:#x}");
-            data.fill(0xff);
+            if !mmio.read(addr, data) {
+                tracing::debug!(vcpu = index, "read of unclaimed MMIO address {addr:#x}");
+            }
             Outcome::Continue
         }
-        VcpuExit::MmioWrite(addr, _) => {
+        VcpuExit::MmioWrite(addr, data) => {
             metrics.exit_mmio_write.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(vcpu = index, "write to unclaimed MMIO address {addr:#x}");
+            if !mmio.write(addr, data) {
+                tracing::debug!(vcpu = index, "write to unclaimed MMIO address {addr:#x}");
+            }
             Outcome::Continue
         }
         VcpuExit::Shutdown => Outcome::Fail("triple fault (KVM_EXIT_SHUTDOWN)".into()),
@@ -216,6 +221,7 @@ impl Vcpu {
         index: u8,
         fd: VcpuFd,
         bus: Arc<PioBus>,
+        mmio: Arc<MmioBus>,
         metrics: Arc<VcpuMetrics>,
         events: Sender<(u8, VcpuEvent)>,
         event_fd: EventFd,
@@ -224,6 +230,7 @@ impl Vcpu {
             index,
             fd,
             bus,
+            mmio,
             metrics,
             events,
             event_fd,
@@ -260,20 +267,24 @@ impl Vcpu {
         }
         loop {
             let flow = match self.fd.run() {
-                Ok(exit) => match handle_exit(&self.bus, &self.metrics, self.index, exit, run) {
-                    Outcome::Continue => Flow::Continue,
-                    Outcome::Stop(event) => Flow::Exit(event),
-                    Outcome::Fail(what) => Flow::Exit(self.failure(what)),
-                    Outcome::InternalError => {
-                        let run = self.fd.get_kvm_run();
-                        // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel fills the
-                        // `internal` member of the exit union; the union is plain data.
-                        let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-                        Flow::Exit(
-                            self.failure(format!("KVM_EXIT_INTERNAL_ERROR (suberror {suberror})")),
-                        )
+                Ok(exit) => {
+                    match handle_exit(&self.bus, &self.mmio, &self.metrics, self.index, exit, run) {
+                        Outcome::Continue => Flow::Continue,
+                        Outcome::Stop(event) => Flow::Exit(event),
+                        Outcome::Fail(what) => Flow::Exit(self.failure(what)),
+                        Outcome::InternalError => {
+                            let run = self.fd.get_kvm_run();
+                            // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel fills the
+                            // `internal` member of the exit union; the union is plain data.
+                            let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                            Flow::Exit(
+                                self.failure(format!(
+                                    "KVM_EXIT_INTERNAL_ERROR (suberror {suberror})"
+                                )),
+                            )
+                        }
                     }
-                },
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
                     self.metrics.exit_kicked.fetch_add(1, Ordering::Relaxed);

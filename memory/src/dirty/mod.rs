@@ -10,10 +10,10 @@
 //! - `KvmDirtyLog`: `KVM_GET_DIRTY_LOG` (with `KVM_CLEAR_DIRTY_LOG` when the kernel has
 //!   manual protect), the mechanism Firecracker and Cloud Hypervisor use.
 //!
-//! Writes ferry makes itself (device emulation, a host-side store) and pages it discards
-//! go through `GuestRam::write` and `GuestRam::discard`. Those write through the tracked
-//! mapping, which the userfaultfd modes see, and also mark `GuestRam`'s own bitmap,
-//! which every `collect` merges. The KVM dirty log does not see userspace writes, and
+//! Writes ferry makes itself (device emulation, loaders, `GuestRam::write`) go through
+//! the tracked mapping, which the userfaultfd modes see, and vm-memory marks each of them
+//! in `GuestRam`'s own bitmap (`WriteLog`), which every `collect` merges. So do pages
+//! ferry discards (`GuestRam::discard`). The KVM dirty log does not see userspace writes, and
 //! no mode sees a discard (the kernel reports a punched page as not written).
 
 mod bitmap;
@@ -21,6 +21,7 @@ mod kvm_log;
 mod uffd;
 mod uffd_async;
 mod uffd_sync;
+mod write_log;
 
 use std::sync::Arc;
 
@@ -28,6 +29,7 @@ pub use bitmap::{guest_to_page, page_to_guest, total_pages, AtomicBitmap, DirtyB
 pub use kvm_log::KvmDirtyLog;
 pub use uffd_async::UffdAsync;
 pub use uffd_sync::UffdSync;
+pub use write_log::WriteLog;
 
 use crate::RamRegion;
 

@@ -12,15 +12,28 @@
 //!   rate=PAGES                   pages written per second, 0 = as fast as possible
 //!   passes=N                     stop after N passes and reboot, 0 = run forever
 //!   mailbox=ADDR                 workload=rounds: the page the host uses to start rounds
+//!
+//! Device workloads (driver memory is the work range):
+//!   workload=blk                 write a pattern over the first virtio-blk disk, read it
+//!                                back and check it, `passes` times; then check that a
+//!                                read past the end fails
+//!   workload=blk-bench           time `total` bytes of sequential `op=read|write`
+//!   req=BYTES depth=N            request size (default 64K) and requests in flight
+//!                                (default 16) for both
+//!   workload=net                 echo frames on the first virtio-net device until
+//!                                `passes` test frames went back (0 = forever)
 
 #![no_std]
 #![no_main]
 
+mod blk;
 mod boot;
 mod console;
 mod entry;
 mod mem;
 mod mptable;
+mod net;
+mod virtio;
 mod workload;
 
 use boot::{parse_size, BootInfo, BootKind};
@@ -62,6 +75,9 @@ fn key_error(key: &str) -> &'static str {
         "size" => "size= is not a number",
         "rate" => "rate= is not a number",
         "mailbox" => "mailbox= is not a number",
+        "req" => "req= is not a number",
+        "depth" => "depth= is not a number",
+        "total" => "total= is not a number",
         _ => "passes= is not a number",
     }
 }
@@ -110,6 +126,27 @@ fn mailbox(info: &BootInfo, p: &workload::Params) -> Result<u64, &'static str> {
     }
     println!("ferry-guest: mailbox {addr:#x}");
     Ok(addr)
+}
+
+fn blk_params(info: &BootInfo, p: &workload::Params) -> Result<blk::BlkParams, &'static str> {
+    let depth = arg_size(info, "depth", 16)?;
+    if depth == 0 || depth > blk::MAX_DEPTH as u64 {
+        return Err("depth= must be 1 to 85");
+    }
+    let write = match info.arg("op") {
+        None | Some(b"read") => false,
+        Some(b"write") => true,
+        Some(_) => return Err("op= must be read or write"),
+    };
+    Ok(blk::BlkParams {
+        start: p.start,
+        size: p.size,
+        req: arg_size(info, "req", 64 << 10)?,
+        depth: depth as usize,
+        passes: p.passes,
+        total: arg_size(info, "total", 256 << 20)?,
+        write,
+    })
 }
 
 /// Entered at CPL3 from `entry.rs`.
@@ -186,6 +223,18 @@ extern "C" fn guest_main(kind: u64, ptr: u64, tsc_khz: u64) -> ! {
     match workload {
         b"verify" => workload::verify(&params),
         b"dirty" => workload::dirty(&params),
+        b"blk" | b"blk-bench" => {
+            let blk = blk_params(&info, &params).unwrap_or_else(|e| {
+                println!("ferry-guest: error: {e}");
+                fail();
+            });
+            if workload == b"blk" {
+                blk::run(info.cmdline, &blk);
+            } else {
+                blk::bench(info.cmdline, &blk, khz);
+            }
+        }
+        b"net" => net::run(info.cmdline, params.start, params.size, params.passes),
         b"rounds" => match mailbox(&info, &params) {
             Ok(addr) => workload::rounds(&params, addr),
             Err(e) => {

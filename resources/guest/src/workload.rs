@@ -18,7 +18,7 @@ pub struct Params {
     pub tsc_khz: u64,
 }
 
-fn rdtsc() -> u64 {
+pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC only reads the time-stamp counter; CR4.TSD is clear.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
@@ -69,7 +69,7 @@ fn write(addr: u64, v: u64) {
 }
 
 /// The per-page check word for `page` in `pass` (splitmix64), never equal for two passes.
-fn check(page: u64, pass: u64) -> u64 {
+pub fn check(page: u64, pass: u64) -> u64 {
     let mut z = page ^ (pass << 48) ^ 0x9e37_79b9_7f4a_7c15;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -77,7 +77,7 @@ fn check(page: u64, pass: u64) -> u64 {
 }
 
 /// Reboots on Ctrl-Alt-Del, as a PC guest does; polled once per pass.
-fn check_keyboard() {
+pub fn check_keyboard() {
     if crate::console::ctrl_alt_del_pressed() {
         println!("ferry-guest: ctrl-alt-del, rebooting");
         crate::reboot();

@@ -11,8 +11,9 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::Elf;
 use linux_loader::loader::KernelLoader;
+use memory::GuestMemoryMmap;
 use memory::GuestRam;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{CMDLINE, CMDLINE_MAX, EBDA, EBDA_END, HIMEM, ZERO_PAGE};
 

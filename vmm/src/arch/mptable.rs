@@ -2,7 +2,8 @@
 //! vCPU and the IOAPIC. Built as bytes: no crate provides it, and building a byte image
 //! avoids `unsafe` packed-struct conversions.
 
-use vm_memory::{Bytes, GuestMemoryMmap};
+use memory::GuestMemoryMmap;
+use vm_memory::Bytes;
 
 use super::layout::{EBDA, EBDA_END};
 
