@@ -203,7 +203,9 @@ impl Block {
         let in_range = sector
             .checked_mul(SECTOR_SIZE)
             .and_then(|start| start.checked_add(total).map(|end| (start, end)))
-            .filter(|&(_, end)| end <= self.capacity * SECTOR_SIZE && total.is_multiple_of(SECTOR_SIZE));
+            .filter(|&(_, end)| {
+                end <= self.capacity * SECTOR_SIZE && total.is_multiple_of(SECTOR_SIZE)
+            });
         let Some((mut offset, _)) = in_range else {
             return (VIRTIO_BLK_S_IOERR, 0);
         };

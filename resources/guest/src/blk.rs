@@ -150,6 +150,7 @@ impl Blk {
 
     /// Waits for one completion; returns its slot and status.
     fn complete(&mut self) -> (usize, u8) {
+        let mut spins = 0u32;
         loop {
             if let Some((head, _len)) = self.q.pop() {
                 let slot = head as usize / 3;
@@ -160,7 +161,11 @@ impl Blk {
                 self.in_flight -= 1;
                 return (slot, r8(self.statuses + slot as u64));
             }
-            if self.dev.status() & crate::virtio::STATUS_NEEDS_RESET != 0 {
+            // Reading a register traps to the VMM and waits for the device's lock, so
+            // look only now and then.
+            spins = spins.wrapping_add(1);
+            if spins % (1 << 20) == 0 && self.dev.status() & crate::virtio::STATUS_NEEDS_RESET != 0
+            {
                 error(format_args!("the device needs a reset"));
             }
             core::hint::spin_loop();
