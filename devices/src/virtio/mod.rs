@@ -108,3 +108,8 @@ pub trait VirtioDevice: Send {
     /// The concrete device, for changes only it knows (a drive's backing file).
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
+
+#[cfg(test)]
+// Test addresses and indexes are small constants.
+#[allow(clippy::cast_possible_truncation)]
+mod tests;
