@@ -357,9 +357,13 @@ fn test_bad_requests_get_400_404_405_naming_the_problem() {
         );
     }
 
-    // Drives and network interfaces are accepted now, and InstanceStart says why it
-    // cannot use them yet.
-    expect(&sock, "PUT", "/drives/rootfs", Some(&drive("rootfs")), 204);
+    // A drive whose file is gone by InstanceStart: the start fails naming it, and the
+    // configuration is kept for another try.
+    let gone = dir.write("gone.img", vec![0u8; 4096]);
+    let gone_drive =
+        json!({ "drive_id": "rootfs", "path_on_host": gone, "is_root_device": true }).to_string();
+    expect(&sock, "PUT", "/drives/rootfs", Some(&gone_drive), 204);
+    std::fs::remove_file(&gone).expect("remove");
     expect(
         &sock,
         "PUT",
@@ -374,9 +378,11 @@ fn test_bad_requests_get_400_404_405_naming_the_problem() {
         Some(r#"{"action_type": "InstanceStart"}"#),
         400,
     );
-    assert_eq!(
-        refused["fault_message"],
-        "cannot start the microVM: drives (virtio-blk) is not supported by ferry yet"
+    let fault = refused["fault_message"].as_str().unwrap_or_default();
+    assert!(
+        fault.starts_with("cannot start the microVM: cannot open drive rootfs backing file")
+            && fault.ends_with("No such file or directory (os error 2)"),
+        "{fault}"
     );
     // Still answering, nothing lost.
     assert_eq!(expect(&sock, "GET", "/", None, 200)["state"], "Not started");

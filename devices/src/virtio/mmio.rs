@@ -174,6 +174,7 @@ impl MmioTransport {
     pub fn metrics(&self) -> serde_json::Value {
         let mut m = self.device.metrics();
         m["guest_errors"] = self.errors.into();
+        m["pending_requests"] = self.pending_requests().into();
         m["needs_reset"] = (self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0).into();
         m
     }

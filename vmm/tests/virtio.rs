@@ -1,0 +1,446 @@
+//! virtio-blk and virtio-net end to end: the test guest's polling driver against real
+//! files and a real tap, and device state carried across a save and rebuild while the
+//! guest has I/O in flight.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use api::action::{InstanceStatus, VmmAction, VmmData, VmmRequest, VmmResult};
+use api::server::ApiChannel;
+use api::VmConfig;
+use common::{guest_image, Ferry, TempDir};
+use serde_json::json;
+use vmm_sys_util::eventfd::EventFd;
+
+const RUN: Duration = Duration::from_secs(60);
+const DISK: usize = 8 << 20;
+
+/// The guest's pattern word for disk byte `offset` in `pass` (splitmix64, as the guest).
+fn check(word: u64, pass: u64) -> u64 {
+    let mut z = word ^ (pass << 48) ^ 0x9e37_79b9_7f4a_7c15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn vm_json(args: &str, drives: serde_json::Value, nets: serde_json::Value) -> serde_json::Value {
+    json!({
+        "boot-source": {
+            "kernel_image_path": guest_image(),
+            "boot_args": format!("console=ttyS0 {args}"),
+        },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": 128 },
+        "drives": drives,
+        "network-interfaces": nets,
+    })
+}
+
+fn drive(id: &str, path: &Path, read_only: bool) -> serde_json::Value {
+    json!({ "drive_id": id, "path_on_host": path, "is_root_device": false, "is_read_only": read_only })
+}
+
+/// Asserts every word of `disk` holds the guest's pattern of `pass`.
+fn assert_disk_holds_pass(disk: &Path, pass: u64) {
+    let bytes = std::fs::read(disk).expect("read disk");
+    for (i, chunk) in bytes.chunks_exact(8).enumerate() {
+        let got = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+        assert_eq!(
+            got,
+            check(i as u64, pass),
+            "disk word {i} after pass {pass}"
+        );
+    }
+}
+
+#[test]
+fn test_blk_guest_writes_reads_back_and_the_file_holds_its_data() {
+    let dir = TempDir::new("blk");
+    let disk = dir.write("disk.img", vec![0u8; DISK]);
+    let cfg = vm_json(
+        "workload=blk passes=3 depth=8",
+        json!([drive("disk0", &disk, false)]),
+        json!([]),
+    );
+    let path = dir.write("vm.json", cfg.to_string());
+    let mut ferry = Ferry::spawn(&path);
+    ferry.expect_line("ferry-guest: done", RUN);
+    let (status, console, stderr) = ferry.wait(RUN);
+    assert!(status.success(), "{status}: {stderr}");
+    assert_eq!(
+        console[1],
+        "ferry-guest: cmdline console=ttyS0 workload=blk passes=3 depth=8 \
+         virtio_mmio.device=4K@0xd0000000:5"
+    );
+    for line in [
+        "ferry-guest: blk capacity 16384 sectors req=65536 depth=8",
+        "ferry-guest: blk id disk0",
+        "ferry-guest: blk pass 1 ok (8388608 bytes)",
+        "ferry-guest: blk pass 3 ok (8388608 bytes)",
+        "ferry-guest: blk read past the end: ioerr",
+    ] {
+        assert!(
+            console.iter().any(|l| l == line),
+            "{line:?} in {console:#?}"
+        );
+    }
+    assert_disk_holds_pass(&disk, 3);
+}
+
+#[test]
+fn test_read_only_drive_fails_the_guests_write() {
+    let dir = TempDir::new("blk-ro");
+    let disk = dir.write("disk.img", vec![0u8; DISK]);
+    let cfg = vm_json(
+        "workload=blk passes=1",
+        json!([drive("ro", &disk, true)]),
+        json!([]),
+    );
+    let path = dir.write("vm.json", cfg.to_string());
+    let ferry = Ferry::spawn(&path);
+    let (status, console, _) = ferry.wait(RUN);
+    assert_eq!(status.code(), Some(1), "the guest stops on the error");
+    assert!(
+        console.iter().any(
+            |l| l == "ferry-guest: error: blk: request type 1 at byte 0x0 failed with status 1"
+        ),
+        "{console:#?}"
+    );
+    assert!(std::fs::read(&disk).expect("read").iter().all(|b| *b == 0));
+}
+
+/// A tap for one test, removed when dropped.
+struct TestTap(String);
+
+impl TestTap {
+    fn new(tag: &str) -> TestTap {
+        let name = format!("fry{tag}{}", std::process::id() % 100_000);
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .expect("run ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
+        // No IPv6 chatter from the host stack.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        ip(&["link", "set", &name, "up"]);
+        TestTap(name)
+    }
+}
+
+impl Drop for TestTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
+/// A raw packet socket on the host side of a tap.
+struct PacketSocket(std::os::fd::OwnedFd);
+
+const ETH_P_ALL: u16 = 0x0003;
+const TEST_ETHERTYPE: u16 = 0x88b5;
+
+impl PacketSocket {
+    fn bind(ifname: &str) -> PacketSocket {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket(2); the fd is checked and owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                i32::from(ETH_P_ALL.to_be()),
+            )
+        };
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a new socket nothing else owns.
+        let sock = PacketSocket(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        let name = std::ffi::CString::new(ifname).expect("name");
+        // SAFETY: a NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(index > 0, "no interface {ifname}");
+        // SAFETY: zero is a valid sockaddr_ll.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = ETH_P_ALL.to_be();
+        addr.sll_ifindex = index as i32;
+        // SAFETY: `addr` is a sockaddr_ll of the size passed.
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        // SAFETY: SO_RCVTIMEO takes a timeval of the size passed.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        sock
+    }
+
+    fn send(&self, frame: &[u8]) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `frame` is readable for its length.
+        let n = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    fn recv(&self) -> Option<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        let mut buf = vec![0u8; 2048];
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = usize::try_from(n).ok()?;
+        buf.truncate(n);
+        Some(buf)
+    }
+}
+
+const GUEST_MAC: [u8; 6] = [0x06, 0x00, 0xac, 0x10, 0x00, 0x02];
+const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xaa];
+
+fn test_frame(i: usize) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&GUEST_MAC);
+    f.extend_from_slice(&HOST_MAC);
+    f.extend_from_slice(&TEST_ETHERTYPE.to_be_bytes());
+    f.extend_from_slice(format!("ferry frame {i:04}").as_bytes());
+    // Sizes from the minimum to a full MTU.
+    f.resize(60 + (i * 97) % 1455, (i % 251) as u8);
+    f
+}
+
+/// Sends `count` test frames and checks each comes back from the guest's MAC, to ours,
+/// with the same payload.
+fn echo_frames(sock: &PacketSocket, count: usize) {
+    for i in 0..count {
+        let sent = test_frame(i);
+        sock.send(&sent);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(Instant::now() < deadline, "frame {i} never came back");
+            let Some(got) = sock.recv() else { continue };
+            if got.len() < 14
+                || got[6..12] != GUEST_MAC
+                || got[12..14] != TEST_ETHERTYPE.to_be_bytes()
+            {
+                continue;
+            }
+            assert_eq!(&got[..6], &HOST_MAC, "echo of frame {i} is addressed to us");
+            assert_eq!(&got[14..], &sent[14..], "echo of frame {i} has its payload");
+            break;
+        }
+    }
+}
+
+#[test]
+fn test_net_guest_echoes_frames_through_a_tap() {
+    let tap = TestTap::new("n");
+    let dir = TempDir::new("net");
+    let cfg = vm_json(
+        "workload=net passes=40",
+        json!([]),
+        json!([{ "iface_id": "eth0", "host_dev_name": tap.0, "guest_mac": "06:00:ac:10:00:02" }]),
+    );
+    let path = dir.write("vm.json", cfg.to_string());
+    let mut ferry = Ferry::spawn(&path);
+    ferry.expect_line("ferry-guest: net ready", RUN);
+    let sock = PacketSocket::bind(&tap.0);
+    echo_frames(&sock, 40);
+    ferry.expect_line("ferry-guest: net echoed 40 frames", RUN);
+    let (status, console, stderr) = ferry.wait(RUN);
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(console
+        .iter()
+        .any(|l| l == "ferry-guest: net mac 06:00:ac:10:00:02"));
+}
+
+/// ferry's VMM thread, run in this process, with a channel for requests that have no
+/// HTTP route (saving and rebuilding devices).
+struct InProcess {
+    requests: mpsc::Sender<VmmRequest>,
+    wake: EventFd,
+    thread: Option<std::thread::JoinHandle<vmm::ExitReason>>,
+}
+
+impl InProcess {
+    fn start(config: &VmConfig) -> InProcess {
+        let mut vm = vmm::build(config).expect("build");
+        vm.start().expect("start");
+        let (tx, rx) = mpsc::channel();
+        let wake = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let api = ApiChannel {
+            requests: rx,
+            wake: wake.try_clone().expect("clone"),
+            status: Arc::new(InstanceStatus::default()),
+        };
+        let controller =
+            vmm::Controller::with_vmm(config, vm, Some(api), false).expect("controller");
+        let thread =
+            std::thread::spawn(move || vmm::run_until_exit(controller).expect("event loop"));
+        InProcess {
+            requests: tx,
+            wake,
+            thread: Some(thread),
+        }
+    }
+
+    fn ask(&self, action: VmmAction) -> VmmResult {
+        let (reply, answer) = mpsc::channel();
+        self.requests
+            .send(VmmRequest { action, reply })
+            .expect("VMM thread gone");
+        self.wake.write(1).expect("wake");
+        answer
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no answer")
+    }
+
+    fn json(&self, action: VmmAction) -> serde_json::Value {
+        match self.ask(action) {
+            Ok(VmmData::Json(v)) => v,
+            other => panic!("expected JSON, got {other:?}"),
+        }
+    }
+
+    fn finish(mut self) -> vmm::ExitReason {
+        let thread = self.thread.take().expect("thread");
+        let deadline = Instant::now() + RUN;
+        while !thread.is_finished() {
+            assert!(Instant::now() < deadline, "the guest did not finish");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        thread.join().expect("VMM thread panicked")
+    }
+}
+
+fn wait_for_console(path: &PathBuf, needle: &str) -> String {
+    let deadline = Instant::now() + RUN;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in console:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn test_devices_rebuilt_from_saved_state_finish_io_in_flight() {
+    let tap = TestTap::new("r");
+    let dir = TempDir::new("restore");
+    let disk = dir.write("disk.img", vec![0u8; DISK]);
+    let console = dir.path().join("console.txt");
+    let mut cfg = vm_json(
+        "workload=blk passes=30 depth=32",
+        json!([drive("disk0", &disk, false)]),
+        json!([{ "iface_id": "eth0", "host_dev_name": tap.0, "guest_mac": "06:00:ac:10:00:02" }]),
+    );
+    cfg["serial"] = json!({ "serial_out_path": console });
+    let config = VmConfig::from_json(&cfg.to_string()).expect("config");
+    let vm = InProcess::start(&config);
+    wait_for_console(&console, "blk pass 2 ok");
+
+    // Pause until the guest has requests the device has not taken; that is the moment
+    // that matters. The guest keeps 32 in flight, so it rarely takes more than one try.
+    let mut saved = None;
+    for _ in 0..50 {
+        vm.ask(VmmAction::Pause).expect("pause");
+        let metrics = vm.json(VmmAction::GetMetrics);
+        let pending = metrics["virtio"]["block"]["disk0"]["pending_requests"][0]
+            .as_u64()
+            .expect("pending_requests");
+        if pending > 0 {
+            saved = Some((pending, vm.json(VmmAction::SaveDevices)));
+            break;
+        }
+        vm.ask(VmmAction::Resume).expect("resume");
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    let (pending, state) = saved.expect("never caught the guest with requests in flight");
+    let devices = state.as_array().expect("a list of devices");
+    assert_eq!(devices.len(), 2);
+    assert_eq!(devices[0]["id"], "disk0");
+    assert_eq!(devices[0]["irq"], 5);
+    assert!(devices[0]["device"]["block"].is_object(), "{state}");
+    assert_eq!(devices[1]["device"]["net"]["host_dev_name"], tap.0.as_str());
+    let queue = &devices[0]["transport"]["queues"][0];
+    assert!(queue["ready"].as_bool().expect("ready"));
+
+    // Through bytes, as a migration would carry it.
+    let bytes = serde_json::to_vec(&state).expect("serialize");
+    let state: serde_json::Value = serde_json::from_slice(&bytes).expect("parse");
+    vm.ask(VmmAction::RestoreDevices(state.clone()))
+        .expect("restore");
+    let metrics = vm.json(VmmAction::GetMetrics);
+    let block = &metrics["virtio"]["block"]["disk0"];
+    assert_eq!(
+        block["pending_requests"][0], pending,
+        "the new device has the same work"
+    );
+    assert_eq!(
+        block["read_bytes"], 0,
+        "counters start afresh with the new device"
+    );
+    vm.ask(VmmAction::Resume).expect("resume");
+
+    let text = wait_for_console(&console, "ferry-guest: done");
+    assert!(!text.contains("error"), "{text}");
+    assert!(text.contains("ferry-guest: blk pass 30 ok"), "{text}");
+    assert_eq!(vm.finish(), vmm::ExitReason::GuestStop);
+    assert_disk_holds_pass(&disk, 30);
+
+    // State that does not fit is refused, and the VM it was meant for is untouched.
+    let mut bad = state;
+    bad[0]["irq"] = json!(9);
+    let dir2 = TempDir::new("restore-bad");
+    let disk2 = dir2.write("disk.img", vec![0u8; DISK]);
+    let cfg2 = vm_json(
+        "workload=idle",
+        json!([drive("disk0", &disk2, false)]),
+        json!([]),
+    );
+    let vm2 = InProcess::start(&VmConfig::from_json(&cfg2.to_string()).expect("config"));
+    let err = vm2
+        .ask(VmmAction::RestoreDevices(bad.clone()))
+        .expect_err("running VMs refuse");
+    assert!(err.message.contains("Running"), "{}", err.message);
+    vm2.ask(VmmAction::Pause).expect("pause");
+    let err = vm2
+        .ask(VmmAction::RestoreDevices(bad))
+        .expect_err("misfit refused");
+    assert!(
+        err.message.contains("device state does not fit"),
+        "{}",
+        err.message
+    );
+}
