@@ -7,12 +7,23 @@ mod common;
 
 use std::time::Duration;
 
-use common::{linux_dir, Ferry, TempDir};
+use common::{linux_dir, Ferry, TempDir, TestTap};
 
 /// Emulated early boot clears a 17 MB BSS byte by byte before the first line.
 const BANNER: Duration = Duration::from_secs(180);
 
 fn linux_config(kernel: &str, initrd: bool, mem_mib: u64, args: &str) -> String {
+    linux_config_with_devices(kernel, initrd, mem_mib, args, "")
+}
+
+/// `devices` goes after the machine config: `, "drives": [...]`.
+fn linux_config_with_devices(
+    kernel: &str,
+    initrd: bool,
+    mem_mib: u64,
+    args: &str,
+    devices: &str,
+) -> String {
     let dir = linux_dir();
     let initrd = if initrd {
         format!(
@@ -24,7 +35,7 @@ fn linux_config(kernel: &str, initrd: bool, mem_mib: u64, args: &str) -> String 
     };
     format!(
         r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "{args}"{initrd}}},
-            "machine-config": {{"vcpu_count": 2, "mem_size_mib": {mem_mib}}}}}"#,
+            "machine-config": {{"vcpu_count": 2, "mem_size_mib": {mem_mib}}}{devices}}}"#,
         dir.join(kernel).display()
     )
 }
@@ -33,12 +44,25 @@ fn linux_config(kernel: &str, initrd: bool, mem_mib: u64, args: &str) -> String 
 fn test_stock_vmlinux_prints_banner_cmdline_and_e820() {
     let args = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1 pci=off nokaslr ferry.test=e820";
     let dir = TempDir::new("linux");
-    let mut ferry = Ferry::spawn(&dir.write("vm.json", linux_config("vmlinux", true, 5120, args)));
+    // A root drive and a network interface: Linux finds them on its command line.
+    let disk = dir.write("rootfs.img", vec![0u8; 1 << 20]);
+    let tap = TestTap::new("l");
+    let devices = format!(
+        r#", "drives": [{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true}}],
+            "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "{}", "guest_mac": "06:00:ac:10:00:02"}}]"#,
+        disk.display(),
+        tap.0
+    );
+    let config = linux_config_with_devices("vmlinux", true, 5120, args, &devices);
+    let mut ferry = Ferry::spawn(&dir.write("vm.json", config));
     let banner = ferry.expect_line("Linux version ", BANNER);
     assert!(banner.contains("Linux version 6."), "{banner}");
     let cmdline = ferry.expect_line("Command line: ", Duration::from_secs(30));
     assert!(
-        cmdline.ends_with(&format!("Command line: {args}")),
+        cmdline.ends_with(&format!(
+            "Command line: {args} root=/dev/vda rw \
+             virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        )),
         "{cmdline}"
     );
     ferry.expect_line("BIOS-provided physical RAM map:", Duration::from_secs(30));

@@ -5,14 +5,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use api::action::{InstanceStatus, VmmAction, VmmData, VmmRequest, VmmResult};
 use api::server::ApiChannel;
 use api::VmConfig;
-use common::{guest_image, Ferry, TempDir};
+use common::{guest_image, Ferry, TempDir, TestTap};
 use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -110,37 +109,6 @@ fn test_read_only_drive_fails_the_guests_write() {
         "{console:#?}"
     );
     assert!(std::fs::read(&disk).expect("read").iter().all(|b| *b == 0));
-}
-
-/// A tap for one test, removed when dropped.
-struct TestTap(String);
-
-impl TestTap {
-    fn new(tag: &str) -> TestTap {
-        let name = format!("fry{tag}{}", std::process::id() % 100_000);
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .expect("run ip (iproute2)");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
-        // No IPv6 chatter from the host stack.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-        ip(&["link", "set", &name, "up"]);
-        TestTap(name)
-    }
-}
-
-impl Drop for TestTap {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
-    }
 }
 
 /// A raw packet socket on the host side of a tap.
@@ -443,4 +411,154 @@ fn test_devices_rebuilt_from_saved_state_finish_io_in_flight() {
         "{}",
         err.message
     );
+}
+
+#[test]
+fn test_api_attaches_devices_and_patch_swaps_the_drive_file() {
+    let tap = TestTap::new("a");
+    let dir = TempDir::new("api-virtio");
+    let disk_a = dir.write("a.img", vec![0u8; 1 << 20]);
+    let disk_b = dir.write("b.img", vec![0u8; 1 << 20]);
+    let sock = dir.path().join("api.sock");
+    let mut ferry = Ferry::spawn_args(&["--api-sock".as_ref(), sock.as_os_str()]);
+    common::wait_for_socket(&sock);
+    let call = |method: &str, path: &str, body: Option<serde_json::Value>, status: u16| {
+        let body = body.map(|b| b.to_string());
+        let (got, json) = common::curl(&sock, method, path, body.as_deref());
+        assert_eq!(got, status, "{method} {path}: {json}");
+        json
+    };
+    call(
+        "PUT",
+        "/boot-source",
+        Some(json!({
+            "kernel_image_path": guest_image(),
+            "boot_args": "console=ttyS0 workload=blk passes=0 depth=4",
+        })),
+        204,
+    );
+    call(
+        "PUT",
+        "/drives/disk0",
+        Some(drive("disk0", &disk_a, false)),
+        204,
+    );
+    let net =
+        json!({ "iface_id": "eth0", "host_dev_name": tap.0, "guest_mac": "06:00:ac:10:00:02" });
+    call("PUT", "/network-interfaces/eth0", Some(net.clone()), 204);
+    let config = call("GET", "/vm/config", None, 200);
+    assert_eq!(config["drives"][0]["path_on_host"], json!(disk_a));
+    assert_eq!(config["network-interfaces"][0], net);
+    call(
+        "PUT",
+        "/actions",
+        Some(json!({ "action_type": "InstanceStart" })),
+        204,
+    );
+    ferry.expect_line("ferry-guest: blk pass 2 ok", RUN);
+
+    let fault = |json: serde_json::Value| {
+        json["fault_message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // Swap files the way a user keeps the guest's view consistent: pause, copy, point
+    // the drive at the copy, resume. The guest's later passes go to the new file.
+    call("PATCH", "/vm", Some(json!({ "state": "Paused" })), 204);
+    std::fs::copy(&disk_a, &disk_b).expect("copy");
+    let swap = json!({ "drive_id": "disk0", "path_on_host": disk_b });
+    call("PATCH", "/drives/disk0", Some(swap), 204);
+    call("PATCH", "/vm", Some(json!({ "state": "Resumed" })), 204);
+    let frozen = std::fs::read(&disk_a).expect("read");
+    // Two whole passes later, by the device's own count, the new file has them.
+    let written = |m: serde_json::Value| m["virtio"]["block"]["disk0"]["write_bytes"].as_u64();
+    let start = written(call("GET", "/metrics", None, 200)).expect("write_bytes");
+    let deadline = Instant::now() + RUN;
+    while written(call("GET", "/metrics", None, 200)) < Some(start + (3 << 20)) {
+        assert!(Instant::now() < deadline, "the guest stopped writing");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        std::fs::read(&disk_a).expect("read") == frozen,
+        "the old file is left alone"
+    );
+    assert!(
+        std::fs::read(&disk_b).expect("read") != frozen,
+        "the guest's writes reach the new file"
+    );
+    assert_eq!(
+        call("GET", "/vm/config", None, 200)["drives"][0]["path_on_host"],
+        json!(disk_b)
+    );
+    let m = call("GET", "/metrics", None, 200);
+    assert!(
+        m["virtio"]["block"]["disk0"]["write_bytes"].as_u64() > Some(0),
+        "{m}"
+    );
+    assert_eq!(m["virtio"]["block"]["disk0"]["needs_reset"], false);
+    assert!(m["virtio"]["net"]["eth0"].is_object(), "{m}");
+
+    for (method, path, body, message) in [
+        (
+            "PATCH",
+            "/drives/nope",
+            json!({ "drive_id": "nope", "path_on_host": disk_a }),
+            "the microVM has no drive \"nope\"",
+        ),
+        (
+            "PATCH",
+            "/drives/disk0",
+            json!({ "drive_id": "disk0" }),
+            "PATCH /drives needs path_on_host",
+        ),
+        (
+            "PATCH",
+            "/drives/disk0",
+            json!({ "drive_id": "disk0", "path_on_host": dir.path().join("missing.img") }),
+            "cannot open drive disk0 backing file",
+        ),
+        (
+            "PATCH",
+            "/network-interfaces/nope",
+            json!({ "iface_id": "nope" }),
+            "the microVM has no network interface \"nope\"",
+        ),
+        (
+            "PATCH",
+            "/network-interfaces/eth0",
+            json!({ "iface_id": "eth0", "rx_rate_limiter": {} }),
+            "rate limiters are not supported",
+        ),
+        (
+            "PUT",
+            "/drives/disk1",
+            drive("disk1", &disk_a, false),
+            "not allowed after boot",
+        ),
+    ] {
+        let got = fault(call(method, path, Some(body), 400));
+        assert!(got.contains(message), "{method} {path}: {got:?}");
+    }
+    call(
+        "PATCH",
+        "/network-interfaces/eth0",
+        Some(json!({ "iface_id": "eth0" })),
+        204,
+    );
+    // A failed PATCH leaves the drive working.
+    let line = ferry.expect_line("ferry-guest: blk pass", RUN);
+    assert!(line.ends_with("ok (1048576 bytes)"), "{line}");
+
+    call(
+        "PUT",
+        "/actions",
+        Some(json!({ "action_type": "SendCtrlAltDel" })),
+        204,
+    );
+    let (status, console, stderr) = ferry.wait(RUN);
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(console
+        .iter()
+        .any(|l| l == "ferry-guest: ctrl-alt-del, rebooting"));
 }

@@ -67,14 +67,25 @@ impl Tap {
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads (and may write back the name into) an ifreq, which
-        // `req` is, laid out as the kernel's and 40 bytes long; the fd is ours.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
-        if rc < 0 {
-            return Err(TapError::Attach {
-                name: name.into(),
-                source: std::io::Error::last_os_error(),
-            });
+        // A tap just closed can still be held for a moment by a forked child that has not
+        // reached exec (O_CLOEXEC closes it only then): retry EBUSY briefly.
+        let mut tries = 0;
+        loop {
+            // SAFETY: TUNSETIFF reads (and may write back the name into) an ifreq, which
+            // `req` is, laid out as the kernel's and 40 bytes long; the fd is ours.
+            let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
+            if rc == 0 {
+                break;
+            }
+            let source = std::io::Error::last_os_error();
+            tries += 1;
+            if source.raw_os_error() != Some(libc::EBUSY) || tries >= 50 {
+                return Err(TapError::Attach {
+                    name: name.into(),
+                    source,
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
         Ok(Tap {
             file,

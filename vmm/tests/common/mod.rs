@@ -282,3 +282,34 @@ pub fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, 
         serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// A tap for one test, removed when dropped.
+pub struct TestTap(pub String);
+
+impl TestTap {
+    pub fn new(tag: &str) -> TestTap {
+        let name = format!("fry{tag}{}", std::process::id() % 100_000);
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .expect("run ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
+        // No IPv6 chatter from the host stack.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        ip(&["link", "set", &name, "up"]);
+        TestTap(name)
+    }
+}
+
+impl Drop for TestTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
