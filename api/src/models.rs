@@ -596,11 +596,72 @@ mod tests {
             err.to_string(),
             "the \"vsock\" section is not supported by ferry yet"
         );
-        let text = r#"{"boot-source": {"kernel_image_path": "/proc/self/exe"},
-            "drives": [{"drive_id": "rootfs", "path_on_host": "/proc/self/exe", "is_root_device": true}]}"#;
-        assert!(VmConfig::from_json(text)
-            .expect_err("drives")
-            .to_string()
-            .contains("drives"));
+    }
+
+    #[test]
+    fn test_checks_drives_and_interfaces_together() {
+        let with = |devices: &str| {
+            VmConfig::from_json(&format!(
+                r#"{{"boot-source": {{"kernel_image_path": "/proc/self/exe"}}, {devices}}}"#
+            ))
+        };
+        let drive = |id: &str, root: bool| {
+            format!(
+                r#"{{"drive_id": "{id}", "path_on_host": "/proc/self/exe", "is_root_device": {root}}}"#
+            )
+        };
+        let net = |id: &str, tap: &str, mac: &str| {
+            format!(r#"{{"iface_id": "{id}", "host_dev_name": "{tap}", "guest_mac": "{mac}"}}"#)
+        };
+        let ok = with(&format!(
+            r#""drives": [{}, {}], "network-interfaces": [{}]"#,
+            drive("root", true),
+            drive("data", false),
+            net("eth0", "tap0", "06:00:00:00:00:01")
+        ));
+        assert!(ok.is_ok(), "{ok:?}");
+        for (devices, message) in [
+            (
+                format!(
+                    r#""drives": [{}, {}]"#,
+                    drive("a", false),
+                    drive("a", false)
+                ),
+                "drives.drive_id: \"a\" is used twice",
+            ),
+            (
+                format!(r#""drives": [{}, {}]"#, drive("a", true), drive("b", true)),
+                "drives.is_root_device: only one drive can be the root device",
+            ),
+            (
+                format!(
+                    r#""network-interfaces": [{}, {}]"#,
+                    net("a", "tap0", "06:00:00:00:00:01"),
+                    net("b", "tap0", "06:00:00:00:00:02")
+                ),
+                "network-interfaces.host_dev_name: \"tap0\" is used twice",
+            ),
+            (
+                format!(
+                    r#""network-interfaces": [{}, {}]"#,
+                    net("a", "tap0", "06:00:00:00:00:01"),
+                    net("b", "tap1", "06:00:00:00:00:01")
+                ),
+                "network-interfaces.guest_mac: \"06:00:00:00:00:01\" is used twice",
+            ),
+            (
+                format!(
+                    r#""drives": [{}]"#,
+                    (0..20)
+                        .map(|i| drive(&format!("d{i}"), false))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                "20 drives and network interfaces are more than the 19 ferry can attach",
+            ),
+        ] {
+            let err = with(&devices).expect_err(message).to_string();
+            assert!(err.contains(message), "{err}");
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! virtio-blk and virtio-net end to end: the test guest's polling driver against real
 //! files and a real tap, and device state carried across a save and rebuild while the
 //! guest has I/O in flight.
+// Test constants and sizes are small.
+#![allow(clippy::cast_possible_truncation)]
 
 mod common;
 

@@ -65,7 +65,7 @@ fn error(msg: core::fmt::Arguments) -> ! {
 
 impl Blk {
     fn open(cmdline: &[u8], p: &BlkParams) -> Blk {
-        if p.req == 0 || p.req % SECTOR != 0 || p.req > u32::MAX as u64 {
+        if p.req == 0 || !p.req.is_multiple_of(SECTOR) || p.req > u32::MAX as u64 {
             error(format_args!("req= must be a non-zero multiple of 512"));
         }
         if p.depth == 0 || p.depth > MAX_DEPTH {
@@ -164,7 +164,8 @@ impl Blk {
             // Reading a register traps to the VMM and waits for the device's lock, so
             // look only now and then.
             spins = spins.wrapping_add(1);
-            if spins % (1 << 20) == 0 && self.dev.status() & crate::virtio::STATUS_NEEDS_RESET != 0
+            if spins.is_multiple_of(1 << 20)
+                && self.dev.status() & crate::virtio::STATUS_NEEDS_RESET != 0
             {
                 error(format_args!("the device needs a reset"));
             }

@@ -72,7 +72,9 @@ pub fn run(cmdline: &[u8], start: u64, size: u64, passes: u64) {
         let Some((head, len)) = rx.pop() else {
             // A register read traps to the VMM: look only now and then.
             spins = spins.wrapping_add(1);
-            if spins % (1 << 20) == 0 && dev.status() & crate::virtio::STATUS_NEEDS_RESET != 0 {
+            if spins.is_multiple_of(1 << 20)
+                && dev.status() & crate::virtio::STATUS_NEEDS_RESET != 0
+            {
                 error(format_args!("the device needs a reset"));
             }
             core::hint::spin_loop();
