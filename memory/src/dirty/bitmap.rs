@@ -33,18 +33,9 @@ impl DirtyBitmap {
 
     /// Marks pages `first..first+count`, a word at a time where it can.
     pub fn set_run(&mut self, first: usize, count: usize) {
-        let end = (first + count).min(self.words.len() * 64);
-        let mut p = first;
-        while p < end {
-            let bit = p % 64;
-            let n = (64 - bit).min(end - p);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            self.words[p / 64] |= mask;
-            p += n;
+        let end = first.saturating_add(count).min(self.words.len() * 64);
+        for (word, mask) in word_masks(first, end) {
+            self.words[word] |= mask;
         }
     }
 
@@ -144,6 +135,26 @@ pub fn guest_to_page(regions: &[RamRegion], addr: GuestAddress) -> Option<usize>
         .and_then(|r| usize::try_from((r.file_offset + addr.0 - r.guest_addr.0) / PAGE_SIZE).ok())
 }
 
+/// Pages `first..end` as (word index, bit mask) pairs, one per word they touch.
+fn word_masks(first: usize, end: usize) -> impl Iterator<Item = (usize, u64)> {
+    let mut p = first;
+    std::iter::from_fn(move || {
+        if p >= end {
+            return None;
+        }
+        let bit = p % 64;
+        let n = (64 - bit).min(end - p);
+        let mask = if n == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << n) - 1) << bit
+        };
+        let word = p / 64;
+        p += n;
+        Some((word, mask))
+    })
+}
+
 /// A bitmap that several threads mark concurrently: the sync handler, and ferry's own
 /// writes to guest RAM.
 #[derive(Debug)]
@@ -169,22 +180,10 @@ impl AtomicBitmap {
             return;
         }
         self.any.store(true, Ordering::Release);
-        let end = first.saturating_add(count);
-        let mut p = first;
+        let end = first.saturating_add(count).min(self.words.len() * 64);
         // One atomic OR per word, not per page: device DMA marks 16 pages per 64 KiB.
-        while p < end {
-            let bit = p % 64;
-            let n = (64 - bit).min(end - p);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            match self.words.get(p / 64) {
-                Some(w) => w.fetch_or(mask, Ordering::AcqRel),
-                None => break,
-            };
-            p += n;
+        for (word, mask) in word_masks(first, end) {
+            self.words[word].fetch_or(mask, Ordering::AcqRel);
         }
     }
 
