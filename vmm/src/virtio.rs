@@ -91,6 +91,20 @@ struct Slot {
     queue_evts: Vec<EventFd>,
 }
 
+impl Slot {
+    /// Queues whose budget ran out get their own notification again, so the event loop
+    /// serves other events (the API, other devices) before it returns to them.
+    fn come_back(&self, more: u32) {
+        for (q, evt) in self.queue_evts.iter().enumerate() {
+            if more & (1 << q) != 0 {
+                if let Err(e) = evt.write(1) {
+                    tracing::warn!("device {}: cannot requeue queue {q}: {e}", self.id);
+                }
+            }
+        }
+    }
+}
+
 /// The VM's virtio devices.
 #[derive(Default)]
 pub struct VirtioDevices {
@@ -260,32 +274,34 @@ impl VirtioDevices {
         for slot in &self.slots {
             if let Some(q) = slot.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
                 let _ = slot.queue_evts[q].read();
-                slot.transport.lock().expect("poisoned").notify(q);
+                let more = slot.transport.lock().expect("poisoned").notify(q);
+                slot.come_back(more);
                 return true;
             }
             let mut t = slot.transport.lock().expect("poisoned");
             if t.device().backend_fd() == Some(fd) {
-                t.backend_ready();
+                let more = t.backend_ready();
+                drop(t);
+                slot.come_back(more);
                 return true;
             }
         }
         false
     }
 
-    fn each(&self, f: impl Fn(&mut MmioTransport)) {
-        for slot in &self.slots {
-            f(&mut slot.transport.lock().expect("poisoned"));
-        }
-    }
-
     /// Stops every device taking requests.
     pub fn pause(&self) {
-        self.each(MmioTransport::pause);
+        for slot in &self.slots {
+            slot.transport.lock().expect("poisoned").pause();
+        }
     }
 
     /// Lets every device take requests again, starting with those queued meanwhile.
     pub fn resume(&self) {
-        self.each(MmioTransport::resume);
+        for slot in &self.slots {
+            let more = slot.transport.lock().expect("poisoned").resume();
+            slot.come_back(more);
+        }
     }
 
     /// Every device's state. Taken while paused, it is final: nothing is half done.

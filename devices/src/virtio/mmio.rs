@@ -205,35 +205,46 @@ impl MmioTransport {
 
     /// Takes requests again, and handles whatever the guest queued meanwhile: its
     /// notifications during the pause were not acted on.
-    pub fn resume(&mut self) {
+    /// Returns the queues with work left, as `notify`.
+    pub fn resume(&mut self) -> u32 {
         self.paused = false;
-        for q in 0..self.queues.len() {
-            self.notify(q);
-        }
-        self.backend_ready();
+        self.kick_all()
     }
 
     /// The guest notified queue `index` (through the ioeventfd or a trapped write).
-    pub fn notify(&mut self, index: usize) {
+    /// Returns the queues that still have work after this round (bit per queue): the
+    /// caller comes back to them after serving other events.
+    pub fn notify(&mut self, index: usize) -> u32 {
         if self.paused || !self.active() || !self.queues.get(index).is_some_and(|q| q.ready()) {
-            return;
+            return 0;
         }
         let result = self
             .device
             .process_queue(index, &mut self.queues, &self.mem);
-        self.finish(result);
+        self.finish(result)
     }
 
-    /// The device's backend fd became ready.
-    pub fn backend_ready(&mut self) {
+    /// The device's backend fd became ready. Returns the queues with work left, as
+    /// `notify`.
+    pub fn backend_ready(&mut self) -> u32 {
         if self.paused || !self.active() {
-            return;
+            return 0;
         }
         let result = self.device.process_backend(&mut self.queues, &self.mem);
-        self.finish(result);
+        self.finish(result)
     }
 
-    fn finish(&mut self, result: Result<Progress, DeviceError>) {
+    /// Looks at every queue and the backend, as after a pause or at `DRIVER_OK`.
+    /// Returns the queues with work left, as `notify`.
+    pub fn kick_all(&mut self) -> u32 {
+        let mut more = 0;
+        for q in 0..self.queues.len() {
+            more |= self.notify(q);
+        }
+        more | self.backend_ready()
+    }
+
+    fn finish(&mut self, result: Result<Progress, DeviceError>) -> u32 {
         match result {
             Ok(progress) => {
                 let mut signal = false;
@@ -247,8 +258,12 @@ impl MmioTransport {
                 if signal {
                     self.interrupt(VIRTIO_MMIO_INT_VRING);
                 }
+                progress.more
             }
-            Err(e) => self.fail(e.to_string()),
+            Err(e) => {
+                self.fail(e.to_string());
+                0
+            }
         }
     }
 
@@ -373,7 +388,11 @@ impl MmioTransport {
             0x38 | 0x44 | 0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if configuring => {
                 self.write_queue(offset, v)
             }
-            NOTIFY_OFFSET => self.notify(usize::try_from(v).unwrap_or(usize::MAX)),
+            NOTIFY_OFFSET => {
+                // A trapped notify (no ioeventfd): finish the queue here, round by round.
+                let index = usize::try_from(v).unwrap_or(usize::MAX);
+                while self.notify(index) != 0 {}
+            }
             0x64 => self.interrupt_status &= !v,
             0x70 => self.write_status(v),
             _ => self.fail(format!(
@@ -457,10 +476,7 @@ impl MmioTransport {
         self.status = status;
         if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             // Requests may already be queued, and a backend may already have data.
-            for q in 0..self.queues.len() {
-                self.notify(q);
-            }
-            self.backend_ready();
+            while self.kick_all() != 0 {}
         }
     }
 }

@@ -33,17 +33,28 @@ pub const MMIO_SIZE: u64 = 0x1000;
 /// Feature bit: the device follows virtio 1.x (required: ferry has no legacy interface).
 pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
+/// Chains a device handles per event before it lets the event loop serve others (the
+/// API, other devices). A guest that keeps a queue full cannot hold the loop.
+pub const BUDGET: usize = 256;
+
 /// What the device did with its queues, so the transport knows whether to interrupt.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
     /// Chains were returned on these queues (bit per queue).
     pub used: u32,
+    /// These queues still have work: the budget ran out (bit per queue).
+    pub more: u32,
 }
 
 impl Progress {
     /// Records that queue `index` got used buffers.
     pub fn used_on(&mut self, index: usize) {
         self.used |= 1 << index;
+    }
+
+    /// Records that queue `index` has work left.
+    pub fn more_on(&mut self, index: usize) {
+        self.more |= 1 << index;
     }
 }
 

@@ -19,7 +19,7 @@ use vm_memory::Bytes;
 use super::chain::{Chain, ChainError};
 use super::queue::{for_each_chain, next_chain};
 use super::tap::{Tap, TapError};
-use super::{DeviceError, DeviceState, Mem, Progress, VirtioDevice};
+use super::{DeviceError, DeviceState, Mem, Progress, VirtioDevice, BUDGET};
 
 /// `struct virtio_net_hdr_v1`: what precedes every frame in a virtio 1.x queue.
 pub const NET_HDR_LEN: usize = 12;
@@ -126,7 +126,14 @@ impl Net {
         let mut progress = Progress::default();
         let err = |source| DeviceError::Chain { queue: RX, source };
         let q = &mut queues[RX];
+        let mut frames = 0;
         while self.tap_readable {
+            if frames == BUDGET {
+                // More may wait: come back through the receive queue's notification.
+                progress.more_on(RX);
+                break;
+            }
+            frames += 1;
             let Some(desc_chain) = next_chain(RX, q, mem)? else {
                 // No buffer: ask the guest to say when it adds one.
                 if q.enable_notification(mem).map_err(|e| DeviceError::Ring {

@@ -3,7 +3,7 @@
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 
 use super::chain::{Chain, ChainError};
-use super::{DeviceError, Mem, Progress};
+use super::{DeviceError, Mem, Progress, BUDGET};
 
 fn ring_error(queue: usize, e: impl std::fmt::Display) -> DeviceError {
     DeviceError::Ring {
@@ -22,9 +22,10 @@ pub fn next_chain<'m>(
     Ok(iter.next())
 }
 
-/// Runs `handle` on every chain available on queue `index` and returns each to the
-/// used ring with the length `handle` reports. Notifications stay off while the device
-/// works and are checked again after, so a request added meanwhile is not missed.
+/// Runs `handle` on every chain available on queue `index`, up to `BUDGET`, and returns
+/// each to the used ring with the length `handle` reports. Notifications stay off while
+/// the device works and are checked again after, so a request added meanwhile is not
+/// missed. When the budget runs out, notifications stay off and `more` says so.
 pub fn for_each_chain(
     index: usize,
     queues: &mut [Queue],
@@ -32,6 +33,7 @@ pub fn for_each_chain(
     mut handle: impl FnMut(&Chain) -> Result<u32, ChainError>,
 ) -> Result<Progress, DeviceError> {
     let mut progress = Progress::default();
+    let mut done = 0;
     let q = queues
         .get_mut(index)
         .ok_or_else(|| ring_error(index, "no such queue"))?;
@@ -39,6 +41,12 @@ pub fn for_each_chain(
         q.disable_notification(mem)
             .map_err(|e| ring_error(index, e))?;
         while let Some(desc_chain) = next_chain(index, q, mem)? {
+            if done == BUDGET {
+                q.go_to_previous_position();
+                progress.more_on(index);
+                return Ok(progress);
+            }
+            done += 1;
             let chain = Chain::read(desc_chain, mem).map_err(|source| DeviceError::Chain {
                 queue: index,
                 source,
