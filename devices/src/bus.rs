@@ -71,6 +71,32 @@ impl<D: ?Sized> Ranges<D> {
             .find(|e| addr >= e.base && addr - e.base < e.len)
             .map(|e| (&e.device, addr - e.base))
     }
+
+    /// Hands a read to the device at `addr`; an unclaimed address reads as all ones.
+    /// Returns false when no device claims it.
+    fn read(&self, addr: u64, data: &mut [u8], read: impl FnOnce(&mut D, u64, &mut [u8])) -> bool {
+        match self.find(addr) {
+            Some((device, offset)) => {
+                read(&mut device.lock().expect("poisoned"), offset, data);
+                true
+            }
+            None => {
+                data.fill(0xff);
+                false
+            }
+        }
+    }
+
+    /// Hands a write to the device at `addr`. Returns false when no device claims it.
+    fn write(&self, addr: u64, data: &[u8], write: impl FnOnce(&mut D, u64, &[u8])) -> bool {
+        match self.find(addr) {
+            Some((device, offset)) => {
+                write(&mut device.lock().expect("poisoned"), offset, data);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// Port ranges mapped to devices. Ports nobody claims read as all ones and ignore writes,
@@ -106,36 +132,19 @@ impl PioBus {
         self.ranges.insert(u64::from(base), u64::from(len), device)
     }
 
-    fn find(&self, port: u16) -> Option<(&Arc<Mutex<dyn PioDevice>>, u16)> {
-        // Offsets within a port range fit u16.
-        self.ranges
-            .find(u64::from(port))
-            .and_then(|(d, offset)| Some((d, u16::try_from(offset).ok()?)))
-    }
-
     /// Dispatches an `in`. Returns false when no device claims the port.
     pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
-        match self.find(port) {
-            Some((device, offset)) => {
-                device.lock().expect("poisoned").read(offset, data);
-                true
-            }
-            None => {
-                data.fill(0xff);
-                false
-            }
-        }
+        // Offsets within port space (below 0x10000) always fit u16.
+        self.ranges.read(u64::from(port), data, |d, offset, data| {
+            d.read(u16::try_from(offset).unwrap_or(u16::MAX), data)
+        })
     }
 
     /// Dispatches an `out`. Returns false when no device claims the port.
     pub fn write(&self, port: u16, data: &[u8]) -> bool {
-        match self.find(port) {
-            Some((device, offset)) => {
-                device.lock().expect("poisoned").write(offset, data);
-                true
-            }
-            None => false,
-        }
+        self.ranges.write(u64::from(port), data, |d, offset, data| {
+            d.write(u16::try_from(offset).unwrap_or(u16::MAX), data)
+        })
     }
 }
 
@@ -174,27 +183,12 @@ impl MmioBus {
 
     /// Dispatches a read. Returns false when no device claims the address.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.ranges.find(addr) {
-            Some((device, offset)) => {
-                device.lock().expect("poisoned").read(offset, data);
-                true
-            }
-            None => {
-                data.fill(0xff);
-                false
-            }
-        }
+        self.ranges.read(addr, data, MmioTransport::read)
     }
 
     /// Dispatches a write. Returns false when no device claims the address.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
-        match self.ranges.find(addr) {
-            Some((device, offset)) => {
-                device.lock().expect("poisoned").write(offset, data);
-                true
-            }
-            None => false,
-        }
+        self.ranges.write(addr, data, MmioTransport::write)
     }
 }
 

@@ -19,6 +19,7 @@ use devices::MmioBus;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use memory::layout::VIRTIO_MMIO_START;
 use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use vmm_sys_util::eventfd::EventFd;
 
 /// The first IRQ virtio devices get (0-4 are the PIT, keyboard, cascade and COM ports);
@@ -176,7 +177,7 @@ pub fn cmdline_args(config: &VmConfig) -> String {
             None => args.push_str(&format!(" root=/dev/vda {mode}")),
         }
     }
-    for i in 0..device_states(config).len() {
+    for i in 0..config.drives.len() + config.network_interfaces.len() {
         let (base, irq) = placement(i);
         args.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
     }
@@ -269,7 +270,8 @@ impl VirtioDevices {
         fds
     }
 
-    /// Handles readiness of `fd`; false if it is not a device's.
+    /// Handles readiness of `fd`; false if it is not a device's. Queue notifications,
+    /// the common case, are found without taking any device's lock.
     pub fn handle(&self, fd: RawFd) -> bool {
         for slot in &self.slots {
             if let Some(q) = slot.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
@@ -278,6 +280,8 @@ impl VirtioDevices {
                 slot.come_back(more);
                 return true;
             }
+        }
+        for slot in &self.slots {
             let mut t = slot.transport.lock().expect("poisoned");
             if t.device().backend_fd() == Some(fd) {
                 let more = t.backend_ready();
@@ -396,10 +400,7 @@ impl VirtioDevices {
     pub fn has_net(&self, id: &str) -> bool {
         self.slots.iter().any(|s| {
             s.id == id
-                && matches!(
-                    s.transport.lock().expect("poisoned").device().state(),
-                    DeviceState::Net(_)
-                )
+                && s.transport.lock().expect("poisoned").device().device_type() == VIRTIO_ID_NET
         })
     }
 
@@ -409,9 +410,10 @@ impl VirtioDevices {
         let mut net = serde_json::Map::new();
         for slot in &self.slots {
             let t = slot.transport.lock().expect("poisoned");
-            let into = match t.device().state() {
-                DeviceState::Block(_) => &mut block,
-                DeviceState::Net(_) => &mut net,
+            let into = if t.device().device_type() == VIRTIO_ID_NET {
+                &mut net
+            } else {
+                &mut block
             };
             into.insert(slot.id.clone(), t.metrics());
         }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use api::VmConfig;
-use common::{guest_image, TempDir};
+use common::{check, guest_image, TempDir};
 use memory::dirty::{DirtyBitmap, TrackingMode};
 use memory::{PAGE_BYTES, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
@@ -39,14 +39,6 @@ fn wait_for_console(path: &Path, needle: &str) {
         );
         std::thread::sleep(Duration::from_millis(2));
     }
-}
-
-/// The guest's per-page check word (resources/guest/src/workload.rs `check`).
-fn check(page: u64, pass: u64) -> u64 {
-    let mut z = page ^ (pass << 48) ^ 0x9e37_79b9_7f4a_7c15;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// The guest's `in_round`: the pages it writes in a round.

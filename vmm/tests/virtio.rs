@@ -13,20 +13,12 @@ use std::time::{Duration, Instant};
 use api::action::{InstanceStatus, VmmAction, VmmData, VmmRequest, VmmResult};
 use api::server::ApiChannel;
 use api::VmConfig;
-use common::{guest_image, Ferry, TempDir, TestTap};
+use common::{check, guest_image, Ferry, TempDir, TestTap};
 use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
 const RUN: Duration = Duration::from_secs(60);
 const DISK: usize = 8 << 20;
-
-/// The guest's pattern word for disk byte `offset` in `pass` (splitmix64, as the guest).
-fn check(word: u64, pass: u64) -> u64 {
-    let mut z = word ^ (pass << 48) ^ 0x9e37_79b9_7f4a_7c15;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
 
 fn vm_json(args: &str, drives: serde_json::Value, nets: serde_json::Value) -> serde_json::Value {
     json!({

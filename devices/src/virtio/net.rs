@@ -17,7 +17,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::Bytes;
 
 use super::chain::{Chain, ChainError};
-use super::queue::{for_each_chain, next_chain};
+use super::queue::{for_each_chain, next_chain, ring_error};
 use super::tap::{Tap, TapError};
 use super::{DeviceError, DeviceState, Mem, Progress, VirtioDevice, BUDGET};
 
@@ -136,10 +136,7 @@ impl Net {
             frames += 1;
             let Some(desc_chain) = next_chain(RX, q, mem)? else {
                 // No buffer: ask the guest to say when it adds one.
-                if q.enable_notification(mem).map_err(|e| DeviceError::Ring {
-                    queue: RX,
-                    reason: e.to_string(),
-                })? {
+                if q.enable_notification(mem).map_err(|e| ring_error(RX, e))? {
                     continue;
                 }
                 break;
@@ -167,10 +164,7 @@ impl Net {
             if chain.writable_len() < total as u64 {
                 self.counters.rx_dropped += 1;
                 q.add_used(mem, chain.head, 0)
-                    .map_err(|e| DeviceError::Ring {
-                        queue: RX,
-                        reason: e.to_string(),
-                    })?;
+                    .map_err(|e| ring_error(RX, e))?;
                 progress.used_on(RX);
                 continue;
             }
@@ -193,10 +187,7 @@ impl Net {
                 done += n;
             }
             q.add_used(mem, chain.head, u32::try_from(total).unwrap_or(0))
-                .map_err(|e| DeviceError::Ring {
-                    queue: RX,
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| ring_error(RX, e))?;
             self.counters.rx_frames += 1;
             self.counters.rx_bytes += n as u64;
             progress.used_on(RX);

@@ -5,7 +5,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use super::chain::{Chain, ChainError};
 use super::{DeviceError, Mem, Progress, BUDGET};
 
-fn ring_error(queue: usize, e: impl std::fmt::Display) -> DeviceError {
+pub fn ring_error(queue: usize, e: impl std::fmt::Display) -> DeviceError {
     DeviceError::Ring {
         queue,
         reason: e.to_string(),

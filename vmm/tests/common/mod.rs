@@ -66,6 +66,16 @@ impl Drop for TempDir {
     }
 }
 
+/// The test guest's check word for `word` in `pass` (splitmix64, as
+/// resources/guest/src/workload.rs `check`): its `verify` and `rounds` pages and its
+/// `blk` disk pattern.
+pub fn check(word: u64, pass: u64) -> u64 {
+    let mut z = word ^ (pass << 48) ^ 0x9e37_79b9_7f4a_7c15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// A Firecracker-format config for the test guest.
 pub fn guest_config(vcpus: u32, mem_mib: u64, args: &str) -> String {
     format!(
