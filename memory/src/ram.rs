@@ -8,7 +8,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
 use vm_memory::Bytes;
 
-use crate::dirty::{guest_to_page, total_pages, AtomicBitmap, TrackedRam, WriteLog};
+use crate::dirty::{guest_to_page, total_pages, TrackedRam, WriteLog, WriteSinks};
 use crate::layout::{self, MIB, MIN_MEM_MIB};
 use crate::{sys, PAGE_SIZE};
 
@@ -86,8 +86,8 @@ pub struct GuestRam {
     memory: GuestMemoryMmap,
     regions: Vec<RamRegion>,
     size: u64,
-    /// Pages ferry itself wrote or discarded, for dirty tracking.
-    ferry_writes: Arc<AtomicBitmap>,
+    /// Pages ferry itself writes or discards, for every running dirty tracker.
+    writes: Arc<WriteSinks>,
 }
 
 impl GuestRam {
@@ -117,8 +117,9 @@ impl GuestRam {
         sys::add_seals(&file, libc::F_SEAL_SHRINK).map_err(resize)?;
         let file = Arc::new(file);
 
-        // Sized for the whole memfd; the regions below are contiguous in it.
-        let ferry_writes = Arc::new(AtomicBitmap::new(
+        // Sized for the whole memfd; the regions below are contiguous in it. Nothing is
+        // allocated until a tracker subscribes.
+        let writes = Arc::new(WriteSinks::new(
             usize::try_from(size / PAGE_SIZE).unwrap_or(usize::MAX),
         ));
         let mut mapped = Vec::new();
@@ -130,7 +131,7 @@ impl GuestRam {
                 size_mib,
                 phys_bits,
             })?;
-            let log = WriteLog::new(ferry_writes.clone(), offset);
+            let log = WriteLog::new(writes.clone(), offset);
             let mmap = MmapRegionBuilder::new_with_bitmap(len_usize, log)
                 .with_file_offset(FileOffset::from_arc(file.clone(), offset))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -162,7 +163,7 @@ impl GuestRam {
             memory,
             regions,
             size,
-            ferry_writes,
+            writes,
         })
     }
 
@@ -190,7 +191,8 @@ impl GuestRam {
     pub fn tracked(&self) -> TrackedRam {
         TrackedRam {
             regions: self.regions.clone(),
-            ferry_writes: self.ferry_writes.clone(),
+            writes: self.writes.clone(),
+            mapping: self.memory.clone(),
         }
     }
 
@@ -230,7 +232,7 @@ impl GuestRam {
         let offset = first as u64 * PAGE_SIZE;
         sys::punch_hole(&self.file, offset, len)
             .map_err(|e| RamError::Access(format!("punch hole: {e}")))?;
-        self.ferry_writes.set_range(first, count);
+        self.writes.mark(first, count);
         Ok(())
     }
 }

@@ -1,9 +1,14 @@
-//! The few raw syscalls that neither libc's safe wrappers nor vm-memory cover.
+//! The few raw syscalls that neither libc's safe wrappers nor vm-memory cover. Each is a
+//! safe function that checks what the kernel will read or write.
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
+
+use linux_raw_sys::general::{
+    page_region, pm_scan_arg, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
+};
 
 /// Creates a close-on-exec memfd that accepts seals.
 pub fn memfd_create(name: &CStr) -> io::Result<File> {
@@ -31,56 +36,82 @@ pub fn add_seals(file: &File, seals: libc::c_int) -> io::Result<()> {
 /// Neither libc, linux-raw-sys nor the userfaultfd crate has it, hence by hand.
 const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
 
-/// One `PAGEMAP_SCAN` call. Returns how many entries of `arg.vec` the kernel filled.
-pub fn pagemap_scan(
+/// One `PAGEMAP_SCAN` over host addresses `start..end` that finds the pages written
+/// under uffd-wp async and write-protects them again. The kernel fills at most
+/// `found.len()` entries of `found`. Returns how many it filled and where its walk
+/// ended (`end`, or earlier when `found` ran full).
+pub fn pagemap_scan_written(
     pagemap: &File,
-    arg: &mut linux_raw_sys::general::pm_scan_arg,
-) -> io::Result<usize> {
-    // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points to `vec_len` page_region
-    // entries that the caller owns for the duration of the call; the kernel writes only
-    // there and into `arg.walk_end`.
-    let ret = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, arg as *mut _) };
+    start: u64,
+    end: u64,
+    found: &mut [page_region],
+) -> io::Result<(usize, u64)> {
+    let mut arg = pm_scan_arg {
+        size: std::mem::size_of::<pm_scan_arg>() as u64,
+        // On this kernel only this exact mask takes the fast path (ENVIRONMENT.md).
+        flags: u64::from(PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC),
+        start,
+        end,
+        walk_end: 0,
+        vec: found.as_mut_ptr() as u64,
+        vec_len: found.len() as u64,
+        max_pages: 0,
+        category_inverted: 0,
+        category_mask: u64::from(PAGE_IS_WRITTEN),
+        category_anyof_mask: 0,
+        return_mask: u64::from(PAGE_IS_WRITTEN),
+    };
+    // SAFETY: `arg.vec` points to `found`, `vec_len` of its entries, which this function
+    // borrows mutably for the call: the kernel writes only there and into `arg`. The
+    // address range is only walked, never dereferenced by this process.
+    let ret = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut _) };
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(ret as usize)
+    let filled = usize::try_from(ret).unwrap_or(0).min(found.len());
+    Ok((filled, arg.walk_end))
 }
 
-/// `struct kvm_clear_dirty_log`.
-#[repr(C)]
-struct KvmClearDirtyLog {
-    slot: u32,
-    num_pages: u32,
-    first_page: u64,
-    dirty_bitmap: u64,
-}
+// `KVM_CLEAR_DIRTY_LOG`: kvm-ioctls has no wrapper for it.
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_CLEAR_DIRTY_LOG,
+    kvm_bindings::KVMIO,
+    0xc0,
+    kvm_bindings::kvm_clear_dirty_log
+);
 
-/// `KVM_CLEAR_DIRTY_LOG`: `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`. kvm-ioctls has no
-/// wrapper for it.
-const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xc018_aec0;
-
-/// Re-protects the pages set in `bitmap` (which starts at page 0 of `slot`).
+/// Re-protects the pages set in `bitmap` (which starts at page 0 of `slot`, and covers
+/// `num_pages` pages). Refused if `bitmap` holds fewer than `num_pages` bits: the kernel
+/// would read past it.
 pub fn kvm_clear_dirty_log(
     vm: &impl AsRawFd,
     slot: u32,
     num_pages: u32,
-    bitmap: &mut [u64],
+    bitmap: &[u64],
 ) -> io::Result<()> {
-    let mut arg = KvmClearDirtyLog {
+    let words = usize::try_from(num_pages)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?
+        .div_ceil(64);
+    if words > bitmap.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "KVM_CLEAR_DIRTY_LOG of {num_pages} pages with a bitmap of {} words",
+                bitmap.len()
+            ),
+        ));
+    }
+    let arg = kvm_bindings::kvm_clear_dirty_log {
         slot,
         num_pages,
         first_page: 0,
-        dirty_bitmap: bitmap.as_mut_ptr() as u64,
+        __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
+            dirty_bitmap: bitmap.as_ptr() as *mut libc::c_void,
+        },
     };
-    // SAFETY: `arg` describes `bitmap`, which holds at least `num_pages` bits and outlives
-    // the call; the kernel only reads it.
-    let ret = unsafe {
-        libc::ioctl(
-            vm.as_raw_fd(),
-            KVM_CLEAR_DIRTY_LOG,
-            &mut arg as *mut KvmClearDirtyLog,
-        )
-    };
+    // SAFETY: `arg` points at `bitmap`, checked above to hold at least `num_pages` bits,
+    // which outlives the call; the kernel only reads it and `arg`.
+    let ret = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG(), &arg) };
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -105,4 +136,16 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_clear_dirty_log_refuses_a_short_bitmap() {
+        let file = File::open("/dev/null").expect("open");
+        let err = kvm_clear_dirty_log(&file, 0, 129, &[0, 0]).expect_err("short");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+    }
 }

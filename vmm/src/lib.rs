@@ -131,6 +131,15 @@ impl Vmm {
         self.vm.dirty_tracker(mode)
     }
 
+    /// For benchmarks only: a tracker that can also run its bare mechanism
+    /// (`floor_collect`), which throws dirty state away.
+    pub fn bench_tracker(
+        &self,
+        mode: memory::dirty::TrackingMode,
+    ) -> Result<Box<dyn memory::dirty::BenchTracker>, memory::dirty::DirtyError> {
+        self.vm.bench_tracker(mode)
+    }
+
     /// The devices.
     pub fn devices(&self) -> &Devices {
         &self.devices

@@ -7,7 +7,9 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use std::sync::Arc;
 
-use memory::dirty::{DirtyError, DirtyTracker, KvmDirtyLog, TrackingMode, UffdAsync, UffdSync};
+use memory::dirty::{
+    BenchTracker, DirtyError, DirtyTracker, KvmDirtyLog, TrackingMode, UffdAsync, UffdSync,
+};
 use memory::GuestRam;
 
 /// Why the VM could not be created.
@@ -166,6 +168,12 @@ impl Vm {
 
     /// A dirty-page tracker of the chosen kind over guest RAM, not yet started.
     pub fn dirty_tracker(&self, mode: TrackingMode) -> Result<Box<dyn DirtyTracker>, DirtyError> {
+        let tracker: Box<dyn DirtyTracker> = self.bench_tracker(mode)?;
+        Ok(tracker)
+    }
+
+    /// For benchmarks only: a tracker that can also run its bare mechanism.
+    pub fn bench_tracker(&self, mode: TrackingMode) -> Result<Box<dyn BenchTracker>, DirtyError> {
         Ok(match mode {
             TrackingMode::UffdAsync => Box::new(UffdAsync::new(self.ram.tracked())?),
             TrackingMode::UffdSync => Box::new(UffdSync::new(self.ram.tracked())),

@@ -175,16 +175,25 @@ impl AtomicBitmap {
     }
 
     /// Marks pages `first..first+count`.
+    ///
+    /// The words are ORed before `any` is set, and `take_into` clears `any` before it
+    /// swaps the words. So a take that races with this mark either sees `any` set,
+    /// which it can only do after the ORs (release/acquire on `any`), and takes the
+    /// bits; or it finds `any` clear, and then this mark's store of `any` comes after
+    /// the take's swap of it and leaves `any` set for the next take. Setting `any`
+    /// first, as this once did, let a take clear `any` and swap the words between the
+    /// store and the OR: the bit then sat in a word with `any` clear, unseen by every
+    /// later take.
     pub fn set_range(&self, first: usize, count: usize) {
         if count == 0 {
             return;
         }
-        self.any.store(true, Ordering::Release);
         let end = first.saturating_add(count).min(self.words.len() * 64);
         // One atomic OR per word, not per page: device DMA marks 16 pages per 64 KiB.
         for (word, mask) in word_masks(first, end) {
             self.words[word].fetch_or(mask, Ordering::AcqRel);
         }
+        self.any.store(true, Ordering::Release);
     }
 
     /// Whether `page` is marked.
@@ -202,10 +211,9 @@ impl AtomicBitmap {
             .for_each(|w| w.store(0, Ordering::Release));
     }
 
-    /// ORs every marked page into `into` and clears them here.
+    /// ORs every marked page into `into` and clears them here. A mark that races with
+    /// this is taken now or by the next call, never lost (see `set_range`).
     pub fn take_into(&self, into: &mut DirtyBitmap) {
-        // The flag is cleared before the words are swapped: a mark that races with this
-        // sets it again, so its page is taken now or next time, never lost.
         if self.any.swap(false, Ordering::AcqRel) {
             into.merge_words(self.words.iter().map(|w| w.swap(0, Ordering::AcqRel)));
         }
@@ -280,6 +288,76 @@ mod tests {
         a.merge_at(128, &[0b101]);
         a.merge_at(3, &[0b11]);
         assert_eq!(a.pages().collect::<Vec<_>>(), vec![3, 4, 128, 130]);
+    }
+
+    /// One thread marks a page, then waits for two more takes by a collector on the
+    /// other core, and checks that one of them took the mark. The bitmap is one word,
+    /// so that a take is as short as a mark and they race as often as they can.
+    #[test]
+    fn test_no_mark_is_lost_to_a_racing_take() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        use std::sync::Arc;
+        const MARKS: usize = 1_000_000;
+        let bits = Arc::new(AtomicBitmap::new(64));
+        let takes = Arc::new(AtomicUsize::new(0));
+        let seen: Arc<Vec<AtomicUsize>> = Arc::new((0..64).map(|_| AtomicUsize::new(0)).collect());
+        let done = Arc::new(AtomicBool::new(false));
+        let regions = vec![RamRegion {
+            guest_addr: GuestAddress(0),
+            size: 64 * PAGE_SIZE,
+            host_addr: 0,
+            file_offset: 0,
+        }];
+        let collector = {
+            let (bits, takes, seen, done) =
+                (bits.clone(), takes.clone(), seen.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Acquire) {
+                    let mut got = DirtyBitmap::new(&regions);
+                    bits.take_into(&mut got);
+                    for p in got.pages() {
+                        seen[p].fetch_add(1, Ordering::AcqRel);
+                    }
+                    takes.fetch_add(1, Ordering::SeqCst);
+                    // Pairs with the marker's fence: the take after a count the marker
+                    // did not see finds its mark, as a take that starts after it must.
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                }
+            })
+        };
+        let started = std::time::Instant::now();
+        let mut lost = Vec::new();
+        for i in 0..MARKS {
+            let page = i % 64;
+            let before = seen[page].load(Ordering::Acquire);
+            bits.set_range(page, 1);
+            // The mark is complete before the count is read (no store-load reordering),
+            // so the second take from here starts after it.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            let at = takes.load(Ordering::SeqCst);
+            while takes.load(Ordering::Acquire) < at + 2 {
+                std::hint::spin_loop();
+            }
+            if seen[page].load(Ordering::Acquire) == before {
+                lost.push(i);
+                // Taken by a later mark's take, so the next check is fair again.
+                bits.set_range(page, 1);
+                std::sync::atomic::fence(Ordering::SeqCst);
+                let at = takes.load(Ordering::SeqCst);
+                while takes.load(Ordering::Acquire) < at + 2 {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        done.store(true, Ordering::Release);
+        collector.join().expect("collector");
+        assert!(
+            lost.is_empty(),
+            "{} of {MARKS} marks were not taken by the two takes after them: {:?}",
+            lost.len(),
+            &lost[..lost.len().min(5)]
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
     }
 
     #[test]

@@ -16,15 +16,21 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 
-use super::{DirtyBitmap, DirtyError, DirtyTracker, TrackedRam, TrackingMode};
+use super::{
+    BenchTracker, Claim, DirtyBitmap, DirtyError, DirtyTracker, Mechanism, TrackedRam,
+    TrackingMode, WriteSubscription,
+};
 use crate::{page_index, sys, PAGE_SIZE};
 
-/// The KVM dirty-log tracker. Slot `i` is RAM region `i`.
+/// The KVM dirty-log tracker. Slot `i` is RAM region `i`. It holds guest RAM's mapping
+/// (`TrackedRam::mapping`), so the slots it re-registers on `stop` or drop still name
+/// live guest RAM.
 pub struct KvmDirtyLog {
     ram: TrackedRam,
     vm: Arc<VmFd>,
     manual_protect: bool,
-    started: bool,
+    /// While started: this tracker's record of ferry's writes and its hold on the log.
+    started: Option<(WriteSubscription, Claim)>,
     retain_hot: bool,
     /// Each slot's dirty words from the previous round, for `retain_hot`.
     previous: Vec<Vec<u64>>,
@@ -37,7 +43,7 @@ impl KvmDirtyLog {
             ram,
             vm,
             manual_protect: false,
-            started: false,
+            started: None,
             retain_hot: false,
             previous: Vec::new(),
         }
@@ -77,7 +83,7 @@ impl KvmDirtyLog {
         &mut self,
         mut visit: impl FnMut(&crate::RamRegion, &[u64]),
     ) -> Result<(), DirtyError> {
-        if !self.started {
+        if self.started.is_none() {
             return Err(DirtyError::State("not started"));
         }
         for (slot, r) in (0u32..).zip(&self.ram.regions) {
@@ -108,7 +114,7 @@ impl KvmDirtyLog {
             if self.manual_protect {
                 let pages = u32::try_from(r.size / PAGE_SIZE)
                     .map_err(|_| DirtyError::State("over a slot too large"))?;
-                sys::kvm_clear_dirty_log(self.vm.as_ref(), slot, pages, &mut words).map_err(
+                sys::kvm_clear_dirty_log(self.vm.as_ref(), slot, pages, &words).map_err(
                     |source| DirtyError::Sys {
                         what: "KVM_CLEAR_DIRTY_LOG",
                         source,
@@ -130,9 +136,10 @@ impl DirtyTracker for KvmDirtyLog {
     }
 
     fn start(&mut self) -> Result<(), DirtyError> {
-        if self.started {
+        if self.started.is_some() {
             return Err(DirtyError::State("already started"));
         }
+        let claim = self.ram.writes.claim(Mechanism::KvmDirtyLog)?;
         if self
             .vm
             .check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2))
@@ -151,20 +158,33 @@ impl DirtyTracker for KvmDirtyLog {
             self.manual_protect = true;
         }
         self.previous.clear();
+        let writes = self.ram.writes.subscribe();
         self.set_slots(KVM_MEM_LOG_DIRTY_PAGES)?;
-        self.ram.ferry_writes.clear();
-        self.started = true;
+        self.started = Some((writes, claim));
         Ok(())
     }
 
     fn collect(&mut self) -> Result<DirtyBitmap, DirtyError> {
         let mut bitmap = DirtyBitmap::new(&self.ram.regions);
         self.each_slot(|r, words| bitmap.merge_at(page_index(r.file_offset / PAGE_SIZE), words))?;
-        // KVM never sees ferry's own writes: they come from GuestRam's bitmap.
-        self.ram.ferry_writes.take_into(&mut bitmap);
+        // KVM never sees ferry's own writes: they come from this tracker's subscription.
+        if let Some((writes, _)) = &self.started {
+            writes.take_into(&mut bitmap);
+        }
         Ok(bitmap)
     }
 
+    fn stop(&mut self) -> Result<(), DirtyError> {
+        if self.started.is_none() {
+            return Err(DirtyError::State("not started"));
+        }
+        let result = self.set_slots(0);
+        self.started = None;
+        result
+    }
+}
+
+impl BenchTracker for KvmDirtyLog {
     fn floor_collect(&mut self) -> Result<usize, DirtyError> {
         let mut pages = 0;
         self.each_slot(|_, words| {
@@ -172,19 +192,11 @@ impl DirtyTracker for KvmDirtyLog {
         })?;
         Ok(pages)
     }
-
-    fn stop(&mut self) -> Result<(), DirtyError> {
-        if !self.started {
-            return Err(DirtyError::State("not started"));
-        }
-        self.started = false;
-        self.set_slots(0)
-    }
 }
 
 impl Drop for KvmDirtyLog {
     fn drop(&mut self) {
-        if self.started {
+        if self.started.is_some() {
             let _ = self.stop();
         }
     }

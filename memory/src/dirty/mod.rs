@@ -12,9 +12,15 @@
 //!
 //! Writes ferry makes itself (device emulation, loaders, `GuestRam::write`) go through
 //! the tracked mapping, which the userfaultfd modes see, and vm-memory marks each of them
-//! in `GuestRam`'s own bitmap (`WriteLog`), which every `collect` merges. So do pages
-//! ferry discards (`GuestRam::discard`). The KVM dirty log does not see userspace writes, and
-//! no mode sees a discard (the kernel reports a punched page as not written).
+//! for every running tracker (`WriteLog`, `WriteSinks`): each tracker has a bitmap of its
+//! own, which its `collect` merges. So do pages ferry discards (`GuestRam::discard`). The
+//! KVM dirty log does not see userspace writes, and no mode sees a discard (the kernel
+//! reports a punched page as not written).
+//!
+//! Trackers of different mechanisms can run at once (a userfaultfd one and a KVM one),
+//! and each reports every write. Each kernel mechanism serves one tracker at a time: a
+//! range registers with one userfaultfd, and reading KVM's log clears it. A second
+//! tracker of the same mechanism is refused at `start` (`DirtyError::Busy`).
 
 mod bitmap;
 mod kvm_log;
@@ -29,9 +35,9 @@ pub use bitmap::{guest_to_page, page_to_guest, total_pages, AtomicBitmap, DirtyB
 pub use kvm_log::KvmDirtyLog;
 pub use uffd_async::UffdAsync;
 pub use uffd_sync::UffdSync;
-pub use write_log::WriteLog;
+pub use write_log::{Claim, Mechanism, WriteLog, WriteSinks, WriteSubscription};
 
-use crate::RamRegion;
+use crate::{GuestMemoryMmap, RamRegion};
 
 /// Which mechanism tracks dirty pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +116,9 @@ pub enum DirtyError {
     /// The tracker is not in the state the call needs.
     #[error("dirty tracking is {0}")]
     State(&'static str),
+    /// The kernel mechanism already serves another tracker.
+    #[error("cannot start dirty tracking: {0}")]
+    Busy(&'static str),
 }
 
 /// Tracks which guest pages are written.
@@ -123,8 +132,13 @@ pub trait DirtyTracker: Send {
     fn collect(&mut self) -> Result<DirtyBitmap, DirtyError>;
     /// Stops tracking and removes every protection it installed.
     fn stop(&mut self) -> Result<(), DirtyError>;
-    /// The bare mechanism of `collect`, for benchmarks: the same system calls with the
-    /// same effect on protection, but no bitmap. Returns how many pages were dirty.
+}
+
+/// For benchmarks only: a tracker that can also run the bare mechanism of its `collect`.
+/// Production code holds `dyn DirtyTracker`, which cannot reach `floor_collect`.
+pub trait BenchTracker: DirtyTracker {
+    /// The same system calls as `collect`, with the same effect on protection, but no
+    /// bitmap: the pages they report are thrown away. Returns how many were dirty.
     fn floor_collect(&mut self) -> Result<usize, DirtyError>;
 }
 
@@ -133,8 +147,12 @@ pub trait DirtyTracker: Send {
 pub struct TrackedRam {
     /// The RAM regions (slot `i` is region `i`).
     pub regions: Vec<RamRegion>,
-    /// ferry's own writes and discards, merged into every collect.
-    pub ferry_writes: Arc<AtomicBitmap>,
+    /// ferry's own writes and discards, for every running tracker.
+    pub writes: Arc<WriteSinks>,
+    /// Keeps guest RAM mapped while a tracker exists: `stop` and `Drop` name these
+    /// host addresses to the kernel (unregister, memory slots), which must still be
+    /// guest RAM then, not unmapped or reused.
+    pub mapping: GuestMemoryMmap,
 }
 
 #[cfg(test)]
@@ -238,6 +256,19 @@ mod tests {
             }
             t.stop().expect("stop");
         }
+    }
+
+    #[test]
+    fn test_a_second_userfaultfd_tracker_is_refused() {
+        let ram = GuestRam::new(64, 46).expect("ram");
+        let mut first = UffdAsync::new(ram.tracked()).expect("pagemap");
+        first.start().expect("start");
+        let mut second = UffdSync::new(ram.tracked());
+        let err = second.start().expect_err("one userfaultfd per range");
+        assert!(matches!(err, DirtyError::Busy(_)), "{err}");
+        first.stop().expect("stop");
+        second.start().expect("free after the first stopped");
+        second.stop().expect("stop");
     }
 
     #[test]

@@ -4,13 +4,14 @@
 
 use std::fs::File;
 
-use linux_raw_sys::general::{
-    page_region, pm_scan_arg, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
-};
+use linux_raw_sys::general::page_region;
 use userfaultfd::Uffd;
 
 use super::uffd::{self, features};
-use super::{DirtyBitmap, DirtyError, DirtyTracker, TrackedRam, TrackingMode};
+use super::{
+    BenchTracker, Claim, DirtyBitmap, DirtyError, DirtyTracker, Mechanism, TrackedRam,
+    TrackingMode, WriteSubscription,
+};
 use crate::{page_index, sys, PAGE_SIZE};
 
 /// Entries of `page_region` per `PAGEMAP_SCAN` call; a region may need several calls.
@@ -19,7 +20,9 @@ const SCAN_BATCH: usize = 4096;
 /// The uffd-wp async tracker.
 pub struct UffdAsync {
     ram: TrackedRam,
-    uffd: Option<Uffd>,
+    /// While started: the userfaultfd, this tracker's record of ferry's writes, and its
+    /// hold on the userfaultfd mechanism. Dropped in this order.
+    uffd: Option<(Uffd, WriteSubscription, Claim)>,
     pagemap: File,
     regions_buf: Vec<page_region>,
     /// Most bytes one `PAGEMAP_SCAN` covers; 0 = a whole region per call.
@@ -70,42 +73,31 @@ impl UffdAsync {
             let end = r.host_addr + r.size;
             let mut start = r.host_addr;
             while start < end {
-                // On this kernel only this exact mask takes the fast path (ENVIRONMENT.md).
                 let scan_end = if self.chunk == 0 {
                     end
                 } else {
                     end.min(start + self.chunk)
                 };
-                let mut arg = pm_scan_arg {
-                    size: std::mem::size_of::<pm_scan_arg>() as u64,
-                    flags: u64::from(PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC),
+                let (n, walk_end) = sys::pagemap_scan_written(
+                    &self.pagemap,
                     start,
-                    end: scan_end,
-                    walk_end: 0,
-                    vec: self.regions_buf.as_mut_ptr() as u64,
-                    vec_len: SCAN_BATCH as u64,
-                    max_pages: 0,
-                    category_inverted: 0,
-                    category_mask: u64::from(PAGE_IS_WRITTEN),
-                    category_anyof_mask: 0,
-                    return_mask: u64::from(PAGE_IS_WRITTEN),
-                };
-                let n = sys::pagemap_scan(&self.pagemap, &mut arg).map_err(|source| {
-                    DirtyError::Sys {
-                        what: "PAGEMAP_SCAN",
-                        source,
-                    }
+                    scan_end,
+                    &mut self.regions_buf,
+                )
+                .map_err(|source| DirtyError::Sys {
+                    what: "PAGEMAP_SCAN",
+                    source,
                 })?;
-                for pr in &self.regions_buf[..n.min(SCAN_BATCH)] {
+                for pr in &self.regions_buf[..n] {
                     // Clamp to the region: the kernel reports only within [start, end).
                     let first = (pr.start.max(r.host_addr) - r.host_addr) / PAGE_SIZE;
                     let last = (pr.end.min(scan_end) - r.host_addr) / PAGE_SIZE;
                     found(r, first, last);
                 }
-                if arg.walk_end <= start {
+                if walk_end <= start {
                     return Err(DirtyError::State("stuck: PAGEMAP_SCAN made no progress"));
                 }
-                start = arg.walk_end;
+                start = walk_end;
             }
         }
         Ok(())
@@ -132,15 +124,20 @@ impl DirtyTracker for UffdAsync {
         if self.uffd.is_some() {
             return Err(DirtyError::State("already started"));
         }
+        let claim = self.ram.writes.claim(Mechanism::Userfaultfd)?;
         let uffd = uffd::open(
             &[features::WP, features::WP_SHMEM, features::WP_ASYNC],
             "uffd-wp async",
         )?;
+        // Subscribed before protecting: a ferry write in between is reported, not lost.
+        let writes = self.ram.writes.subscribe();
         uffd::register(&uffd, &self.ram)?;
         // Never-touched shmem pages get a PTE marker: nothing needs populating first.
-        uffd::protect_all(&uffd, &self.ram)?;
-        self.ram.ferry_writes.clear();
-        self.uffd = Some(uffd);
+        if let Err(e) = uffd::protect_all(&uffd, &self.ram) {
+            let _ = uffd::unregister(&uffd, &self.ram);
+            return Err(e);
+        }
+        self.uffd = Some((uffd, writes, claim));
         Ok(())
     }
 
@@ -148,19 +145,23 @@ impl DirtyTracker for UffdAsync {
         let mut bitmap = DirtyBitmap::new(&self.ram.regions);
         self.scan(&mut bitmap)?;
         // After the scan: a ferry write racing with it is reported now or next time.
-        self.ram.ferry_writes.take_into(&mut bitmap);
+        if let Some((_, writes, _)) = &self.uffd {
+            writes.take_into(&mut bitmap);
+        }
         Ok(bitmap)
     }
 
+    fn stop(&mut self) -> Result<(), DirtyError> {
+        let (uffd, _writes, _claim) = self.uffd.take().ok_or(DirtyError::State("not started"))?;
+        uffd::unregister(&uffd, &self.ram)
+    }
+}
+
+impl BenchTracker for UffdAsync {
     fn floor_collect(&mut self) -> Result<usize, DirtyError> {
         let mut pages = 0;
         self.scan_ranges(|first, last| pages += page_index(last - first))?;
         Ok(pages)
-    }
-
-    fn stop(&mut self) -> Result<(), DirtyError> {
-        let uffd = self.uffd.take().ok_or(DirtyError::State("not started"))?;
-        uffd::unregister(&uffd, &self.ram)
     }
 }
 

@@ -10,7 +10,10 @@ use userfaultfd::{Event, Uffd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::uffd::{self, features};
-use super::{AtomicBitmap, DirtyBitmap, DirtyError, DirtyTracker, TrackedRam, TrackingMode};
+use super::{
+    AtomicBitmap, BenchTracker, Claim, DirtyBitmap, DirtyError, DirtyTracker, Mechanism,
+    TrackedRam, TrackingMode, WriteSubscription,
+};
 use crate::dirty::bitmap::total_pages;
 use crate::{page_index, PAGE_BYTES, PAGE_SIZE};
 
@@ -40,10 +43,19 @@ impl Shared {
     }
 }
 
+/// What a started tracker holds.
+struct Running {
+    shared: Arc<Shared>,
+    stop: EventFd,
+    thread: JoinHandle<()>,
+    writes: WriteSubscription,
+    _claim: Claim,
+}
+
 /// The uffd-wp sync tracker.
 pub struct UffdSync {
     ram: TrackedRam,
-    running: Option<(Arc<Shared>, EventFd, JoinHandle<()>)>,
+    running: Option<Running>,
 }
 
 impl UffdSync {
@@ -118,10 +130,12 @@ impl DirtyTracker for UffdSync {
         if self.running.is_some() {
             return Err(DirtyError::State("already started"));
         }
+        let claim = self.ram.writes.claim(Mechanism::Userfaultfd)?;
         let uffd = uffd::open(&[features::WP, features::WP_SHMEM], "uffd-wp sync")?;
+        let writes = self.ram.writes.subscribe();
         uffd::register(&uffd, &self.ram)?;
-        uffd::protect_all(&uffd, &self.ram)?;
-        self.ram.ferry_writes.clear();
+        // Nothing is protected yet: the handler must run before the first protect, or a
+        // write would block with nobody to answer it.
         let shared = Arc::new(Shared {
             uffd,
             ram: self.ram.clone(),
@@ -137,22 +151,41 @@ impl DirtyTracker for UffdSync {
             source,
         })?;
         let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("uffd-wp".into())
-            .spawn(move || handle_faults(&thread_shared, &thread_stop))
-            .map_err(|source| DirtyError::Sys {
-                what: "spawn the uffd-wp handler",
-                source,
-            })?;
-        self.running = Some((shared, stop, thread));
+            .spawn(move || handle_faults(&thread_shared, &thread_stop));
+        let thread = match spawned {
+            Ok(thread) => thread,
+            Err(source) => {
+                let _ = uffd::unregister(&shared.uffd, &self.ram);
+                return Err(DirtyError::Sys {
+                    what: "spawn the uffd-wp handler",
+                    source,
+                });
+            }
+        };
+        let running = Running {
+            shared,
+            stop,
+            thread,
+            writes,
+            _claim: claim,
+        };
+        if let Err(e) = uffd::protect_all(&running.shared.uffd, &self.ram) {
+            self.running = Some(running);
+            let _ = self.stop();
+            return Err(e);
+        }
+        self.running = Some(running);
         Ok(())
     }
 
     fn collect(&mut self) -> Result<DirtyBitmap, DirtyError> {
-        let (shared, _, _) = self
+        let running = self
             .running
             .as_ref()
             .ok_or(DirtyError::State("not started"))?;
+        let shared = &running.shared;
         let mut bitmap = DirtyBitmap::new(&self.ram.regions);
         {
             let _order = shared.order.lock().expect("poisoned");
@@ -177,26 +210,28 @@ impl DirtyTracker for UffdSync {
                 }
             }
         }
-        self.ram.ferry_writes.take_into(&mut bitmap);
+        running.writes.take_into(&mut bitmap);
         Ok(bitmap)
     }
 
-    fn floor_collect(&mut self) -> Result<usize, DirtyError> {
-        // The mechanism is the bitmap swap plus one UFFDIO_WRITEPROTECT per run: that
-        // is all `collect` does, so its floor is itself without the ferry-write merge.
-        Ok(self.collect()?.count())
-    }
-
     fn stop(&mut self) -> Result<(), DirtyError> {
-        let (shared, stop, thread) = self
+        let running = self
             .running
             .take()
             .ok_or(DirtyError::State("not started"))?;
         // Unregistering first wakes any writer still blocked on a protected page.
-        let result = uffd::unregister(&shared.uffd, &self.ram);
-        let _ = stop.write(1);
-        let _ = thread.join();
+        let result = uffd::unregister(&running.shared.uffd, &self.ram);
+        let _ = running.stop.write(1);
+        let _ = running.thread.join();
         result
+    }
+}
+
+impl BenchTracker for UffdSync {
+    fn floor_collect(&mut self) -> Result<usize, DirtyError> {
+        // The mechanism is the bitmap swap plus one UFFDIO_WRITEPROTECT per run: that
+        // is all `collect` does, so its floor is itself with ferry's writes included.
+        Ok(self.collect()?.count())
     }
 }
 

@@ -250,7 +250,7 @@ fn collect_cost(
     mode: TrackingMode,
 ) -> Result<(), String> {
     let mut g = Guest::boot(guest, mem_mib, range)?;
-    let mut tracker = g.vmm.dirty_tracker(mode).map_err(|e| e.to_string())?;
+    let mut tracker = g.vmm.bench_tracker(mode).map_err(|e| e.to_string())?;
     tracker.start().map_err(|e| e.to_string())?;
     tracker.collect().map_err(|e| e.to_string())?;
     let timeout = Duration::from_secs(600);
