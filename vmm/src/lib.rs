@@ -58,6 +58,12 @@ pub enum LifecycleError {
     /// A vCPU did not follow.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A vCPU did not park, so the pause was undone: every vCPU runs again.
+    #[error("cannot pause: {0}; the VM was resumed and keeps running")]
+    PauseFailed(#[source] VcpuError),
+    /// A vCPU did not continue, so the resume was undone: every vCPU is parked again.
+    #[error("cannot resume: {0}; the VM stays paused")]
+    ResumeFailed(#[source] VcpuError),
     /// Saving or rebuilding devices failed.
     #[error(transparent)]
     Devices(#[from] virtio::VirtioError),
@@ -165,20 +171,65 @@ impl Vmm {
         Ok(())
     }
 
-    fn command_all(&mut self, cmd: VcpuCommand) -> Result<(), VcpuError> {
-        for v in &self.vcpus {
-            v.send(cmd)?;
+    /// Sends `cmd` to every vCPU in `which` (all when `None`) and waits, with one
+    /// deadline for all, until each has acted on it. Returns which vCPUs answered, and
+    /// the first error.
+    fn command_all(
+        &mut self,
+        cmd: VcpuCommand,
+        which: Option<&[bool]>,
+    ) -> (Vec<bool>, Option<VcpuError>) {
+        let chosen = |i: usize| which.is_none_or(|w| w.get(i).copied().unwrap_or(false));
+        let sent: Vec<Option<Result<u64, VcpuError>>> = self
+            .vcpus
+            .iter_mut()
+            .enumerate()
+            .map(|(i, v)| chosen(i).then(|| v.send(cmd)))
+            .collect();
+        let deadline = Instant::now() + vcpu::COMMAND_TIMEOUT;
+        let mut first_error = None;
+        let mut answered = Vec::with_capacity(sent.len());
+        for (v, seq) in self.vcpus.iter().zip(sent) {
+            let done = match seq {
+                None => {
+                    answered.push(false);
+                    continue;
+                }
+                Some(seq) => seq.and_then(|seq| v.wait_ack(seq, cmd, deadline)),
+            };
+            answered.push(done.is_ok());
+            if let Err(e) = done {
+                first_error.get_or_insert(e);
+            }
         }
-        for v in &self.vcpus {
-            v.wait_ack(cmd)?;
-        }
-        Ok(())
+        (answered, first_error)
     }
 
-    /// Kicks every vCPU out of `KVM_RUN` and parks it; returns once all are parked.
+    /// Undoes a half-done pause or resume: `cmd` goes to every vCPU, so that one that
+    /// was late takes both commands in order and ends where the others are; only those
+    /// that answered the first command are waited for.
+    fn undo(&mut self, cmd: VcpuCommand, answered: &[bool]) {
+        let late: Vec<bool> = answered.iter().map(|a| !a).collect();
+        for (v, _) in self.vcpus.iter_mut().zip(&late).filter(|(_, l)| **l) {
+            if let Err(e) = v.send(cmd) {
+                tracing::warn!("undoing: {e}");
+            }
+        }
+        if let (_, Some(e)) = self.command_all(cmd, Some(answered)) {
+            tracing::warn!("undoing: {e}");
+        }
+    }
+
+    /// Kicks every vCPU out of `KVM_RUN` and parks it, then pauses the devices. All or
+    /// nothing: if a vCPU does not park in time, every vCPU is told to run again (the
+    /// late one takes its pause and then the resume, in order) and the devices were
+    /// never paused, so the VM keeps running as before, and the state says so.
     pub fn pause(&mut self) -> Result<(), LifecycleError> {
         self.transition(VmState::Paused)?;
-        self.command_all(VcpuCommand::Pause)?;
+        if let (answered, Some(e)) = self.command_all(VcpuCommand::Pause, None) {
+            self.undo(VcpuCommand::Resume, &answered);
+            return Err(LifecycleError::PauseFailed(e));
+        }
         // After the vCPUs: a request the guest queued before stopping is held, not lost.
         self.devices.virtio.pause();
         self.state = VmState::Paused;
@@ -186,7 +237,8 @@ impl Vmm {
         Ok(())
     }
 
-    /// Lets every vCPU continue where it stopped.
+    /// Lets every vCPU continue where it stopped. All or nothing, as `pause`: if a vCPU
+    /// does not continue in time, every vCPU is parked again and the devices paused.
     pub fn resume(&mut self) -> Result<(), LifecycleError> {
         if self.state != VmState::Paused {
             return Err(LifecycleError::InvalidTransition {
@@ -196,7 +248,11 @@ impl Vmm {
         }
         // Devices first, so the guest finds them taking requests again.
         self.devices.virtio.resume();
-        self.command_all(VcpuCommand::Resume)?;
+        if let (answered, Some(e)) = self.command_all(VcpuCommand::Resume, None) {
+            self.undo(VcpuCommand::Pause, &answered);
+            self.devices.virtio.pause();
+            return Err(LifecycleError::ResumeFailed(e));
+        }
         self.state = VmState::Running;
         if let Some(since) = self.paused_since.take() {
             self.paused_total += since.elapsed();
@@ -204,14 +260,27 @@ impl Vmm {
         Ok(())
     }
 
-    /// Ends every vCPU thread. Guest memory is freed when the `Vmm` is dropped.
+    /// Ends every vCPU thread, waiting at most `vcpu::COMMAND_TIMEOUT` in all: a vCPU
+    /// that does not answer is left behind. Guest memory is freed when the `Vmm` is
+    /// dropped (a vCPU left behind keeps the mapping it uses alive).
     pub fn stop(&mut self) {
-        for v in &mut self.vcpus {
-            v.stop();
+        let stops: Vec<Option<u64>> = self.vcpus.iter_mut().map(|v| v.request_stop()).collect();
+        let deadline = Instant::now() + vcpu::COMMAND_TIMEOUT;
+        for (v, seq) in self.vcpus.iter_mut().zip(stops) {
+            v.finish_stop(seq, deadline);
         }
         self.vcpus.clear();
         self.pending.clear();
         self.state = VmState::Stopped;
+    }
+
+    /// For tests: vCPU `index` waits `duration` before it takes its next command, as a
+    /// vCPU held up in a device or the kernel would.
+    #[doc(hidden)]
+    pub fn stall_vcpu(&self, index: usize, duration: Duration) {
+        if let Some(v) = self.vcpus.get(index) {
+            v.stall_next_command(duration);
+        }
     }
 
     /// Every virtio device's state, as JSON. The VM must be paused, so that the state is

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devices::{MmioBus, PioBus};
 use kvm_bindings::kvm_run;
@@ -100,7 +100,12 @@ impl VcpuMetrics {
 }
 
 /// How long a vCPU may take to acknowledge a command.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A command as the vCPU thread receives it: numbered, so that an acknowledgement that
+/// arrives late (from a vCPU that was slow to answer an earlier command) is never taken
+/// for the answer to a later one.
+type Numbered = (u64, VcpuCommand);
 
 fn kick_signal() -> i32 {
     SIGRTMIN()
@@ -136,6 +141,7 @@ pub struct Vcpu {
     metrics: Arc<VcpuMetrics>,
     events: Sender<(u8, VcpuEvent)>,
     event_fd: EventFd,
+    stall: Arc<AtomicU64>,
 }
 
 enum Flow {
@@ -234,12 +240,14 @@ impl Vcpu {
             metrics,
             events,
             event_fd,
+            stall: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// Starts the thread. The vCPU runs until told otherwise or until the guest stops.
     pub fn start(self) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
+        let stall = self.stall.clone();
         let (cmd_tx, cmd_rx) = mpsc::channel();
         let (ack_tx, ack_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -251,17 +259,19 @@ impl Vcpu {
             thread: Some(thread),
             commands: cmd_tx,
             acks: ack_rx,
+            next: 1,
+            stall,
         })
     }
 
-    fn run(mut self, commands: Receiver<VcpuCommand>, acks: Sender<VcpuCommand>) {
+    fn run(mut self, commands: Receiver<Numbered>, acks: Sender<u64>) {
         let run: *mut kvm_run = self.fd.get_kvm_run();
         // SAFETY: `run` is this vCPU's live kvm_run mapping; only a field address is taken.
         let immediate_exit = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
         IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
         // A command sent before the line above was kicked with no pointer to set, so
         // that kick is lost: look for commands once before the first KVM_RUN.
-        if !wait_for_commands(&commands, &acks) {
+        if !wait_for_commands(&commands, &acks, &self.stall) {
             IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
             return;
         }
@@ -298,7 +308,7 @@ impl Vcpu {
                             r.rdi
                         );
                     }
-                    if !wait_for_commands(&commands, &acks) {
+                    if !wait_for_commands(&commands, &acks, &self.stall) {
                         break;
                     }
                     Flow::Continue
@@ -311,8 +321,8 @@ impl Vcpu {
                 let _ = self.events.send((self.index, event));
                 let _ = self.event_fd.write(1);
                 // Stay reachable so that pause and stop still get answers.
-                while let Ok(cmd) = commands.recv() {
-                    let _ = acks.send(cmd);
+                while let Ok((seq, cmd)) = commands.recv() {
+                    let _ = acks.send(seq);
                     if cmd == VcpuCommand::Stop {
                         break;
                     }
@@ -333,10 +343,10 @@ impl Vcpu {
 }
 
 /// Handles queued commands after a kick. Returns false when the thread must end.
-fn wait_for_commands(commands: &Receiver<VcpuCommand>, acks: &Sender<VcpuCommand>) -> bool {
+fn wait_for_commands(commands: &Receiver<Numbered>, acks: &Sender<u64>, stall: &AtomicU64) -> bool {
     let mut paused = false;
     loop {
-        let cmd = if paused {
+        let (seq, cmd) = if paused {
             match commands.recv() {
                 Ok(cmd) => cmd,
                 Err(_) => return false,
@@ -348,8 +358,13 @@ fn wait_for_commands(commands: &Receiver<VcpuCommand>, acks: &Sender<VcpuCommand
                 Err(TryRecvError::Disconnected) => return false,
             }
         };
+        let ms = stall.swap(0, Ordering::AcqRel);
+        if ms > 0 {
+            // A test stands in for a vCPU held up elsewhere (a device, the kernel).
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         // The VMM may have stopped waiting; the command is still carried out.
-        let _ = acks.send(cmd);
+        let _ = acks.send(seq);
         match cmd {
             VcpuCommand::Pause => paused = true,
             VcpuCommand::Resume => paused = false,
@@ -362,15 +377,26 @@ fn wait_for_commands(commands: &Receiver<VcpuCommand>, acks: &Sender<VcpuCommand
 pub struct VcpuHandle {
     index: u8,
     thread: Option<JoinHandle<()>>,
-    commands: Sender<VcpuCommand>,
-    acks: Receiver<VcpuCommand>,
+    commands: Sender<Numbered>,
+    acks: Receiver<u64>,
+    /// The number the next command gets.
+    next: u64,
+    stall: Arc<AtomicU64>,
 }
 
 impl VcpuHandle {
+    /// This vCPU's index.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
     /// Sends a command; kicks the thread out of `KVM_RUN` when it must notice at once.
-    pub fn send(&self, cmd: VcpuCommand) -> Result<(), VcpuError> {
+    /// Returns the command's number, for `wait_ack`.
+    pub fn send(&mut self, cmd: VcpuCommand) -> Result<u64, VcpuError> {
+        let seq = self.next;
+        self.next += 1;
         self.commands
-            .send(cmd)
+            .send((seq, cmd))
             .map_err(|_| VcpuError::Gone(self.index))?;
         if cmd != VcpuCommand::Resume {
             if let Some(thread) = &self.thread {
@@ -378,14 +404,17 @@ impl VcpuHandle {
                 let _ = thread.kill(kick_signal());
             }
         }
-        Ok(())
+        Ok(seq)
     }
 
-    /// Waits until the thread has acted on a command sent with `send`.
-    pub fn wait_ack(&self, cmd: VcpuCommand) -> Result<(), VcpuError> {
+    /// Waits until the thread has acted on command `seq` (and so on every command
+    /// before it), at most until `deadline`.
+    pub fn wait_ack(&self, seq: u64, cmd: VcpuCommand, deadline: Instant) -> Result<(), VcpuError> {
         loop {
-            match self.acks.recv_timeout(COMMAND_TIMEOUT) {
-                Ok(done) if done == cmd => return Ok(()),
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.acks.recv_timeout(left) {
+                Ok(done) if done >= seq => return Ok(()),
+                // A late answer to an earlier command.
                 Ok(_) => continue,
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(VcpuError::Timeout {
@@ -399,16 +428,48 @@ impl VcpuHandle {
         }
     }
 
-    /// Stops and joins the thread.
+    /// Asks the thread to end, without waiting.
+    pub fn request_stop(&mut self) -> Option<u64> {
+        self.thread.as_ref()?;
+        self.send(VcpuCommand::Stop).ok()
+    }
+
+    /// Joins the thread if it acknowledged `stop` (a command number from
+    /// `request_stop`) by `deadline`. A thread that did not is left behind, never
+    /// waited for: a stuck vCPU must not keep ferry from exiting.
+    pub fn finish_stop(&mut self, stop: Option<u64>, deadline: Instant) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let acked = match stop {
+            Some(seq) => self.wait_ack(seq, VcpuCommand::Stop, deadline).is_ok(),
+            // The channel is closed: the thread has already ended.
+            None => true,
+        };
+        if !acked {
+            tracing::error!(
+                "vCPU {} did not stop within {COMMAND_TIMEOUT:?}; leaving its thread behind",
+                self.index
+            );
+            return;
+        }
+        if thread.join().is_err() {
+            tracing::error!("vCPU {} thread panicked", self.index);
+        }
+    }
+
+    /// Stops and joins the thread, waiting at most `COMMAND_TIMEOUT`.
     pub fn stop(&mut self) {
-        if self.send(VcpuCommand::Stop).is_ok() {
-            let _ = self.wait_ack(VcpuCommand::Stop);
-        }
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("vCPU {} thread panicked", self.index);
-            }
-        }
+        let seq = self.request_stop();
+        self.finish_stop(seq, Instant::now() + COMMAND_TIMEOUT);
+    }
+
+    /// For tests: the next command this vCPU takes waits `duration` first, as a vCPU
+    /// held up in a device or the kernel would.
+    #[doc(hidden)]
+    pub fn stall_next_command(&self, duration: Duration) {
+        let ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        self.stall.store(ms, Ordering::Release);
     }
 }
 

@@ -63,18 +63,29 @@ fn test_verify_stays_ok_across_200_pause_resume_cycles() {
     vmm.start().expect("start");
     wait_for(&out, "pass 3", |t| t.contains("pass 3 ok"));
 
+    // The guest rewrites its whole range every pass, so memory that stays the same
+    // for 40 ms means no vCPU ran; while it runs, the same wait always sees a change.
+    let running_before = range_digest(&vmm);
+    std::thread::sleep(Duration::from_millis(40));
+    assert_ne!(
+        range_digest(&vmm),
+        running_before,
+        "a running guest changes memory"
+    );
     for cycle in 0..200 {
         vmm.pause().expect("pause");
         assert_eq!(vmm.state(), VmState::Paused);
         if cycle % 25 == 0 {
             // A paused guest makes no progress at all.
-            let before = console(&out).len();
+            let before = range_digest(&vmm);
+            let printed = console(&out).len();
             std::thread::sleep(Duration::from_millis(40));
             assert_eq!(
-                console(&out).len(),
+                range_digest(&vmm),
                 before,
-                "guest printed while paused (cycle {cycle})"
+                "guest memory changed while paused (cycle {cycle})"
             );
+            assert_eq!(console(&out).len(), printed, "guest printed while paused");
         }
         vmm.resume().expect("resume");
         assert_eq!(vmm.state(), VmState::Running);
@@ -92,6 +103,75 @@ fn test_verify_stays_ok_across_200_pause_resume_cycles() {
     assert!(!console(&out).contains("corrupt"));
     vmm.stop();
     assert_eq!(vmm.state(), VmState::Stopped);
+}
+
+/// A digest of the `verify` workload's range (4 MiB + 32 MiB), read from the host.
+fn range_digest(vmm: &vmm::Vmm) -> u64 {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut buf = vec![0u8; 32 << 20];
+    vmm.ram()
+        .memory()
+        .read_slice(&mut buf, GuestAddress(4 << 20))
+        .expect("read guest memory");
+    buf.chunks_exact(8).fold(0u64, |h, w| {
+        (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes")))
+            .rotate_left(5)
+            .wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// A vCPU that does not park in time: the pause is undone, the VM keeps running and
+/// says so, and once the vCPU is back, pause and resume work again.
+#[test]
+fn test_pause_a_vcpu_cannot_follow_leaves_the_vm_running() {
+    let dir = TempDir::new("stuck-pause");
+    let out = dir.path().join("console.log");
+    let mut vmm = vmm::build(&config(&out, 2, "workload=verify size=32M")).expect("build");
+    vmm.start().expect("start");
+    wait_for(&out, "pass 2", |t| t.contains("pass 2 ok"));
+    for stuck in [0, 1] {
+        vmm.stall_vcpu(stuck, Duration::from_secs(3));
+        let started = Instant::now();
+        let err = vmm.pause().expect_err("a stuck vCPU cannot pause");
+        assert!(matches!(err, LifecycleError::PauseFailed(_)), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!("cannot pause: vCPU {stuck} did not answer Pause within 2s; the VM was resumed and keeps running")
+        );
+        assert!(started.elapsed() < Duration::from_secs(3), "bounded");
+        assert_eq!(vmm.state(), VmState::Running);
+        // Every vCPU runs again: the guest (on vCPU 0) goes on passing.
+        let passes = ok_passes(&console(&out));
+        wait_for(&out, "two more passes", |t| ok_passes(t) >= passes + 2);
+        // Back to normal once the stall is over.
+        std::thread::sleep(Duration::from_millis(1500));
+        vmm.pause().expect("pause after the stall");
+        let before = range_digest(&vmm);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(range_digest(&vmm), before, "paused for real");
+        vmm.resume().expect("resume");
+    }
+    assert!(!console(&out).contains("corrupt"));
+    vmm.stop();
+}
+
+/// Stopping waits a bounded time for each vCPU, never forever.
+#[test]
+fn test_stop_with_a_stuck_vcpu_is_bounded() {
+    let dir = TempDir::new("stuck-stop");
+    let out = dir.path().join("console.log");
+    let mut vmm = vmm::build(&config(&out, 2, "workload=verify size=8M")).expect("build");
+    vmm.start().expect("start");
+    wait_for(&out, "pass 1", |t| t.contains("pass 1 ok"));
+    vmm.stall_vcpu(1, Duration::from_secs(20));
+    let started = Instant::now();
+    vmm.stop();
+    let took = started.elapsed();
+    assert_eq!(vmm.state(), VmState::Stopped);
+    assert!(
+        took < Duration::from_secs(3),
+        "stop took {took:?} with a stuck vCPU"
+    );
 }
 
 #[test]
