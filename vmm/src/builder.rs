@@ -1,14 +1,14 @@
 //! Turns a configuration into a `Vmm` ready to start: guest RAM, the kernel and its boot
 //! structures, the KVM VM, the legacy devices and the vCPUs.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::sync::atomic::AtomicU64;
+use std::os::fd::AsFd;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use api::VmConfig;
-use devices::legacy::{IrqLine, Serial, SerialOutput, I8042};
+use devices::legacy::{Console, IrqLine, Serial, CONSOLE_BUFFER, I8042};
 use devices::{MmioBus, PioBus};
 use kvm_bindings::CpuId;
 use kvm_ioctls::Cap;
@@ -132,12 +132,20 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
                     device_err("the serial output file")(&format!("{}: {e}", path.display()))
                 })?,
         ),
-        None => Box::new(std::io::stdout()),
+        // A file on a duplicate of fd 1, not `std::io::stdout()`: its line buffer would
+        // hold partial lines back, and its lock is shared with the rest of the process.
+        None => Box::new(File::from(
+            std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| device_err("the console")(&e))?,
+        )),
     };
-    let serial_bytes = Arc::new(AtomicU64::new(0));
+    let console =
+        Console::spawn(sink, CONSOLE_BUFFER).map_err(|e| device_err("the console")(&e))?;
     let serial = Arc::new(Mutex::new(Serial::new(
         IrqLine(serial_irq),
-        SerialOutput::new(sink, serial_bytes.clone()),
+        console.output(),
     )));
 
     let kbd_irq =
@@ -229,7 +237,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         pending,
         devices: Devices {
             serial,
-            serial_bytes,
+            console,
             i8042,
             reset_evt,
             virtio: virtio_devices,

@@ -9,12 +9,11 @@ pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::legacy::{Serial, I8042};
+use devices::legacy::{Console, Serial, I8042};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use builder::{build, BuildError};
@@ -94,8 +93,8 @@ impl ExitReason {
 pub struct Devices {
     /// COM1.
     pub serial: Arc<Mutex<Serial>>,
-    /// Bytes the guest wrote to COM1.
-    pub serial_bytes: Arc<AtomicU64>,
+    /// Where COM1's output goes, without ever blocking the guest.
+    pub console: Console,
     /// The keyboard controller.
     pub i8042: Arc<Mutex<I8042>>,
     /// Written by the i8042 when the guest resets the CPU.
@@ -272,6 +271,8 @@ impl Vmm {
         self.vcpus.clear();
         self.pending.clear();
         self.state = VmState::Stopped;
+        // What the guest printed last reaches the console, unless its sink is stuck.
+        self.devices.console.finish();
     }
 
     /// For tests: vCPU `index` waits `duration` before it takes its next command, as a
@@ -320,7 +321,10 @@ impl Vmm {
         serde_json::json!({
             "vcpu": self.vcpu_metrics.json(),
             "vmm": { "paused_us": u64::try_from(paused.as_micros()).unwrap_or(u64::MAX) },
-            "uart": { "write_bytes": self.devices.serial_bytes.load(Ordering::Relaxed) },
+            "uart": {
+                "write_bytes": self.devices.console.written(),
+                "missed_write_count": self.devices.console.dropped(),
+            },
             "virtio": self.devices.virtio.metrics(),
         })
     }

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::IrqLine;
@@ -26,6 +27,19 @@ const CTR_KBD_INT: u8 = 0x01;
 const CTRL_ALT_DEL: [u8; 4] = [0x14, 0x11, 0xe0, 0x71];
 const BUFFER_LIMIT: usize = 16;
 
+/// The controller's registers and output buffer, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    /// Status register.
+    pub status: u8,
+    /// Controller configuration byte.
+    pub control: u8,
+    /// The next data byte is a new configuration byte.
+    pub expect_control: bool,
+    /// Bytes waiting for the guest to read.
+    pub out: Vec<u8>,
+}
+
 /// The controller.
 pub struct I8042 {
     reset: EventFd,
@@ -48,6 +62,32 @@ impl I8042 {
             expect_control: false,
             out: VecDeque::new(),
         }
+    }
+
+    /// The registers and output buffer.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            expect_control: self.expect_control,
+            out: self.out.iter().copied().collect(),
+        }
+    }
+
+    /// Sets the registers and output buffer from saved state; a buffer longer than the
+    /// controller's is refused.
+    pub fn restore(&mut self, state: &I8042State) -> Result<(), String> {
+        if state.out.len() > BUFFER_LIMIT {
+            return Err(format!(
+                "i8042 state: {} buffered bytes, the controller holds {BUFFER_LIMIT}",
+                state.out.len()
+            ));
+        }
+        self.status = state.status;
+        self.control = state.control;
+        self.expect_control = state.expect_control;
+        self.out = state.out.iter().copied().collect();
+        Ok(())
     }
 
     /// Presses Ctrl-Alt-Del. A Linux guest answers by rebooting.
@@ -159,6 +199,26 @@ mod tests {
             got.push(b[0]);
         }
         assert_eq!(got, CTRL_ALT_DEL);
+    }
+
+    #[test]
+    fn test_state_round_trips() {
+        let (mut dev, _, _) = device();
+        dev.write(COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(DATA, &[0x45]);
+        dev.send_ctrl_alt_del().expect("send");
+        let state = dev.state();
+        let (mut other, _, _) = device();
+        other.restore(&state).expect("restore");
+        assert_eq!(other.state(), state);
+        let mut b = [0u8];
+        other.read(DATA, &mut b);
+        assert_eq!(b[0], CTRL_ALT_DEL[0]);
+        let too_long = I8042State {
+            out: vec![0; BUFFER_LIMIT + 1],
+            ..state
+        };
+        assert!(other.restore(&too_long).is_err());
     }
 
     #[test]

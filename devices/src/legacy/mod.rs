@@ -1,10 +1,12 @@
 //! PC legacy devices: the 8250 UART and the i8042 keyboard controller.
 
+mod console;
 mod i8042;
 mod serial;
 
-pub use i8042::I8042;
-pub use serial::{Serial, SerialInput, SerialOutput};
+pub use console::{Console, SerialOutput, CONSOLE_BUFFER};
+pub use i8042::{I8042State, I8042};
+pub use serial::{Serial, SerialInput, SerialSnapshot};
 
 use vmm_sys_util::eventfd::EventFd;
 
