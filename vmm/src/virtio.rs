@@ -92,24 +92,16 @@ struct Slot {
     queue_evts: Vec<EventFd>,
 }
 
-impl Slot {
-    /// Queues whose budget ran out get their own notification again, so the event loop
-    /// serves other events (the API, other devices) before it returns to them.
-    fn come_back(&self, more: u32) {
-        for (q, evt) in self.queue_evts.iter().enumerate() {
-            if more & (1 << q) != 0 {
-                if let Err(e) = evt.write(1) {
-                    tracing::warn!("device {}: cannot requeue queue {q}: {e}", self.id);
-                }
-            }
-        }
-    }
-}
-
 /// The VM's virtio devices.
 #[derive(Default)]
 pub struct VirtioDevices {
     slots: Vec<Slot>,
+}
+
+fn clone_all(evts: &[EventFd]) -> Result<Vec<EventFd>, String> {
+    evts.iter()
+        .map(|e| e.try_clone().map_err(|e| e.to_string()))
+        .collect()
 }
 
 fn parse_mac(mac: &str) -> Option<[u8; 6]> {
@@ -237,7 +229,8 @@ impl VirtioDevices {
                 queue_evts.push(evt);
             }
             let irq_clone = irq_evt.try_clone().map_err(|e| kvm(e.to_string()))?;
-            let transport = MmioTransport::new(device, mem.clone(), irq_clone).map_err(kvm)?;
+            let mut transport = MmioTransport::new(device, mem.clone(), irq_clone).map_err(kvm)?;
+            transport.set_notifiers(clone_all(&queue_evts).map_err(kvm)?);
             let transport = Arc::new(Mutex::new(transport));
             bus.insert(base, MMIO_SIZE, transport.clone())
                 .map_err(|e| kvm(e.to_string()))?;
@@ -276,8 +269,9 @@ impl VirtioDevices {
         for slot in &self.slots {
             if let Some(q) = slot.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
                 let _ = slot.queue_evts[q].read();
-                let more = slot.transport.lock().expect("poisoned").notify(q);
-                slot.come_back(more);
+                let mut t = slot.transport.lock().expect("poisoned");
+                let more = t.notify(q);
+                t.requeue(more);
                 return true;
             }
         }
@@ -285,8 +279,7 @@ impl VirtioDevices {
             let mut t = slot.transport.lock().expect("poisoned");
             if t.device().backend_fd() == Some(fd) {
                 let more = t.backend_ready();
-                drop(t);
-                slot.come_back(more);
+                t.requeue(more);
                 return true;
             }
         }
@@ -303,8 +296,9 @@ impl VirtioDevices {
     /// Lets every device take requests again, starting with those queued meanwhile.
     pub fn resume(&self) {
         for slot in &self.slots {
-            let more = slot.transport.lock().expect("poisoned").resume();
-            slot.come_back(more);
+            let mut t = slot.transport.lock().expect("poisoned");
+            let more = t.resume();
+            t.requeue(more);
         }
     }
 
@@ -367,6 +361,12 @@ impl VirtioDevices {
             })?;
             let mut rebuilt = MmioTransport::restore(device, mem.clone(), irq, &s.transport)
                 .map_err(|e| VirtioError::State(format!("device {}: {e}", s.id)))?;
+            rebuilt.set_notifiers(clone_all(&slot.queue_evts).map_err(|reason| {
+                VirtioError::Kvm {
+                    id: slot.id.clone(),
+                    reason,
+                }
+            })?);
             rebuilt.pause();
             *t = rebuilt;
         }

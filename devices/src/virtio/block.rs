@@ -277,7 +277,14 @@ impl VirtioDevice for Block {
         } else {
             0
         };
-        (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_RING_F_EVENT_IDX) | ro
+        // As Firecracker: FLUSH only where a flush reaches the disk. With "Unsafe" a
+        // driver that sees no FLUSH knows its writes are not made durable.
+        let flush = if self.state.writeback {
+            1 << VIRTIO_BLK_F_FLUSH
+        } else {
+            0
+        };
+        flush | (1 << VIRTIO_RING_F_EVENT_IDX) | ro
     }
 
     fn config_space(&self) -> Vec<u8> {
@@ -290,8 +297,9 @@ impl VirtioDevice for Block {
         index: usize,
         queues: &mut [Queue],
         mem: &Mem,
+        budget: usize,
     ) -> Result<Progress, DeviceError> {
-        for_each_chain(index, queues, mem, |chain| self.execute(chain, mem))
+        for_each_chain(index, queues, mem, budget, |chain| self.execute(chain, mem))
     }
 
     fn state(&self) -> DeviceState {

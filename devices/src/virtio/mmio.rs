@@ -11,7 +11,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::state::{DeviceState, QueueSnapshot, TransportState};
-use super::{DeviceError, Mem, Progress, VirtioDevice, F_VERSION_1};
+use super::{DeviceError, Mem, Progress, VirtioDevice, BUDGET, F_VERSION_1};
 
 /// "virt", little-endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -42,6 +42,11 @@ pub struct MmioTransport {
     error: Option<String>,
     /// Guest register misuse and chain errors, for metrics.
     errors: u64,
+    /// Each queue's notification eventfd (the ioeventfd KVM signals): work left over
+    /// from a vCPU's exit is handed to the event loop through it.
+    notifiers: Vec<EventFd>,
+    /// Requests a device takes per event (`BUDGET`).
+    budget: usize,
 }
 
 impl MmioTransport {
@@ -67,7 +72,35 @@ impl MmioTransport {
             paused: false,
             error: None,
             errors: 0,
+            notifiers: Vec::new(),
+            budget: BUDGET,
         })
+    }
+
+    /// Gives the transport each queue's notification eventfd, which the event loop
+    /// watches. Without them, work left over after a budget waits for the guest's next
+    /// notification.
+    pub fn set_notifiers(&mut self, notifiers: Vec<EventFd>) {
+        self.notifiers = notifiers;
+    }
+
+    /// For tests: requests a device takes per event, in place of `BUDGET`.
+    #[doc(hidden)]
+    pub fn set_budget(&mut self, budget: usize) {
+        self.budget = budget.max(1);
+    }
+
+    /// Queues whose budget ran out (bit per queue, as `notify` returns them) get their
+    /// own notification again, so the event loop serves other events (the API, other
+    /// devices) and then comes back to them.
+    pub fn requeue(&self, more: u32) {
+        for (q, evt) in self.notifiers.iter().enumerate() {
+            if more & (1 << q) != 0 {
+                if let Err(e) = evt.write(1) {
+                    tracing::warn!("cannot requeue queue {q}: {e}");
+                }
+            }
+        }
     }
 
     /// Builds the transport again from saved state, around a device rebuilt from its own
@@ -220,7 +253,7 @@ impl MmioTransport {
         }
         let result = self
             .device
-            .process_queue(index, &mut self.queues, &self.mem);
+            .process_queue(index, &mut self.queues, &self.mem, self.budget);
         self.finish(result)
     }
 
@@ -230,7 +263,9 @@ impl MmioTransport {
         if self.paused || !self.active() {
             return 0;
         }
-        let result = self.device.process_backend(&mut self.queues, &self.mem);
+        let result = self
+            .device
+            .process_backend(&mut self.queues, &self.mem, self.budget);
         self.finish(result)
     }
 
@@ -389,9 +424,12 @@ impl MmioTransport {
                 self.write_queue(offset, v)
             }
             NOTIFY_OFFSET => {
-                // A trapped notify (no ioeventfd): finish the queue here, round by round.
+                // A trapped notify (no ioeventfd matched): one budget's worth here, on
+                // the vCPU, and the rest from the event loop, so that no guest can keep
+                // a vCPU in device work and away from a pause.
                 let index = usize::try_from(v).unwrap_or(usize::MAX);
-                while self.notify(index) != 0 {}
+                let more = self.notify(index);
+                self.requeue(more);
             }
             0x64 => self.interrupt_status &= !v,
             0x70 => self.write_status(v),
@@ -475,8 +513,10 @@ impl MmioTransport {
         }
         self.status = status;
         if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
-            // Requests may already be queued, and a backend may already have data.
-            while self.kick_all() != 0 {}
+            // Requests may already be queued, and a backend may already have data: one
+            // budget here, the rest from the event loop, as for a trapped notify.
+            let more = self.kick_all();
+            self.requeue(more);
         }
     }
 }
@@ -525,6 +565,7 @@ impl VirtioDevice for Retired {
         _: usize,
         _: &mut [Queue],
         _: &Mem,
+        _: usize,
     ) -> Result<Progress, DeviceError> {
         Ok(Progress::default())
     }

@@ -90,23 +90,26 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// The device's config space.
     fn config_space(&self) -> Vec<u8>;
-    /// Handles the requests waiting on queue `index`. `queues` are all ready and valid.
+    /// Handles the requests waiting on queue `index`, at most `budget` of them.
+    /// `queues` are all ready and valid.
     fn process_queue(
         &mut self,
         index: usize,
         queues: &mut [Queue],
         mem: &Mem,
+        budget: usize,
     ) -> Result<Progress, DeviceError>;
     /// The host-side fd the device waits on (a tap), if any, and whether it is watched
     /// edge-triggered.
     fn backend_fd(&self) -> Option<RawFd> {
         None
     }
-    /// Handles readiness of `backend_fd`.
+    /// Handles readiness of `backend_fd`, at most `budget` requests.
     fn process_backend(
         &mut self,
         _queues: &mut [Queue],
         _mem: &Mem,
+        _budget: usize,
     ) -> Result<Progress, DeviceError> {
         Ok(Progress::default())
     }

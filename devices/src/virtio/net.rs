@@ -19,7 +19,7 @@ use vm_memory::Bytes;
 use super::chain::{Chain, ChainError};
 use super::queue::{for_each_chain, next_chain, ring_error};
 use super::tap::{Tap, TapError};
-use super::{DeviceError, DeviceState, Mem, Progress, VirtioDevice, BUDGET};
+use super::{DeviceError, DeviceState, Mem, Progress, VirtioDevice};
 
 /// `struct virtio_net_hdr_v1`: what precedes every frame in a virtio 1.x queue.
 pub const NET_HDR_LEN: usize = 12;
@@ -122,13 +122,18 @@ impl Net {
     }
 
     /// Moves frames from the tap into receive buffers until one side runs out.
-    fn receive(&mut self, queues: &mut [Queue], mem: &Mem) -> Result<Progress, DeviceError> {
+    fn receive(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &Mem,
+        budget: usize,
+    ) -> Result<Progress, DeviceError> {
         let mut progress = Progress::default();
         let err = |source| DeviceError::Chain { queue: RX, source };
         let q = &mut queues[RX];
         let mut frames = 0;
         while self.tap_readable {
-            if frames == BUDGET {
+            if frames == budget {
                 // More may wait: come back through the receive queue's notification.
                 progress.more_on(RX);
                 break;
@@ -224,10 +229,11 @@ impl VirtioDevice for Net {
         index: usize,
         queues: &mut [Queue],
         mem: &Mem,
+        budget: usize,
     ) -> Result<Progress, DeviceError> {
         match index {
-            RX => self.receive(queues, mem),
-            TX => for_each_chain(TX, queues, mem, |chain| self.transmit(chain, mem)),
+            RX => self.receive(queues, mem, budget),
+            TX => for_each_chain(TX, queues, mem, budget, |chain| self.transmit(chain, mem)),
             _ => Ok(Progress::default()),
         }
     }
@@ -240,9 +246,10 @@ impl VirtioDevice for Net {
         &mut self,
         queues: &mut [Queue],
         mem: &Mem,
+        budget: usize,
     ) -> Result<Progress, DeviceError> {
         self.tap_readable = true;
-        self.receive(queues, mem)
+        self.receive(queues, mem, budget)
     }
 
     fn state(&self) -> DeviceState {

@@ -3,7 +3,7 @@
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 
 use super::chain::{Chain, ChainError};
-use super::{DeviceError, Mem, Progress, BUDGET};
+use super::{DeviceError, Mem, Progress};
 
 pub fn ring_error(queue: usize, e: impl std::fmt::Display) -> DeviceError {
     DeviceError::Ring {
@@ -22,7 +22,7 @@ pub fn next_chain<'m>(
     Ok(iter.next())
 }
 
-/// Runs `handle` on every chain available on queue `index`, up to `BUDGET`, and returns
+/// Runs `handle` on every chain available on queue `index`, up to `budget`, and returns
 /// each to the used ring with the length `handle` reports. Notifications stay off while
 /// the device works and are checked again after, so a request added meanwhile is not
 /// missed. When the budget runs out, notifications stay off and `more` says so.
@@ -30,6 +30,7 @@ pub fn for_each_chain(
     index: usize,
     queues: &mut [Queue],
     mem: &Mem,
+    budget: usize,
     mut handle: impl FnMut(&Chain) -> Result<u32, ChainError>,
 ) -> Result<Progress, DeviceError> {
     let mut progress = Progress::default();
@@ -41,7 +42,7 @@ pub fn for_each_chain(
         q.disable_notification(mem)
             .map_err(|e| ring_error(index, e))?;
         while let Some(desc_chain) = next_chain(index, q, mem)? {
-            if done == BUDGET {
+            if done == budget {
                 q.go_to_previous_position();
                 progress.more_on(index);
                 return Ok(progress);

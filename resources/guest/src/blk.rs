@@ -48,6 +48,8 @@ struct Slot {
 struct Blk {
     dev: Device,
     q: Queue,
+    /// The device offered FLUSH.
+    flush: bool,
     capacity: u64,
     headers: u64,
     statuses: u64,
@@ -82,9 +84,10 @@ impl Blk {
         else {
             error(format_args!("no virtio-blk device on the command line"));
         };
-        if dev.negotiate(F_FLUSH).is_none() {
+        // A device offers FLUSH only when flushes reach its disk (Writeback).
+        let Some(features) = dev.negotiate(F_FLUSH) else {
             error(format_args!("the device refused our features"));
-        }
+        };
         let Some(q) = dev.queue(0, QUEUE_SIZE, p.start) else {
             error(format_args!("the device has no queue of {QUEUE_SIZE}"));
         };
@@ -98,6 +101,7 @@ impl Blk {
         let blk = Blk {
             dev,
             q,
+            flush: features & F_FLUSH != 0,
             capacity,
             headers: p.start + 3 * 4096,
             statuses: p.start + 3 * 4096 + 2048,
@@ -273,9 +277,11 @@ pub fn run(cmdline: &[u8], p: &BlkParams) {
             |b, slot, off| b.fill(slot, off, pass),
             |_, _, _| {},
         );
-        let status = blk.single(T_FLUSH, 0, 0);
-        if status != S_OK {
-            error(format_args!("flush failed with status {status}"));
+        if blk.flush {
+            let status = blk.single(T_FLUSH, 0, 0);
+            if status != S_OK {
+                error(format_args!("flush failed with status {status}"));
+            }
         }
         blk.stream(
             T_IN,
