@@ -444,6 +444,16 @@ impl Drive {
         if self.rate_limiter.is_some() {
             return Err(ConfigError::Unsupported("drives.rate_limiter".into()));
         }
+        if let Some(uuid) = self.partuuid.as_deref() {
+            if !is_partuuid(uuid) {
+                return Err(invalid(
+                    "drives.partuuid",
+                    format!(
+                        "\"{uuid}\" is not a partition UUID (GPT: 8-4-4-4-12 hex digits; MBR: 8-2)"
+                    ),
+                ));
+            }
+        }
         if let Some(c) = self.cache_type.as_deref() {
             if c != "Unsafe" && c != "Writeback" {
                 return Err(invalid(
@@ -496,6 +506,15 @@ impl NetworkInterface {
         }
         Ok(())
     }
+}
+
+/// A partition UUID as Linux's `root=PARTUUID=` takes it: a GPT UUID
+/// (`8-4-4-4-12` hex digits) or an MBR disk signature and partition (`8-2`). It goes on
+/// the kernel command line, so nothing else may pass.
+fn is_partuuid(uuid: &str) -> bool {
+    let groups: Vec<usize> = uuid.split('-').map(str::len).collect();
+    let hex = uuid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    hex && (groups == [8, 4, 4, 4, 12] || groups == [8, 2])
 }
 
 /// IDs are used in paths: non-empty, at most 64 bytes, letters, digits and `_`.
@@ -586,6 +605,34 @@ mod tests {
             err.to_string(),
             "boot-source.kernel_image_path: /no/such/vmlinux does not exist"
         );
+    }
+
+    #[test]
+    fn test_partuuid_must_be_a_uuid() {
+        let drive = |uuid: &str| Drive {
+            drive_id: "root".into(),
+            path_on_host: Some("/proc/self/exe".into()),
+            is_root_device: true,
+            is_read_only: None,
+            partuuid: Some(uuid.into()),
+            cache_type: None,
+            io_engine: None,
+            rate_limiter: None,
+            socket: None,
+        };
+        for ok in ["0eaa91a0-01", "6a7b3e2c-1d4f-4a9b-8c0e-0123456789ab"] {
+            drive(ok).validate().expect(ok);
+        }
+        for bad in [
+            "",
+            "0eaa91a0-01 init=/bin/sh",
+            "6a7b3e2c-1d4f-4a9b-8c0e-0123456789ag",
+            "6a7b3e2c1d4f4a9b8c0e0123456789ab",
+            "0eaa91a0-01-",
+        ] {
+            let err = drive(bad).validate().expect_err(bad).to_string();
+            assert!(err.starts_with("drives.partuuid: "), "{err}");
+        }
     }
 
     #[test]

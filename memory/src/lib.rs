@@ -11,7 +11,7 @@ pub mod layout;
 mod ram;
 mod sys;
 
-pub use ram::{GuestMemoryMmap, GuestRam, RamError, RamRegion};
+pub use ram::{check_mappable, GuestMemoryMmap, GuestRam, RamError, RamRegion};
 
 /// The page size of guest RAM and of dirty tracking.
 pub const PAGE_SIZE: u64 = 4096;

@@ -26,6 +26,16 @@ pub enum RamError {
         /// Physical address width of the vCPUs.
         phys_bits: u8,
     },
+    /// A region is larger than one KVM memory slot holds.
+    #[error(
+        "memory size {size_mib} MiB needs a memory slot larger than KVM's limit of {max_mib} MiB"
+    )]
+    SlotTooLarge {
+        /// Requested size.
+        size_mib: u64,
+        /// Largest slot, in MiB.
+        max_mib: u64,
+    },
     /// `memfd_create` failed.
     #[error("cannot create the guest memory memfd: {0}")]
     Memfd(#[source] std::io::Error),
@@ -90,6 +100,38 @@ pub struct GuestRam {
     writes: Arc<WriteSinks>,
 }
 
+/// Checks that `size` bytes of guest RAM can be mapped, by reserving (and at once
+/// releasing) that much address space: nothing is allocated. Also checks the KVM slot
+/// limit.
+pub fn check_mappable(size: u64) -> Result<(), RamError> {
+    let size_mib = size / MIB;
+    check_slots(size_mib)?;
+    let len = usize::try_from(size).map_err(|_| RamError::TooLarge {
+        size_mib,
+        phys_bits: 64,
+    })?;
+    sys::reserve_address_space(len).map_err(|source| RamError::Mmap {
+        size_mib,
+        source: vm_memory::mmap::MmapRegionError::Mmap(source),
+    })
+}
+
+/// Pages in one KVM memory slot at most (`KVM_MEM_MAX_NR_PAGES`).
+const KVM_SLOT_MAX_PAGES: u64 = (1 << 31) - 1;
+
+/// Each region becomes one KVM slot: refuse at once a size whose region KVM would.
+fn check_slots(size_mib: u64) -> Result<(), RamError> {
+    let size = size_mib.saturating_mul(MIB);
+    let max = KVM_SLOT_MAX_PAGES * PAGE_SIZE;
+    if layout::ram_regions(size).iter().any(|(_, len)| *len > max) {
+        return Err(RamError::SlotTooLarge {
+            size_mib,
+            max_mib: max / MIB,
+        });
+    }
+    Ok(())
+}
+
 impl GuestRam {
     /// Creates `size_mib` MiB of guest RAM. Nothing is touched: pages are allocated only
     /// when the guest (or ferry) first writes them. `phys_bits` bounds the layout.
@@ -109,6 +151,7 @@ impl GuestRam {
             });
         }
 
+        check_slots(size_mib)?;
         let file = sys::memfd_create(c"ferry-guest-ram").map_err(RamError::Memfd)?;
         let resize = |source| RamError::Resize { size_mib, source };
         file.set_len(size).map_err(resize)?;
@@ -258,6 +301,13 @@ mod tests {
             GuestRam::new(u64::MAX, 46),
             Err(RamError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn test_rejects_a_region_larger_than_a_kvm_slot() {
+        let err = GuestRam::new(16 << 20, 52).err().expect("16 TiB");
+        assert!(matches!(err, RamError::SlotTooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("KVM's limit"), "{err}");
     }
 
     #[test]

@@ -118,6 +118,29 @@ pub fn kvm_clear_dirty_log(
     Ok(())
 }
 
+/// Reserves `len` bytes of address space with no access and no memory behind them,
+/// and releases them: whether a mapping that large fits this process.
+pub fn reserve_address_space(len: usize) -> io::Result<()> {
+    // SAFETY: a new anonymous PROT_NONE mapping at an address the kernel picks; nothing
+    // else refers to it, and it is unmapped right after.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `addr..addr+len` is the mapping made just above, used by nothing.
+    unsafe { libc::munmap(addr, len) };
+    Ok(())
+}
+
 /// Discards the pages of `file` in `offset..offset+len` (their contents become zero).
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {

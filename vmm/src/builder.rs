@@ -19,7 +19,7 @@ use crate::arch::cpuid::{self, CpuidParams, Topology};
 use crate::arch::{boot, mptable, regs};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuMetrics};
 use crate::virtio::{self, VirtioDevices, VirtioError};
-use crate::vm::{HostKvm, Vm, VmError};
+use crate::vm::{Vm, VmError};
 use crate::{Devices, VmState, Vmm};
 
 /// Why a VM could not be built.
@@ -89,8 +89,9 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     // Validation bounds vcpu_count to 1..=32.
     let vcpu_count = u8::try_from(machine.vcpu_count).unwrap_or(u8::MAX);
 
-    let host = HostKvm::open()?;
+    let host = crate::vm::host()?;
     host.check_vcpus(vcpu_count)?;
+    host.check_memory(machine.mem_size_mib)?;
     let ram = GuestRam::new(machine.mem_size_mib, host.phys_bits).map_err(VmError::from)?;
 
     // Open drives and taps, and load the guest, before creating the VM: bad paths fail
@@ -111,7 +112,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     regs::write_boot_tables(ram.memory())
         .map_err(|source| BuildError::Regs { index: 0, source })?;
 
-    let vm = Vm::new(&host, ram)?;
+    let vm = Vm::new(host, ram)?;
 
     let serial_irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| device_err("the serial IRQ")(&e))?;

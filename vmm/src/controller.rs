@@ -27,11 +27,27 @@ use crate::{ExitReason, VmState, Vmm};
 static STOP_FD: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn handle_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let fd = STOP_FD.load(Ordering::Relaxed);
+    let fd = STOP_FD.load(Ordering::Acquire);
     if fd >= 0 {
         let one = 1u64;
         // SAFETY: write(2) on an eventfd with an 8-byte buffer is async-signal-safe.
         unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+}
+
+/// `STOP_FD` set to the loop's eventfd, and back to -1 when dropped.
+struct StopFd;
+
+impl StopFd {
+    fn publish(fd: RawFd) -> StopFd {
+        STOP_FD.store(fd, Ordering::Release);
+        StopFd
+    }
+}
+
+impl Drop for StopFd {
+    fn drop(&mut self) {
+        STOP_FD.store(-1, Ordering::Release);
     }
 }
 
@@ -110,6 +126,9 @@ pub struct Controller {
 impl Controller {
     /// A controller with no VM yet, driven by the API.
     pub fn with_api(api: ApiChannel, stdin: bool) -> Result<Self, EventLoopError> {
+        // Read what KVM offers now, not in the first request that needs it. An error
+        // here is reported by the request.
+        let _ = crate::vm::host();
         Self::new(Resources::default(), None, Some(api), stdin)
     }
 
@@ -199,12 +218,15 @@ impl Controller {
             VmmAction::GetMetrics => Ok(VmmData::Json(self.metrics())),
             VmmAction::PutMachineConfig(config) => {
                 self.before_boot()?;
+                check_host_fits(&config)?;
                 self.resources.machine = config;
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchMachineConfig(update) => {
                 self.before_boot()?;
-                self.resources.machine = self.resources.machine.updated(&update).map_err(bad)?;
+                let config = self.resources.machine.updated(&update).map_err(bad)?;
+                check_host_fits(&config)?;
+                self.resources.machine = config;
                 Ok(VmmData::Empty)
             }
             VmmAction::PutBootSource(source) => {
@@ -402,6 +424,17 @@ impl Controller {
     }
 }
 
+/// Refuses at once a machine this host cannot run (too much memory for the address
+/// width, the address space or KVM; too many vCPUs), so that no `InstanceStart` is
+/// doomed.
+fn check_host_fits(config: &MachineConfig) -> Result<(), ApiError> {
+    let host = crate::vm::host().map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let vcpus = u8::try_from(config.vcpu_count).unwrap_or(u8::MAX);
+    host.check_vcpus(vcpus)
+        .and_then(|()| host.check_memory(config.mem_size_mib))
+        .map_err(|e| ApiError::bad_request(format!("machine-config: {e}")))
+}
+
 /// Readable events, edge-triggered for fds a device reads only while it has room.
 fn event_set(edge: bool) -> EventSet {
     if edge {
@@ -453,7 +486,9 @@ impl MutEventSubscriber for Controller {
 /// VM, and returns why it ended.
 pub fn run_until_exit(controller: Controller) -> Result<ExitReason, EventLoopError> {
     let setup = |e: &dyn std::fmt::Debug| EventLoopError::Setup(format!("{e:?}"));
-    STOP_FD.store(controller.stop.as_raw_fd(), Ordering::Relaxed);
+    // Published only for as long as the loop (and so the eventfd) lives: the guard
+    // takes it back on every way out, so the handler never writes to a reused fd.
+    let _stop_fd = StopFd::publish(controller.stop.as_raw_fd());
     for sig in [libc::SIGINT, libc::SIGTERM] {
         register_signal_handler(sig, handle_stop_signal).map_err(|e| setup(&e))?;
     }
@@ -465,7 +500,6 @@ pub fn run_until_exit(controller: Controller) -> Result<ExitReason, EventLoopErr
         {
             let mut c = controller.lock().expect("poisoned");
             if let Some(reason) = c.exit.take() {
-                STOP_FD.store(-1, Ordering::Relaxed);
                 if let Some(vmm) = c.vmm.as_mut() {
                     vmm.stop();
                 }
@@ -476,5 +510,20 @@ pub fn run_until_exit(controller: Controller) -> Result<ExitReason, EventLoopErr
             // A stop signal delivered to this thread interrupts epoll_wait.
             tracing::debug!("event loop woke with {e:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The signal handler must never see an fd after the loop that owned it is gone.
+    #[test]
+    fn test_stop_fd_is_taken_back_when_the_loop_ends() {
+        {
+            let _published = StopFd::publish(7);
+            assert_eq!(STOP_FD.load(Ordering::Acquire), 7);
+        }
+        assert_eq!(STOP_FD.load(Ordering::Acquire), -1);
     }
 }

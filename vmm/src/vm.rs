@@ -38,6 +38,14 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// KVM's bookkeeping for this much guest RAM would take too much of the host.
+    #[error("memory size {size_mib} MiB is too large for this host: KVM would need {} MiB of kernel memory to track it, more than half of the host's {host_mib} MiB", size_mib / 512)]
+    MemoryTooLarge {
+        /// Requested size.
+        size_mib: u64,
+        /// The host's memory.
+        host_mib: u64,
+    },
     /// Guest RAM could not be set up.
     #[error(transparent)]
     Ram(#[from] memory::RamError),
@@ -52,13 +60,14 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
 /// Capabilities ferry relies on, each probed before use.
-const REQUIRED_CAPS: [(Cap, &str); 8] = [
+const REQUIRED_CAPS: [(Cap, &str); 9] = [
     (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
     (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
     (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
     (Cap::Pit2, "KVM_CAP_PIT2"),
     (Cap::PitState2, "KVM_CAP_PIT_STATE2"),
     (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
     (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
     (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
 ];
@@ -108,6 +117,32 @@ impl HostKvm {
         })
     }
 
+    /// Checks, before anything is allocated, that guest RAM of `mem_size_mib` can be
+    /// given to a VM on this host: the guest-physical address width holds it, the
+    /// address space has room to map it, and KVM's bookkeeping for it (about 8 bytes
+    /// per 4 KiB page, in the kernel, with shadow paging as here) fits in half of the
+    /// host's memory. Measured here: 4 TiB takes 3.6 s to register with KVM, and 7.6
+    /// TiB had not finished after 60 s; such a start would hold the VMM thread.
+    pub fn check_memory(&self, mem_size_mib: u64) -> Result<(), VmError> {
+        let size = mem_size_mib.saturating_mul(memory::layout::MIB);
+        let limit = 1u64 << self.phys_bits.min(63);
+        if memory::layout::ram_end(size) > limit {
+            return Err(VmError::Ram(memory::RamError::TooLarge {
+                size_mib: mem_size_mib,
+                phys_bits: self.phys_bits,
+            }));
+        }
+        memory::check_mappable(size).map_err(VmError::Ram)?;
+        let host_bytes = host_memory_bytes();
+        if size / 512 > host_bytes / 2 {
+            return Err(VmError::MemoryTooLarge {
+                size_mib: mem_size_mib,
+                host_mib: host_bytes / memory::layout::MIB,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks that KVM runs `vcpus` vCPUs in one VM.
     pub fn check_vcpus(&self, vcpus: u8) -> Result<(), VmError> {
         let max = self.kvm.get_max_vcpus();
@@ -116,6 +151,29 @@ impl HostKvm {
         }
         Ok(())
     }
+}
+
+/// The host's KVM, opened once per process: its CPUID and MSR lists do not change.
+pub fn host() -> Result<&'static HostKvm, VmError> {
+    static HOST: std::sync::OnceLock<HostKvm> = std::sync::OnceLock::new();
+    if let Some(host) = HOST.get() {
+        return Ok(host);
+    }
+    let opened = HostKvm::open()?;
+    Ok(HOST.get_or_init(|| opened))
+}
+
+/// The host's physical memory, from `/proc/meminfo` (`u64::MAX` if unreadable, so that
+/// nothing is refused on a guess).
+fn host_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(u64::MAX)
 }
 
 /// A KVM VM with its RAM registered and its interrupt controllers created.

@@ -444,20 +444,56 @@ fn test_slow_vmm_answer_gets_503_and_api_keeps_serving() {
         slow["fault_message"],
         "the VMM did not answer within 1 ms; the request may still take effect"
     );
-    // The start went ahead; the API answers again once the VMM thread is free.
+    // The start went ahead; the VMM thread answers again once it is free. `GET /` is
+    // answered by the API thread alone, so the check asks the VMM thread.
     ferry.expect_line("pass 1 ok", BOOT);
     let deadline = Instant::now() + BOOT;
     loop {
-        let (status, json) = curl(&sock, "GET", "/", None);
+        let (status, json) = curl(&sock, "GET", "/machine-config", None);
         if status == 200 {
-            assert_eq!(json["state"], "Running");
+            assert_eq!(json["vcpu_count"], 32);
             break;
         }
+        assert_eq!(status, 503, "{json}");
         assert!(
             Instant::now() < deadline,
-            "API never recovered: {status} {json}"
+            "the VMM thread never answered again: {status} {json}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(expect(&sock, "GET", "/", None, 200)["state"], "Running");
+}
+
+/// Memory this host cannot give is refused when it is configured, at once, and the
+/// VMM thread stays free for what comes next.
+#[test]
+fn test_memory_the_host_cannot_give_is_refused_at_once() {
+    let dir = TempDir::new("api-bigmem");
+    let (_ferry, sock) = spawn_api(&dir, &[]);
+    for (mib, message) in [
+        (99_999_999u64, "machine-config: "),
+        (16 << 20, "KVM's limit"),
+        (8_000_000, "too large for this host"),
+    ] {
+        let started = Instant::now();
+        let body = format!(r#"{{"vcpu_count": 1, "mem_size_mib": {mib}}}"#);
+        let refused = expect(&sock, "PUT", "/machine-config", Some(&body), 400);
+        let fault = refused["fault_message"].as_str().unwrap_or_default();
+        assert!(fault.contains(message), "{mib} MiB: {fault}");
+        assert!(fault.contains(&format!("{mib} MiB")), "{fault}");
+        let patch = format!(r#"{{"mem_size_mib": {mib}}}"#);
+        expect(&sock, "PATCH", "/machine-config", Some(&patch), 400);
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{mib} MiB took {:?} to refuse",
+            started.elapsed()
         );
     }
+    assert_eq!(
+        expect(&sock, "GET", "/machine-config", None, 200)["mem_size_mib"],
+        128,
+        "nothing changed"
+    );
 }
 
 #[test]
