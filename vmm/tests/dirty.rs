@@ -7,9 +7,10 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use api::action::VmmAction;
 use api::VmConfig;
-use common::{check, guest_image, TempDir};
-use memory::dirty::{DirtyBitmap, TrackingMode};
+use common::{check, guest_image, InProcess, TempDir};
+use memory::dirty::{DirtyBitmap, DirtyTracker, TrackingMode};
 use memory::{PAGE_BYTES, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -242,4 +243,156 @@ fn test_verify_stays_ok_while_tracked() {
         assert!(!text.contains("corrupt"), "{mode:?}:\n{text}");
         vmm.stop();
     }
+}
+
+/// A host copy of a range, refreshed only from the pages a tracker reports.
+struct Shadow {
+    tracker: Box<dyn DirtyTracker>,
+    copy: Vec<u8>,
+    start: u64,
+}
+
+impl Shadow {
+    fn new(
+        mut tracker: Box<dyn DirtyTracker>,
+        mem: &memory::GuestMemoryMmap,
+        start: u64,
+        size: usize,
+    ) -> Shadow {
+        tracker.start().expect("start tracking");
+        let mut copy = vec![0u8; size];
+        mem.read_slice(&mut copy, GuestAddress(start))
+            .expect("initial copy");
+        Shadow {
+            tracker,
+            copy,
+            start,
+        }
+    }
+
+    fn refresh(&mut self, mem: &memory::GuestMemoryMmap) {
+        let got = self.tracker.collect().expect("collect");
+        for p in in_range(&got, self.start, self.copy.len() as u64) {
+            let at = usize::try_from(p - self.start).expect("inside the range");
+            mem.read_slice(&mut self.copy[at..at + PAGE_BYTES], GuestAddress(p))
+                .expect("copy page");
+        }
+    }
+
+    /// The first page whose copy is stale.
+    fn stale(&self, mem: &memory::GuestMemoryMmap) -> Option<u64> {
+        let mut now = vec![0u8; self.copy.len()];
+        mem.read_slice(&mut now, GuestAddress(self.start))
+            .expect("read");
+        (0..self.copy.len())
+            .step_by(PAGE_BYTES)
+            .find(|at| self.copy[*at..*at + PAGE_BYTES] != now[*at..*at + PAGE_BYTES])
+            .map(|at| self.start + at as u64)
+    }
+}
+
+/// The guest's `blk` workload reads its disk back into its own memory: those are
+/// device writes, made by ferry. Trackers collect every 3 ms while it runs, several at
+/// once where the mechanisms allow, and a final collect after the VM paused (devices
+/// included) must leave each tracker's copy of the driver's memory equal to the guest's.
+fn device_writes_are_tracked(modes: &[TrackingMode]) {
+    const START: u64 = 0x100_0000;
+    const SIZE: usize = 4 << 20;
+    let dir = TempDir::new("dirty-blk");
+    let disk = dir.write("disk.img", vec![0u8; 4 << 20]);
+    let console = dir.path().join("console.log");
+    let json = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": guest_image(),
+            "boot_args": format!("console=ttyS0 workload=blk start={START:#x} size={SIZE:#x} depth=8"),
+        },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": 128 },
+        "drives": [{ "drive_id": "disk0", "path_on_host": disk, "is_root_device": false }],
+        "serial": { "serial_out_path": console },
+    });
+    let config = VmConfig::from_json(&json.to_string()).expect("config");
+    let mut vm = vmm::build(&config).expect("build");
+    let mem = vm.ram().memory().clone();
+    let trackers: Vec<_> = modes
+        .iter()
+        .map(|m| vm.dirty_tracker(*m).expect("tracker"))
+        .collect();
+    vm.start().expect("start");
+    let vmm = InProcess::run(&config, vm);
+    wait_for_console(&console, "blk pass 1 ok");
+    let mut shadows: Vec<Shadow> = trackers
+        .into_iter()
+        .map(|t| Shadow::new(t, &mem, START, SIZE))
+        .collect();
+    let read_bytes = |vmm: &InProcess| {
+        vmm.json(VmmAction::GetMetrics)["virtio"]["block"]["disk0"]["read_bytes"]
+            .as_u64()
+            .expect("read_bytes")
+    };
+    let read_before = read_bytes(&vmm);
+    for _ in 0..300 {
+        for s in &mut shadows {
+            s.refresh(&mem);
+        }
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    assert!(vmm.ask(VmmAction::Pause).is_ok(), "pause");
+    let read = read_bytes(&vmm) - read_before;
+    assert!(
+        read >= 16 << 20,
+        "the device wrote guest memory while tracked: {read} bytes"
+    );
+    for (s, mode) in shadows.iter_mut().zip(modes) {
+        s.refresh(&mem);
+        assert_eq!(s.stale(&mem), None, "{mode:?}: a write was missed");
+    }
+    for s in &mut shadows {
+        s.tracker.stop().expect("stop");
+    }
+    vmm.ask(VmmAction::Resume).expect("resume");
+    vmm.ask(VmmAction::SendCtrlAltDel).expect("ctrl-alt-del");
+    assert_eq!(vmm.finish(), vmm::ExitReason::GuestStop);
+    assert!(!std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("error"));
+}
+
+#[test]
+fn test_device_writes_reach_every_mode() {
+    for mode in TrackingMode::ALL
+        .into_iter()
+        .chain([TrackingMode::KvmDirtyLogHot])
+    {
+        device_writes_are_tracked(&[mode]);
+    }
+}
+
+/// A userfaultfd tracker and a KVM one at once: each sees every write, ferry's too.
+#[test]
+fn test_two_trackers_at_once_each_see_every_write() {
+    device_writes_are_tracked(&[TrackingMode::UffdAsync, TrackingMode::KvmDirtyLog]);
+    device_writes_are_tracked(&[TrackingMode::UffdSync, TrackingMode::KvmDirtyLogHot]);
+}
+
+#[test]
+fn test_a_second_tracker_of_one_mechanism_is_refused() {
+    let dir = TempDir::new("dirty-busy");
+    let console = dir.path().join("console.log");
+    let mut vmm = build(&console, 64, "workload=idle");
+    let mut first = vmm
+        .dirty_tracker(TrackingMode::KvmDirtyLog)
+        .expect("tracker");
+    first.start().expect("start");
+    let mut second = vmm
+        .dirty_tracker(TrackingMode::KvmDirtyLogHot)
+        .expect("tracker");
+    let err = second.start().expect_err("KVM's log serves one tracker");
+    assert_eq!(
+        err.to_string(),
+        "cannot start dirty tracking: KVM's dirty log already serves another tracker"
+    );
+    first.stop().expect("stop");
+    second.start().expect("free again");
+    second.stop().expect("stop");
+    vmm.stop();
 }

@@ -7,15 +7,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use api::action::{InstanceStatus, VmmAction, VmmData, VmmRequest, VmmResult};
-use api::server::ApiChannel;
+use api::action::VmmAction;
 use api::VmConfig;
-use common::{check, guest_image, Ferry, TempDir, TestTap};
+use common::{check, guest_image, Ferry, InProcess, TempDir, TestTap};
 use serde_json::json;
-use vmm_sys_util::eventfd::EventFd;
 
 const RUN: Duration = Duration::from_secs(60);
 const DISK: usize = 8 << 20;
@@ -240,65 +237,6 @@ fn test_net_guest_echoes_frames_through_a_tap() {
     assert!(console
         .iter()
         .any(|l| l == "ferry-guest: net mac 06:00:ac:10:00:02"));
-}
-
-/// ferry's VMM thread, run in this process, with a channel for requests that have no
-/// HTTP route (saving and rebuilding devices).
-struct InProcess {
-    requests: mpsc::Sender<VmmRequest>,
-    wake: EventFd,
-    thread: Option<std::thread::JoinHandle<vmm::ExitReason>>,
-}
-
-impl InProcess {
-    fn start(config: &VmConfig) -> InProcess {
-        let mut vm = vmm::build(config).expect("build");
-        vm.start().expect("start");
-        let (tx, rx) = mpsc::channel();
-        let wake = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        let api = ApiChannel {
-            requests: rx,
-            wake: wake.try_clone().expect("clone"),
-            status: Arc::new(InstanceStatus::default()),
-        };
-        let controller =
-            vmm::Controller::with_vmm(config, vm, Some(api), false).expect("controller");
-        let thread =
-            std::thread::spawn(move || vmm::run_until_exit(controller).expect("event loop"));
-        InProcess {
-            requests: tx,
-            wake,
-            thread: Some(thread),
-        }
-    }
-
-    fn ask(&self, action: VmmAction) -> VmmResult {
-        let (reply, answer) = mpsc::channel();
-        self.requests
-            .send(VmmRequest { action, reply })
-            .expect("VMM thread gone");
-        self.wake.write(1).expect("wake");
-        answer
-            .recv_timeout(Duration::from_secs(10))
-            .expect("no answer")
-    }
-
-    fn json(&self, action: VmmAction) -> serde_json::Value {
-        match self.ask(action) {
-            Ok(VmmData::Json(v)) => v,
-            other => panic!("expected JSON, got {other:?}"),
-        }
-    }
-
-    fn finish(mut self) -> vmm::ExitReason {
-        let thread = self.thread.take().expect("thread");
-        let deadline = Instant::now() + RUN;
-        while !thread.is_finished() {
-            assert!(Instant::now() < deadline, "the guest did not finish");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        thread.join().expect("VMM thread panicked")
-    }
 }
 
 fn wait_for_console(path: &PathBuf, needle: &str) -> String {

@@ -6,7 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use api::action::{InstanceStatus, VmmAction, VmmData, VmmRequest, VmmResult};
+use api::server::ApiChannel;
+use api::VmConfig;
+use vmm_sys_util::eventfd::EventFd;
 
 /// The test guest ELF, built by `scripts/build-guest.sh` (which `scripts/test.sh` runs).
 pub fn guest_image() -> PathBuf {
@@ -321,5 +327,69 @@ impl TestTap {
 impl Drop for TestTap {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
+/// ferry's VMM thread, run in this process, with a channel for requests (those with no
+/// HTTP route too, such as saving and rebuilding devices).
+pub struct InProcess {
+    requests: mpsc::Sender<VmmRequest>,
+    wake: EventFd,
+    thread: Option<std::thread::JoinHandle<vmm::ExitReason>>,
+}
+
+impl InProcess {
+    pub fn start(config: &VmConfig) -> InProcess {
+        let mut vm = vmm::build(config).expect("build");
+        vm.start().expect("start");
+        InProcess::run(config, vm)
+    }
+
+    /// Runs an already started `vm` on a VMM thread of its own.
+    pub fn run(config: &VmConfig, vm: vmm::Vmm) -> InProcess {
+        let (tx, rx) = mpsc::channel();
+        let wake = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let api = ApiChannel {
+            requests: rx,
+            wake: wake.try_clone().expect("clone"),
+            status: Arc::new(InstanceStatus::default()),
+        };
+        let controller =
+            vmm::Controller::with_vmm(config, vm, Some(api), false).expect("controller");
+        let thread =
+            std::thread::spawn(move || vmm::run_until_exit(controller).expect("event loop"));
+        InProcess {
+            requests: tx,
+            wake,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn ask(&self, action: VmmAction) -> VmmResult {
+        let (reply, answer) = mpsc::channel();
+        self.requests
+            .send(VmmRequest { action, reply })
+            .expect("VMM thread gone");
+        self.wake.write(1).expect("wake");
+        answer
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no answer")
+    }
+
+    pub fn json(&self, action: VmmAction) -> serde_json::Value {
+        match self.ask(action) {
+            Ok(VmmData::Json(v)) => v,
+            other => panic!("expected JSON, got {other:?}"),
+        }
+    }
+
+    pub fn finish(mut self) -> vmm::ExitReason {
+        let thread = self.thread.take().expect("thread");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !thread.is_finished() {
+            assert!(Instant::now() < deadline, "the guest did not finish");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        thread.join().expect("VMM thread panicked")
     }
 }
