@@ -23,6 +23,11 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --workspace --release 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+# The unit tests and fuzzers of the library crates again, with overflow checks and
+# debug assertions (the release profile has neither).
+cargo test --profile checked -p memory -p devices -p api --lib 2>&1 | tee -a "$log"
+checked=${PIPESTATUS[0]}
+[ "$status" -ne 0 ] || status=$checked
 set -e
 # One closing line for the whole suite, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

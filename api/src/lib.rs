@@ -4,6 +4,7 @@
 
 pub mod action;
 pub mod client;
+mod http;
 pub mod models;
 pub mod routes;
 pub mod server;

@@ -1,9 +1,9 @@
-//! The HTTP server: tiny_http on a Unix socket, one thread, requests handled in order.
-//! It never touches VM state: each request becomes a `VmmRequest` for the VMM thread,
-//! which it wakes through an eventfd, and it waits a bounded time for the answer.
+//! The HTTP server: one thread on a Unix socket (`http`), requests handled in order, at
+//! most `http::MAX_CONNECTIONS` connections at once. It never touches VM state: each
+//! request becomes a `VmmRequest` for the VMM thread, which it wakes through an eventfd,
+//! and it waits a bounded time for the answer.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::action::{ApiError, InstanceStatus, VmmData, VmmRequest};
+use crate::http::Response;
 use crate::routes::{self, Parsed};
 
-/// Largest request body accepted.
-pub const MAX_BODY: usize = 64 * 1024;
+pub use crate::http::{MAX_BODY, MAX_CONNECTIONS};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +38,7 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
-    /// tiny_http or thread setup failed.
+    /// Thread or eventfd setup failed.
     #[error("cannot start the API server: {0}")]
     Start(String),
 }
@@ -106,8 +106,6 @@ pub fn start(
     listener: UnixListener,
     timeout: Duration,
 ) -> Result<(ApiChannel, JoinHandle<()>), ServerError> {
-    let server = tiny_http::Server::from_listener(listener, None)
-        .map_err(|e| ServerError::Start(e.to_string()))?;
     let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| ServerError::Start(e.to_string()))?;
     let thread_wake = wake
         .try_clone()
@@ -123,7 +121,7 @@ pub fn start(
     };
     let handle = std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || serving.run(&server))
+        .spawn(move || serving.run(&listener))
         .map_err(|e| ServerError::Start(e.to_string()))?;
     Ok((
         ApiChannel {
@@ -133,28 +131,6 @@ pub fn start(
         },
         handle,
     ))
-}
-
-fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError> {
-    let too_large =
-        |n: usize| ApiError::bad_request(format!("the body is {n} bytes; the limit is {MAX_BODY}"));
-    if let Some(n) = request.body_length() {
-        if n > MAX_BODY {
-            return Err(too_large(n));
-        }
-    }
-    let mut bytes = Vec::new();
-    request
-        .as_reader()
-        .take(MAX_BODY as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}")))?;
-    if bytes.len() > MAX_BODY {
-        return Err(ApiError::bad_request(format!(
-            "the body is over {MAX_BODY} bytes"
-        )));
-    }
-    Ok(bytes)
 }
 
 /// The API thread's state.
@@ -167,43 +143,34 @@ struct Serving {
 }
 
 impl Serving {
-    fn run(mut self, server: &tiny_http::Server) {
-        for mut request in server.incoming_requests() {
+    fn run(mut self, listener: &UnixListener) {
+        crate::http::serve(listener, |request| {
             let start = Instant::now();
-            let method = request.method().as_str().to_owned();
-            let url = request.url().to_owned();
-            let (status, body) = match self.handle(&mut request, &method, &url) {
-                Ok(VmmData::Empty) => (204, None),
-                Ok(VmmData::Json(v)) => (200, Some(v.to_string())),
-                Err(e) => (
-                    e.status,
-                    Some(serde_json::json!({ "fault_message": e.message }).to_string()),
-                ),
+            let (method, url) = (request.method, request.path);
+            let response = match self.handle(&method, &url, &request.body) {
+                Ok(VmmData::Empty) => Response {
+                    status: 204,
+                    body: None,
+                },
+                Ok(VmmData::Json(v)) => Response {
+                    status: 200,
+                    body: Some(v.to_string()),
+                },
+                Err(e) => Response {
+                    status: e.status,
+                    body: Some(serde_json::json!({ "fault_message": e.message }).to_string()),
+                },
             };
+            let status = response.status;
             *self.counts.0.entry(status).or_default() += 1;
-            let mut response =
-                tiny_http::Response::from_string(body.unwrap_or_default()).with_status_code(status);
-            if status != 204 {
-                if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", "application/json") {
-                    response.add_header(h);
-                }
-            }
-            if let Err(e) = request.respond(response) {
-                tracing::debug!("client went away before the response: {e}");
-            }
             let duration_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
             tracing::info!(method, url, status, duration_us, "api request");
-        }
+            response
+        });
     }
 
-    fn handle(
-        &self,
-        request: &mut tiny_http::Request,
-        method: &str,
-        url: &str,
-    ) -> Result<VmmData, ApiError> {
-        let body = read_body(request)?;
-        let action = match routes::parse(method, url, &body)? {
+    fn handle(&self, method: &str, url: &str, body: &[u8]) -> Result<VmmData, ApiError> {
+        let action = match routes::parse(method, url, body)? {
             Parsed::Version => {
                 return Ok(VmmData::Json(serde_json::json!({
                     "firecracker_version": env!("CARGO_PKG_VERSION"),
@@ -266,6 +233,46 @@ mod tests {
         let err = bind(&path).expect_err("live socket");
         assert!(matches!(err, ServerError::InUse(_)), "{err}");
         drop(listener);
+        std::fs::remove_file(&path).ok();
+    }
+
+    /// 32 connections are served at once; one more is told why it is refused and
+    /// closed, and a slot freed by a client that leaves is taken by the next.
+    #[test]
+    fn test_connections_are_bounded() {
+        use std::io::Read;
+        let path = temp_path("bound.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = bind(&path).expect("bind");
+        let (_channel, _thread) = start(listener, Duration::from_secs(1)).expect("start");
+        let mut clients: Vec<crate::client::Client> = (0..MAX_CONNECTIONS)
+            .map(|_| crate::client::Client::connect(&path).expect("connect"))
+            .collect();
+        for round in 0..3 {
+            for c in &mut clients {
+                let r = c.request("GET", "/", None).expect("answered");
+                assert_eq!(r.status, 200, "round {round}: {}", r.text());
+            }
+        }
+        let mut refused = String::new();
+        UnixStream::connect(&path)
+            .expect("connect")
+            .read_to_string(&mut refused)
+            .expect("read the refusal");
+        assert!(refused.starts_with("HTTP/1.1 503 "), "{refused}");
+        assert!(
+            refused.ends_with(r#"{"fault_message":"too many connections: 32 are open"}"#),
+            "{refused}"
+        );
+        drop(clients.pop());
+        let mut next = crate::client::Client::connect(&path).expect("connect");
+        assert_eq!(
+            next.request("GET", "/", None).expect("answered").status,
+            200
+        );
+        for c in &mut clients {
+            assert_eq!(c.request("GET", "/", None).expect("answered").status, 200);
+        }
         std::fs::remove_file(&path).ok();
     }
 

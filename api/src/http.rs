@@ -1,0 +1,399 @@
+//! HTTP/1.1 over a Unix socket, on one thread: at most `MAX_CONNECTIONS` keep-alive
+//! connections, watched with `poll`, each request parsed with httparse and answered in
+//! order. A web framework would bring a runtime and a thread per connection or a pool;
+//! the API needs neither, and this bounds both threads and memory.
+//!
+//! Every length is bounded: a request head at most `MAX_HEAD` bytes, a body at most
+//! `MAX_BODY` (as `Content-Length`; chunked bodies are refused), an answer waiting for a
+//! slow reader at most one response per connection (nothing more is read from it until
+//! the answer is out).
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use crate::action::ApiError;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Largest request head (request line and headers).
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Connections served at once. One more is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// A complete request.
+pub struct Request {
+    /// `GET`, `PUT`, ...
+    pub method: String,
+    /// The path, with any query string.
+    pub path: String,
+    /// The body (`Content-Length` bytes).
+    pub body: Vec<u8>,
+}
+
+/// An answer: the status and a JSON body, if any.
+pub struct Response {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON text, absent for 204.
+    pub body: Option<String>,
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+fn encode(response: &Response, close: bool) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        response.status,
+        reason(response.status)
+    );
+    if close {
+        out.push_str("Connection: close\r\n");
+    }
+    match &response.body {
+        Some(body) => {
+            out.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ));
+        }
+        None => out.push_str("\r\n"),
+    }
+    out.into_bytes()
+}
+
+fn fault(status: u16, message: impl Into<String>) -> Response {
+    Response {
+        status,
+        body: Some(serde_json::json!({ "fault_message": message.into() }).to_string()),
+    }
+}
+
+/// What the bytes read so far hold.
+enum Parse {
+    /// Not a whole request yet; `continue_` when the client waits for `100 Continue`.
+    Partial { continue_: bool },
+    /// A request, the bytes it took, and whether the client keeps the connection.
+    Done(Request, usize, bool),
+    /// A request that is refused without reading it all; the connection then closes.
+    Refuse(ApiError),
+}
+
+fn parse(buf: &[u8]) -> Parse {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Parse::Refuse(ApiError::bad_request(format!(
+                "the request head is over {MAX_HEAD} bytes"
+            )))
+        }
+        Ok(httparse::Status::Partial) => return Parse::Partial { continue_: false },
+        Err(e) => {
+            return Parse::Refuse(ApiError::bad_request(format!(
+                "malformed HTTP request: {e}"
+            )))
+        }
+    };
+    let mut length = 0usize;
+    let mut expect_continue = false;
+    let mut keep_alive = req.version == Some(1);
+    for h in req.headers.iter() {
+        let value = String::from_utf8_lossy(h.value);
+        let value = value.trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            match value.parse::<usize>() {
+                Ok(n) => length = n,
+                Err(_) => {
+                    return Parse::Refuse(ApiError::bad_request(format!(
+                        "Content-Length \"{value}\" is not a number"
+                    )))
+                }
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Parse::Refuse(ApiError::bad_request(
+                "chunked request bodies are not supported: send Content-Length",
+            ));
+        } else if h.name.eq_ignore_ascii_case("expect") {
+            expect_continue = value.eq_ignore_ascii_case("100-continue");
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            keep_alive = if value.eq_ignore_ascii_case("close") {
+                false
+            } else {
+                keep_alive || value.eq_ignore_ascii_case("keep-alive")
+            };
+        }
+    }
+    if length > MAX_BODY {
+        return Parse::Refuse(ApiError::bad_request(format!(
+            "the body is {length} bytes; the limit is {MAX_BODY}"
+        )));
+    }
+    if buf.len() < head_len + length {
+        return Parse::Partial {
+            continue_: expect_continue,
+        };
+    }
+    let request = Request {
+        method: req.method.unwrap_or_default().to_owned(),
+        path: req.path.unwrap_or_default().to_owned(),
+        body: buf[head_len..head_len + length].to_vec(),
+    };
+    Parse::Done(request, head_len + length, keep_alive)
+}
+
+/// One client connection.
+struct Conn {
+    stream: UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    /// `100 Continue` was sent for the request being read.
+    continued: bool,
+    /// Close once `output` is written.
+    closing: bool,
+}
+
+impl Conn {
+    /// Reads what the socket has; false when the client has gone.
+    fn read(&mut self) -> bool {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.input.extend_from_slice(&chunk[..n]);
+                    // Never more than one request's worth: the rest waits in the socket.
+                    if self.input.len() > MAX_HEAD + MAX_BODY {
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Writes what it can; false when the client has gone.
+    fn write(&mut self) -> bool {
+        while !self.output.is_empty() {
+            match self.stream.write(&self.output) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.output.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Answers every complete request in `input`, in order, with `handle`.
+    fn serve(&mut self, handle: &mut impl FnMut(Request) -> Response) {
+        while self.output.is_empty() && !self.closing {
+            match parse(&self.input) {
+                Parse::Partial { continue_ } => {
+                    if continue_ && !self.continued {
+                        self.continued = true;
+                        self.output
+                            .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                    }
+                    return;
+                }
+                Parse::Done(request, used, keep_alive) => {
+                    self.input.drain(..used);
+                    self.continued = false;
+                    let response = handle(request);
+                    self.closing = !keep_alive;
+                    self.output = encode(&response, self.closing);
+                }
+                Parse::Refuse(e) => {
+                    self.closing = true;
+                    self.output = encode(&fault(e.status, e.message), true);
+                }
+            }
+        }
+    }
+}
+
+/// Serves `listener` forever on this thread, answering each request with `handle`.
+pub fn serve(listener: &UnixListener, mut handle: impl FnMut(Request) -> Response) {
+    if let Err(e) = listener.set_nonblocking(true) {
+        tracing::error!("API socket: cannot make it non-blocking: {e}");
+        return;
+    }
+    let mut conns: Vec<Conn> = Vec::new();
+    loop {
+        let mut fds: Vec<libc::pollfd> = std::iter::once(libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .chain(conns.iter().map(|c| libc::pollfd {
+            fd: c.stream.as_raw_fd(),
+            events: if c.output.is_empty() {
+                libc::POLLIN
+            } else {
+                libc::POLLOUT
+            },
+            revents: 0,
+        }))
+        .collect();
+        // At most MAX_CONNECTIONS + 1 entries.
+        let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(libc::nfds_t::MAX);
+        // SAFETY: `fds` is a valid array of `nfds` pollfds that lives across the call.
+        let ret = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                tracing::error!("API socket: poll failed: {e}");
+                return;
+            }
+            continue;
+        }
+        // Connections first: `fds[i + 1]` is `conns[i]`, and accepting appends.
+        let mut keep = Vec::with_capacity(conns.len());
+        for (conn, fd) in conns.iter_mut().zip(&fds[1..]) {
+            let mut alive = true;
+            if fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+                && conn.output.is_empty()
+            {
+                alive = conn.read();
+                if alive {
+                    conn.serve(&mut handle);
+                }
+            }
+            if alive && !conn.output.is_empty() {
+                alive = conn.write();
+                if alive && conn.output.is_empty() {
+                    // A slow reader may have held back requests it already sent.
+                    conn.serve(&mut handle);
+                    alive = conn.write();
+                }
+            }
+            keep.push(alive && !(conn.closing && conn.output.is_empty()));
+        }
+        let mut i = 0;
+        conns.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+        if fds[0].revents & libc::POLLIN != 0 {
+            accept(listener, &mut conns);
+        }
+    }
+}
+
+fn accept(listener: &UnixListener, conns: &mut Vec<Conn>) {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if stream.set_nonblocking(true).is_err() {
+                    continue;
+                }
+                if conns.len() >= MAX_CONNECTIONS {
+                    // Told why, then closed; best effort, the socket buffer is empty.
+                    let refusal = fault(
+                        503,
+                        format!("too many connections: {MAX_CONNECTIONS} are open"),
+                    );
+                    let _ = (&stream).write(&encode(&refusal, true));
+                    // Back to poll before accepting more: clients that left meanwhile
+                    // are noticed first, and their places given to the next ones.
+                    return;
+                }
+                conns.push(Conn {
+                    stream,
+                    input: Vec::new(),
+                    output: Vec::new(),
+                    continued: false,
+                    closing: false,
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!("API socket: accept failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(text: &str) -> Parse {
+        parse(text.as_bytes())
+    }
+
+    #[test]
+    fn test_parses_a_request_with_a_body_and_keep_alive() {
+        let Parse::Done(r, used, keep) =
+            parsed("PUT /vm HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}GET")
+        else {
+            panic!("complete")
+        };
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str(), &r.body[..]),
+            ("PUT", "/vm", &b"{}"[..])
+        );
+        assert_eq!(used, 41);
+        assert!(keep);
+        assert!(matches!(
+            parsed("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"),
+            Parse::Done(_, _, false)
+        ));
+        assert!(matches!(
+            parsed("GET / HTTP/1.0\r\n\r\n"),
+            Parse::Done(_, _, false)
+        ));
+    }
+
+    #[test]
+    fn test_partial_and_continue() {
+        assert!(matches!(
+            parsed("PUT / HTTP/1.1\r\nContent-Len"),
+            Parse::Partial { continue_: false }
+        ));
+        assert!(matches!(
+            parsed("PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"),
+            Parse::Partial { continue_: true }
+        ));
+    }
+
+    #[test]
+    fn test_refuses_what_it_will_not_read() {
+        let refused = |text: &str| match parsed(text) {
+            Parse::Refuse(e) => e.message,
+            _ => panic!("{text:?} must be refused"),
+        };
+        assert_eq!(
+            refused("PUT / HTTP/1.1\r\nContent-Length: 70000\r\n\r\n"),
+            "the body is 70000 bytes; the limit is 65536"
+        );
+        assert!(
+            refused("PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .starts_with("chunked request bodies are not supported")
+        );
+        assert!(refused("PUT / HTTP/1.1\r\nContent-Length: x\r\n\r\n").contains("not a number"));
+        assert!(refused("\x01\x02 garbage\r\n\r\n").starts_with("malformed HTTP request"));
+        let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD + 1));
+        assert!(refused(&long).contains("over 16384 bytes"));
+    }
+}
