@@ -597,7 +597,7 @@ fn fuzz_addr() -> impl Strategy<Value = u64> {
             (16 << 20) - 100,
             1 << 40,
             u64::MAX - 10,
-            u64::MAX & !0xfff,
+            !0xfffu64,
         ]),
     ]
 }
