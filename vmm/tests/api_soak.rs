@@ -57,7 +57,7 @@ fn mixed(
             "/boot-source",
             Some(r#"{"kernel_image_path": 12"#),
             400,
-            Some("invalid JSON body: kernel_image_path: invalid type: integer `12`, expected path string at line 1 column 23"),
+            Some("invalid JSON body: kernel_image_path: invalid type: integer `12`, expected path string at line 1 column 24"),
         ),
         (5, _) => ("GET", "/nope", None, 404, Some("no such resource: /nope")),
         (6, _) => (

@@ -237,7 +237,19 @@ fn test_guest_memory_is_freed_on_stop() {
         memfd.metadata().expect("stat").blocks() > 0,
         "the guest touched memory"
     );
+    // A dirty tracker names guest RAM to the kernel when it stops: it keeps the
+    // mapping alive, so those addresses are still guest RAM then.
+    let mut tracker = vmm
+        .dirty_tracker(memory::dirty::TrackingMode::KvmDirtyLog)
+        .expect("tracker");
+    tracker.start().expect("start");
     vmm.stop();
     drop(vmm);
+    assert!(
+        mapped(),
+        "a tracker that outlives the VM keeps guest RAM mapped"
+    );
+    tracker.stop().expect("stop after the VM is gone");
+    drop(tracker);
     assert!(!mapped(), "guest RAM is still mapped after stop");
 }
