@@ -32,9 +32,10 @@ pub fn ram_regions(size: u64) -> Vec<(GuestAddress, u64)> {
 
 /// The first guest-physical address past the end of RAM laid out by `ram_regions`.
 pub fn ram_end(size: u64) -> u64 {
+    // Saturating: a size near u64::MAX must not wrap to a small end and pass a check.
     ram_regions(size)
         .last()
-        .map(|(start, len)| start.0 + len)
+        .map(|(start, len)| start.0.saturating_add(*len))
         .unwrap_or(0)
 }
 
@@ -59,5 +60,6 @@ mod tests {
         assert_eq!(r[0], (GuestAddress(0), 3072 * MIB));
         assert_eq!(r[1], (GuestAddress(4096 * MIB), 5120 * MIB));
         assert_eq!(ram_end(8192 * MIB), 9216 * MIB);
+        assert_eq!(ram_end(u64::MAX), u64::MAX, "saturates, never wraps");
     }
 }

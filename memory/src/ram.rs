@@ -100,16 +100,18 @@ pub struct GuestRam {
     writes: Arc<WriteSinks>,
 }
 
-/// Checks that `size` bytes of guest RAM can be mapped, by reserving (and at once
+/// Checks that `size_mib` MiB of guest RAM can be mapped, by reserving (and at once
 /// releasing) that much address space: nothing is allocated. Also checks the KVM slot
 /// limit.
-pub fn check_mappable(size: u64) -> Result<(), RamError> {
-    let size_mib = size / MIB;
+pub fn check_mappable(size_mib: u64) -> Result<(), RamError> {
     check_slots(size_mib)?;
-    let len = usize::try_from(size).map_err(|_| RamError::TooLarge {
-        size_mib,
-        phys_bits: 64,
-    })?;
+    let len = size_mib
+        .checked_mul(MIB)
+        .and_then(|size| usize::try_from(size).ok())
+        .ok_or(RamError::TooLarge {
+            size_mib,
+            phys_bits: 64,
+        })?;
     sys::reserve_address_space(len).map_err(|source| RamError::Mmap {
         size_mib,
         source: vm_memory::mmap::MmapRegionError::Mmap(source),
