@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::models::{
     BootSource, Drive, MachineConfig, MachineConfigUpdate, NetworkInterface, SerialConfig,
+    SnapshotCreateParams, SnapshotLoadParams,
 };
 
 /// The lifecycle state, published by the VMM thread after every transition so that the
@@ -90,6 +91,10 @@ pub enum VmmAction {
     Pause,
     /// `PATCH /vm` Resumed.
     Resume,
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(SnapshotLoadParams),
     /// Every virtio device's state, as JSON (paused VMs only). No HTTP route: the
     /// migration engine and tests send it on the VMM channel.
     SaveDevices,

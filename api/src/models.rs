@@ -80,9 +80,13 @@ pub struct MachineConfig {
     /// Two threads per core.
     #[serde(default)]
     pub smt: bool,
-    /// Dirty-page tracking for snapshots and migration.
+    /// Dirty-page tracking for Diff snapshots.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// ferry's extension: the mechanism `track_dirty_pages` uses, "uffd-async" (the
+    /// default), "uffd-sync" or "kvm-dirty-log".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_tracking: Option<String>,
     /// Firecracker CPU templates (not supported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
@@ -98,6 +102,7 @@ impl Default for MachineConfig {
             mem_size_mib: 128,
             smt: false,
             track_dirty_pages: false,
+            dirty_tracking: None,
             cpu_template: None,
             huge_pages: None,
         }
@@ -131,10 +136,16 @@ impl MachineConfig {
                 "0 is out of range: a guest needs memory",
             ));
         }
-        if self.track_dirty_pages {
-            return Err(ConfigError::Unsupported(
-                "machine-config.track_dirty_pages".into(),
-            ));
+        match self.dirty_tracking.as_deref() {
+            None | Some("uffd-async" | "uffd-sync" | "kvm-dirty-log") => {}
+            Some(t) => {
+                return Err(invalid(
+                    "machine-config.dirty_tracking",
+                    format!(
+                        "\"{t}\" is not a mechanism: use uffd-async, uffd-sync or kvm-dirty-log"
+                    ),
+                ))
+            }
         }
         match self.cpu_template.as_deref() {
             None | Some("None") => {}
@@ -172,6 +183,9 @@ pub struct MachineConfigUpdate {
     /// New dirty-tracking setting.
     #[serde(default)]
     pub track_dirty_pages: Option<bool>,
+    /// New tracking mechanism.
+    #[serde(default)]
+    pub dirty_tracking: Option<String>,
     /// New CPU template.
     #[serde(default)]
     pub cpu_template: Option<String>,
@@ -195,6 +209,9 @@ impl MachineConfig {
         }
         if let Some(v) = update.track_dirty_pages {
             next.track_dirty_pages = v;
+        }
+        if update.dirty_tracking.is_some() {
+            next.dirty_tracking = update.dirty_tracking.clone();
         }
         if update.cpu_template.is_some() {
             next.cpu_template = update.cpu_template.clone();
@@ -264,6 +281,117 @@ pub struct SerialConfig {
     /// File that receives the guest console; ferry's stdout when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_out_path: Option<PathBuf>,
+}
+
+/// `snapshot_type` of `PUT /snapshot/create`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    /// All of guest memory.
+    Full,
+    /// The pages written since the previous snapshot.
+    Diff,
+}
+
+/// `PUT /snapshot/create`, Firecracker's fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// Full (the default) or Diff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_type: Option<SnapshotType>,
+    /// Where the state file goes.
+    pub snapshot_path: PathBuf,
+    /// Where the memory file goes.
+    pub mem_file_path: PathBuf,
+    /// Firecracker's removed snapshot format version: accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// `mem_backend.backend_type` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemBackendType {
+    /// A memory file written by `/snapshot/create`.
+    File,
+    /// A Unix socket where a userfaultfd page-fault handler listens.
+    Uffd,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    /// File or Uffd.
+    pub backend_type: MemBackendType,
+    /// The memory file, or the handler's socket.
+    pub backend_path: PathBuf,
+}
+
+/// One entry of `network_overrides`: the tap an interface uses on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface, as saved.
+    pub iface_id: String,
+    /// The tap to use instead of the saved one.
+    pub host_dev_name: String,
+}
+
+/// `PUT /snapshot/load`, Firecracker's fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// The state file.
+    pub snapshot_path: PathBuf,
+    /// Where guest memory comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemBackend>,
+    /// Deprecated: a File backend at this path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<PathBuf>,
+    /// Track dirty pages for Diff snapshots of the loaded VM.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// Deprecated spelling of `track_dirty_pages`.
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    /// Run the guest at once.
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// Taps to use in place of the saved ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_overrides: Option<Vec<NetworkOverride>>,
+}
+
+impl SnapshotLoadParams {
+    /// Checks that exactly one memory source is given.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(_), Some(_)) => Err(invalid(
+                "mem_backend",
+                "give mem_backend or the deprecated mem_file_path, not both",
+            )),
+            (None, None) => Err(invalid(
+                "mem_backend",
+                "missing: give mem_backend (or the deprecated mem_file_path)",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The memory source (after `validate`).
+    pub fn backend(&self) -> (MemBackendType, &std::path::Path) {
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(b), _) => (b.backend_type, b.backend_path.as_path()),
+            (None, Some(p)) => (MemBackendType::File, p.as_path()),
+            (None, None) => (MemBackendType::File, std::path::Path::new("")),
+        }
+    }
+
+    /// Whether the loaded VM tracks dirty pages.
+    pub fn dirty_tracking_wanted(&self) -> bool {
+        self.track_dirty_pages || self.enable_diff_snapshots
+    }
 }
 
 /// A whole Firecracker configuration file.

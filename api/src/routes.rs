@@ -7,7 +7,7 @@ use serde::Deserialize;
 use crate::action::{ApiError, DriveUpdate, MetricsConfig, NetworkInterfaceUpdate, VmmAction};
 use crate::models::{
     BootSource, ConfigError, Drive, MachineConfig, MachineConfigUpdate, NetworkInterface,
-    SerialConfig,
+    SerialConfig, SnapshotCreateParams, SnapshotLoadParams,
 };
 
 /// Every route the server serves, as (method, OpenAPI path). `docs/openapi.json` must
@@ -29,6 +29,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/vm"),
     ("GET", "/metrics"),
     ("PUT", "/metrics"),
+    ("PUT", "/snapshot/create"),
+    ("PUT", "/snapshot/load"),
 ];
 
 /// Firecracker's endpoints that ferry does not implement yet. They get a 400 that says
@@ -47,8 +49,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("PUT", "/vsock"),
     ("PUT", "/entropy"),
     ("PUT", "/cpu-config"),
-    ("PUT", "/snapshot/create"),
-    ("PUT", "/snapshot/load"),
 ];
 
 /// What a request turned into.
@@ -222,6 +222,14 @@ pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<Parsed, ApiError>
             ActionType::SendCtrlAltDel => VmmAction::SendCtrlAltDel,
             ActionType::FlushMetrics => VmmAction::FlushMetrics,
         },
+        ("PUT", "/snapshot/create") => {
+            VmmAction::CreateSnapshot(body::<SnapshotCreateParams>(bytes)?)
+        }
+        ("PUT", "/snapshot/load") => {
+            let params: SnapshotLoadParams = body(bytes)?;
+            params.validate().map_err(config_error)?;
+            VmmAction::LoadSnapshot(params)
+        }
         ("PATCH", "/vm") => match body::<VmStateBody>(bytes)?.state {
             VmStateValue::Paused => VmmAction::Pause,
             VmStateValue::Resumed => VmmAction::Resume,
@@ -332,12 +340,47 @@ mod tests {
 
     #[test]
     fn test_firecracker_endpoints_ferry_lacks_say_so() {
-        let e = err("PUT", "/snapshot/create", "{}");
+        let e = err("PUT", "/cpu-config", "{}");
         assert_eq!(
             (e.status, e.message.as_str()),
-            (400, "PUT /snapshot/create is not supported by ferry yet")
+            (400, "PUT /cpu-config is not supported by ferry yet")
         );
         assert_eq!(err("GET", "/balloon", "").status, 400);
+    }
+
+    #[test]
+    fn test_snapshot_bodies_are_firecracker_s() {
+        let ok = parse(
+            "PUT",
+            "/snapshot/create",
+            br#"{"snapshot_type": "Diff", "snapshot_path": "/s", "mem_file_path": "/m"}"#,
+        );
+        assert!(
+            matches!(ok, Ok(Parsed::Vmm(VmmAction::CreateSnapshot(_)))),
+            "{ok:?}"
+        );
+        let e = err(
+            "PUT",
+            "/snapshot/create",
+            r#"{"snapshot_type": "Partial", "snapshot_path": "/s", "mem_file_path": "/m"}"#,
+        );
+        assert!(
+            e.message
+                .contains("snapshot_type: unknown variant `Partial`"),
+            "{}",
+            e.message
+        );
+        let load = |b: &str| parse("PUT", "/snapshot/load", b.as_bytes());
+        assert!(load(r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}, "resume_vm": true, "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}]}"#).is_ok());
+        assert!(load(
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m", "enable_diff_snapshots": true}"#
+        )
+        .is_ok());
+        let e = load(r#"{"snapshot_path": "/s"}"#).expect_err("no memory");
+        assert!(e.message.contains("mem_backend"), "{}", e.message);
+        let e = load(r#"{"snapshot_path": "/s", "mem_file_path": "/m", "mem_backend": {"backend_type": "File", "backend_path": "/m"}}"#)
+            .expect_err("two memory sources");
+        assert!(e.message.contains("not both"), "{}", e.message);
     }
 
     #[test]

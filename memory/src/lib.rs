@@ -7,6 +7,7 @@
 //! another process.
 
 pub mod dirty;
+mod image;
 pub mod layout;
 mod ram;
 mod sys;

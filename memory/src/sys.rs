@@ -161,6 +161,42 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// The data extents of `file` within `0..len`: `(offset, length)` of every range that
+/// holds allocated pages, found with `SEEK_DATA`/`SEEK_HOLE` (what neither std nor
+/// libc's safe wrappers offer). Holes read as zero and are never listed.
+pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let seek = |from: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        let from =
+            libc::off_t::try_from(from).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: lseek only moves the file position of the fd we own a reference to.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), from, whence) };
+        if at < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data (or hole) after `from`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(u64::try_from(at).unwrap_or(u64::MAX)))
+    };
+    let mut extents = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let Some(start) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        if start >= len {
+            break;
+        }
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        extents.push((start, end - start));
+        at = end;
+    }
+    Ok(extents)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -121,6 +121,8 @@ pub struct Controller {
     stdin: bool,
     exit: Option<ExitReason>,
     metrics_file: Option<File>,
+    /// Set by the first configuration request: a snapshot then no longer loads.
+    configured: bool,
 }
 
 impl Controller {
@@ -158,6 +160,7 @@ impl Controller {
             stdin,
             exit: None,
             metrics_file: None,
+            configured: false,
         })
     }
 
@@ -210,6 +213,17 @@ impl Controller {
 
     fn handle(&mut self, action: VmmAction, ops: &mut EventOps) -> VmmResult {
         let bad = |e: api::ConfigError| ApiError::bad_request(e.to_string());
+        if matches!(
+            action,
+            VmmAction::PutMachineConfig(_)
+                | VmmAction::PatchMachineConfig(_)
+                | VmmAction::PutBootSource(_)
+                | VmmAction::PutDrive(_)
+                | VmmAction::PutNetworkInterface(_)
+                | VmmAction::PutSerial(_)
+        ) {
+            self.configured = true;
+        }
         match action {
             VmmAction::GetVmConfig => Ok(VmmData::Json(self.resources.json())),
             VmmAction::GetMachineConfig => {
@@ -362,6 +376,50 @@ impl Controller {
                     .map_err(|e| ApiError::bad_request(format!("cannot start the microVM: {e}")))?;
                 vmm.start()
                     .map_err(|e| ApiError::bad_request(format!("cannot start the microVM: {e}")))?;
+                self.vmm = Some(vmm);
+                self.watch_vm(ops);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::CreateSnapshot(params) => {
+                let config = self.resources.to_config()?;
+                let vmm = self
+                    .vmm
+                    .as_mut()
+                    .ok_or_else(|| ApiError::bad_request("the microVM is not started"))?;
+                let stats = vmm.create_snapshot(&config, &params).map_err(|e| {
+                    ApiError::bad_request(format!("cannot create the snapshot: {e}"))
+                })?;
+                tracing::info!(
+                    "snapshot written to {} and {}: {} bytes of memory in {} µs",
+                    params.snapshot_path.display(),
+                    params.mem_file_path.display(),
+                    stats.memory_bytes,
+                    stats.total_us
+                );
+                Ok(VmmData::Empty)
+            }
+            VmmAction::LoadSnapshot(params) => {
+                if self.vmm.is_some() {
+                    return Err(ApiError::bad_request(
+                        "cannot load a snapshot: this microVM is already started; load into a fresh ferry",
+                    ));
+                }
+                if self.configured {
+                    return Err(ApiError::bad_request(
+                        "cannot load a snapshot: this ferry was already configured; load into a fresh ferry",
+                    ));
+                }
+                let (mut vmm, config) = crate::snapshot::load(&params)
+                    .map_err(|e| ApiError::bad_request(format!("cannot load the snapshot: {e}")))?;
+                if params.resume_vm {
+                    vmm.resume().map_err(|e| {
+                        ApiError::bad_request(format!(
+                            "the snapshot loaded, but cannot resume: {e}"
+                        ))
+                    })?;
+                }
+                self.resources = Resources::from_config(&config);
+                self.configured = true;
                 self.vmm = Some(vmm);
                 self.watch_vm(ops);
                 Ok(VmmData::Empty)

@@ -5,6 +5,7 @@
 pub mod arch;
 pub mod builder;
 pub mod controller;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
@@ -115,6 +116,13 @@ pub struct Vmm {
     vcpu_metrics: Arc<vcpu::VcpuMetrics>,
     paused_since: Option<Instant>,
     paused_total: Duration,
+    /// The userfaultfd page-fault handler that serves guest RAM, for a VM loaded with
+    /// the Uffd backend: kept for as long as the VM lives.
+    backend: Option<snapshot::UffdBackend>,
+    /// Tracks pages written since the last snapshot, when `track_dirty_pages` is on.
+    dirty: Option<Box<dyn memory::dirty::DirtyTracker>>,
+    /// Pages a failed snapshot did not save, for the next Diff.
+    unsaved: Option<memory::dirty::DirtyBitmap>,
 }
 
 impl Vmm {
@@ -164,7 +172,7 @@ impl Vmm {
     pub fn start(&mut self) -> Result<(), LifecycleError> {
         self.transition(VmState::Running)?;
         for vcpu in self.pending.drain(..) {
-            self.vcpus.push(vcpu.start()?);
+            self.vcpus.push(vcpu.start(false)?);
         }
         self.state = VmState::Running;
         Ok(())

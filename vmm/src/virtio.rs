@@ -82,6 +82,21 @@ pub struct SavedDevice {
     pub device: DeviceState,
 }
 
+/// What a snapshot keeps of a device: where it sits and what the guest sees of it. Its
+/// backend (file, tap) is not kept: it comes from the loading side's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSnapshot {
+    /// Drive or interface ID.
+    pub id: String,
+    /// MMIO base address.
+    pub base: u64,
+    /// Its IRQ.
+    pub irq: u32,
+    /// Registers and queues.
+    pub transport: TransportState,
+}
+
 struct Slot {
     id: String,
     base: u64,
@@ -203,16 +218,36 @@ pub fn open(config: &VmConfig) -> Result<Vec<Opened>, VirtioError> {
 
 impl VirtioDevices {
     /// Places the opened devices on `bus` and wires their interrupts (irqfd) and queue
-    /// notifications (ioeventfd) to KVM.
+    /// notifications (ioeventfd) to KVM. With `saved` (from a snapshot), each device's
+    /// transport takes its saved registers and queues, checked against the device.
     pub fn attach(
         vm: &VmFd,
         mem: &Mem,
         opened: Vec<Opened>,
+        saved: Option<&[DeviceSnapshot]>,
         bus: &mut MmioBus,
     ) -> Result<Self, VirtioError> {
+        if let Some(saved) = saved {
+            if saved.len() != opened.len() {
+                return Err(VirtioError::State(format!(
+                    "{} devices were saved, the configuration has {}",
+                    saved.len(),
+                    opened.len()
+                )));
+            }
+        }
         let mut slots = Vec::with_capacity(opened.len());
         for (index, (id, device)) in opened.into_iter().enumerate() {
             let (base, irq) = placement(index);
+            let snapshot = saved.and_then(|s| s.get(index));
+            if let Some(s) = snapshot {
+                if (s.id.as_str(), s.base, s.irq) != (id.as_str(), base, irq) {
+                    return Err(VirtioError::State(format!(
+                        "device {} at {:#x} IRQ {} was saved, the configuration places {id} at {base:#x} IRQ {irq}",
+                        s.id, s.base, s.irq
+                    )));
+                }
+            }
             let kvm = |reason: String| VirtioError::Kvm {
                 id: id.clone(),
                 reason,
@@ -229,7 +264,11 @@ impl VirtioDevices {
                 queue_evts.push(evt);
             }
             let irq_clone = irq_evt.try_clone().map_err(|e| kvm(e.to_string()))?;
-            let mut transport = MmioTransport::new(device, mem.clone(), irq_clone).map_err(kvm)?;
+            let mut transport = match snapshot {
+                Some(s) => MmioTransport::restore(device, mem.clone(), irq_clone, &s.transport)
+                    .map_err(|e| VirtioError::State(format!("device {id}: {e}")))?,
+                None => MmioTransport::new(device, mem.clone(), irq_clone).map_err(kvm)?,
+            };
             transport.set_notifiers(clone_all(&queue_evts).map_err(kvm)?);
             let transport = Arc::new(Mutex::new(transport));
             bus.insert(base, MMIO_SIZE, transport.clone())
@@ -315,6 +354,19 @@ impl VirtioDevices {
                     transport,
                     device,
                 }
+            })
+            .collect()
+    }
+
+    /// What a snapshot keeps of every device.
+    pub fn snapshot(&self) -> Vec<DeviceSnapshot> {
+        self.save()
+            .into_iter()
+            .map(|d| DeviceSnapshot {
+                id: d.id,
+                base: d.base,
+                irq: d.irq,
+                transport: d.transport,
             })
             .collect()
     }

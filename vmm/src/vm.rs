@@ -1,11 +1,14 @@
 //! The KVM VM: capabilities, memory slots, the in-kernel irqchip and PIT.
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use zerocopy::{FromBytes, IntoBytes};
 
 use memory::dirty::{
     BenchTracker, DirtyError, DirtyTracker, KvmDirtyLog, TrackingMode, UffdAsync, UffdSync,
@@ -49,6 +52,14 @@ pub enum VmError {
     /// Guest RAM could not be set up.
     #[error(transparent)]
     Ram(#[from] memory::RamError),
+    /// Saved VM state that KVM cannot take.
+    #[error("VM state field {field}: {reason}")]
+    State {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
@@ -180,6 +191,71 @@ fn host_memory_bytes() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// The VM-wide state KVM holds: both PICs, the IOAPIC, the PIT and the KVM clock.
+/// The interrupt controllers and the PIT are their exact KVM structures, checked for
+/// length (and chip) before they reach KVM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvmVmState {
+    /// `kvm_irqchip` of the master PIC.
+    pub pic_master: Vec<u8>,
+    /// `kvm_irqchip` of the slave PIC.
+    pub pic_slave: Vec<u8>,
+    /// `kvm_irqchip` of the IOAPIC.
+    pub ioapic: Vec<u8>,
+    /// `kvm_pit_state2`.
+    pub pit: Vec<u8>,
+    /// The KVM clock, in ns.
+    pub clock_ns: u64,
+}
+
+const CHIPS: [(u32, &str); 3] = [
+    (KVM_IRQCHIP_PIC_MASTER, "pic_master"),
+    (KVM_IRQCHIP_PIC_SLAVE, "pic_slave"),
+    (KVM_IRQCHIP_IOAPIC, "ioapic"),
+];
+
+fn state_err(field: &'static str, reason: impl Into<String>) -> VmError {
+    VmError::State {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn unblob<T: FromBytes>(field: &'static str, bytes: &[u8]) -> Result<T, VmError> {
+    T::read_from_bytes(bytes).map_err(|_| {
+        state_err(
+            field,
+            format!(
+                "{} bytes, KVM's structure is {}",
+                bytes.len(),
+                std::mem::size_of::<T>()
+            ),
+        )
+    })
+}
+
+impl KvmVmState {
+    fn chips(&self) -> [&Vec<u8>; 3] {
+        [&self.pic_master, &self.pic_slave, &self.ioapic]
+    }
+
+    /// Checks each structure's length and chip, without KVM.
+    pub fn check(&self) -> Result<(), VmError> {
+        for ((id, field), bytes) in CHIPS.iter().zip(self.chips()) {
+            let chip: kvm_irqchip = unblob(field, bytes)?;
+            if chip.chip_id != *id {
+                return Err(state_err(
+                    field,
+                    format!("holds chip {}, not chip {id}", chip.chip_id),
+                ));
+            }
+        }
+        unblob::<kvm_pit_state2>("pit", &self.pit)?;
+        Ok(())
+    }
+}
+
 /// A KVM VM with its RAM registered and its interrupt controllers created.
 pub struct Vm {
     fd: Arc<VmFd>,
@@ -226,6 +302,58 @@ impl Vm {
     /// Guest RAM.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// Reads the interrupt controllers, the PIT and the clock. The vCPUs must be parked.
+    pub fn save_state(&self) -> Result<KvmVmState, VmError> {
+        let mut chips = Vec::with_capacity(CHIPS.len());
+        for (id, _) in CHIPS {
+            let mut chip = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+            chips.push(chip.as_bytes().to_vec());
+        }
+        let pit = self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?;
+        let clock = self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+        let [pic_master, pic_slave, ioapic]: [Vec<u8>; 3] = chips
+            .try_into()
+            .map_err(|_| state_err("irqchip", "three chips were not read"))?;
+        Ok(KvmVmState {
+            pic_master,
+            pic_slave,
+            ioapic,
+            pit: pit.as_bytes().to_vec(),
+            clock_ns: clock.clock,
+        })
+    }
+
+    /// Writes saved VM-wide state into this (fresh) VM. Each structure is checked first.
+    pub fn restore_state(&self, state: &KvmVmState) -> Result<(), VmError> {
+        state.check()?;
+        for ((_, field), bytes) in CHIPS.iter().zip(state.chips()) {
+            let chip: kvm_irqchip = unblob(field, bytes)?;
+            self.fd
+                .set_irqchip(&chip)
+                .map_err(|e| state_err(field, format!("KVM_SET_IRQCHIP: {e}")))?;
+        }
+        let pit: kvm_pit_state2 = unblob("pit", &state.pit)?;
+        self.fd
+            .set_pit2(&pit)
+            .map_err(|e| state_err("pit", format!("KVM_SET_PIT2: {e}")))?;
+        // No flags: the clock continues from where it was saved, as Firecracker's does,
+        // rather than jumping by the wall-clock time the snapshot sat on disk.
+        let clock = kvm_clock_data {
+            clock: state.clock_ns,
+            ..Default::default()
+        };
+        self.fd
+            .set_clock(&clock)
+            .map_err(|e| state_err("clock_ns", format!("KVM_SET_CLOCK: {e}")))?;
+        Ok(())
     }
 
     /// A dirty-page tracker of the chosen kind over guest RAM, not yet started.

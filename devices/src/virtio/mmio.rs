@@ -126,6 +126,14 @@ impl MmioTransport {
             .zip(max_sizes)
             .map(|(q, max)| q.to_queue(max))
             .collect::<Result<_, _>>()?;
+        let offered = t.device.features() | F_VERSION_1;
+        if state.driver_features & !offered != 0 {
+            return Err(format!(
+                "driver_features {:#x} include {:#x}, which the device never offered (it offers {offered:#x})",
+                state.driver_features,
+                state.driver_features & !offered
+            ));
+        }
         t.status = state.status;
         t.driver_features = state.driver_features;
         t.device_features_sel = state.device_features_sel;
@@ -133,8 +141,16 @@ impl MmioTransport {
         t.queue_sel = state.queue_sel;
         t.interrupt_status = state.interrupt_status;
         t.config_generation = state.config_generation;
-        if t.active() && !t.queues_valid() {
-            return Err("a ready queue is not in guest RAM".into());
+        if let Some(i) = t
+            .queues
+            .iter()
+            .position(|q| q.ready() && !q.is_valid(&t.mem))
+        {
+            let q = &state.queues[i];
+            return Err(format!(
+                "queues[{i}] is ready but its rings (desc_table {:#x}, avail_ring {:#x}, used_ring {:#x}, size {}) are not all in guest RAM",
+                q.desc_table, q.avail_ring, q.used_ring, q.size
+            ));
         }
         Ok(t)
     }

@@ -175,6 +175,14 @@ impl Ferry {
         }
     }
 
+    /// Takes console lines until none comes for `quiet`; returns all seen so far.
+    pub fn drain(&mut self, quiet: Duration) -> &[String] {
+        while let Ok(line) = self.lines.recv_timeout(quiet) {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+
     /// Every console line seen so far.
     pub fn console(&self) -> &[String] {
         &self.seen

@@ -1,6 +1,8 @@
 //! vCPU threads. Each runs `KVM_RUN` in a loop, handles port I/O on the bus, and takes
-//! commands (pause, resume, stop) over a channel. A command is delivered by sending it
-//! and then kicking the thread out of `KVM_RUN` with a signal.
+//! commands (pause, resume, save, stop) over a channel. A command is delivered by sending
+//! it and then kicking the thread out of `KVM_RUN` with a signal.
+
+pub mod state;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 use devices::{MmioBus, PioBus};
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use state::VcpuState;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -43,6 +46,12 @@ pub enum VcpuError {
     /// The vCPU thread is gone.
     #[error("vCPU {0} has stopped")]
     Gone(u8),
+    /// The vCPU's state could not be read.
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    /// Save was asked of a vCPU that is not parked.
+    #[error("vCPU {0} is not paused; its state can only be saved while it is")]
+    NotPaused(u8),
 }
 
 /// What the VMM asks of a vCPU thread.
@@ -52,6 +61,8 @@ pub enum VcpuCommand {
     Pause,
     /// Continue after a pause.
     Resume,
+    /// Read the vCPU's state (while paused) and send it back.
+    Save,
     /// End the thread.
     Stop,
 }
@@ -106,6 +117,9 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// arrives late (from a vCPU that was slow to answer an earlier command) is never taken
 /// for the answer to a later one.
 type Numbered = (u64, VcpuCommand);
+
+/// What a vCPU thread sends back for `Save`.
+type Saved = Result<VcpuState, VcpuError>;
 
 fn kick_signal() -> i32 {
     SIGRTMIN()
@@ -244,34 +258,106 @@ impl Vcpu {
         }
     }
 
-    /// Starts the thread. The vCPU runs until told otherwise or until the guest stops.
-    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+    /// Starts the thread. The vCPU runs until told otherwise or until the guest stops;
+    /// with `paused`, it waits for `Resume` first (a restored VM starts that way).
+    pub fn start(self, paused: bool) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let stall = self.stall.clone();
         let (cmd_tx, cmd_rx) = mpsc::channel();
         let (ack_tx, ack_rx) = mpsc::channel();
+        let (state_tx, state_rx) = mpsc::channel();
+        let link = Link {
+            commands: cmd_rx,
+            acks: ack_tx,
+            states: state_tx,
+        };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(cmd_rx, ack_tx))
+            .spawn(move || self.run(link, paused))
             .map_err(|source| VcpuError::Spawn { index, source })?;
         Ok(VcpuHandle {
             index,
             thread: Some(thread),
             commands: cmd_tx,
             acks: ack_rx,
+            states: state_rx,
             next: 1,
             stall,
         })
     }
 
-    fn run(mut self, commands: Receiver<Numbered>, acks: Sender<u64>) {
+    /// The vCPU's state; the thread must be outside `KVM_RUN` (it calls this itself).
+    fn save(&self) -> Saved {
+        let host = crate::vm::host().map_err(|e| {
+            VcpuError::State(state::StateError::Refused {
+                index: self.index,
+                field: "msrs".into(),
+                reason: e.to_string(),
+            })
+        })?;
+        Ok(VcpuState::save(
+            self.index,
+            &self.fd,
+            state::saved_msrs(host),
+        )?)
+    }
+
+    /// Handles queued commands after a kick, parked while paused. Returns false when
+    /// the thread must end.
+    fn wait_for_commands(&self, link: &Link, mut paused: bool) -> bool {
+        loop {
+            let (seq, cmd) = if paused {
+                match link.commands.recv() {
+                    Ok(cmd) => cmd,
+                    Err(_) => return false,
+                }
+            } else {
+                match link.commands.try_recv() {
+                    Ok(cmd) => cmd,
+                    Err(TryRecvError::Empty) => return true,
+                    Err(TryRecvError::Disconnected) => return false,
+                }
+            };
+            let ms = self.stall.swap(0, Ordering::AcqRel);
+            if ms > 0 {
+                // A test stands in for a vCPU held up elsewhere (a device, the kernel).
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            match cmd {
+                VcpuCommand::Pause => {
+                    // Tells a kvmclock guest that it was stopped, so that its watchdogs do
+                    // not fire on resume; EINVAL for a guest without kvmclock.
+                    let _ = self.fd.kvmclock_ctrl();
+                    paused = true;
+                }
+                VcpuCommand::Resume => paused = false,
+                VcpuCommand::Save => {
+                    let saved = if paused {
+                        self.save()
+                    } else {
+                        Err(VcpuError::NotPaused(self.index))
+                    };
+                    // Sent before the ack, so that the ack means the state is there.
+                    let _ = link.states.send(saved);
+                }
+                VcpuCommand::Stop => {
+                    let _ = link.acks.send(seq);
+                    return false;
+                }
+            }
+            // The VMM may have stopped waiting; the command is still carried out.
+            let _ = link.acks.send(seq);
+        }
+    }
+
+    fn run(mut self, link: Link, paused: bool) {
         let run: *mut kvm_run = self.fd.get_kvm_run();
         // SAFETY: `run` is this vCPU's live kvm_run mapping; only a field address is taken.
         let immediate_exit = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
         IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
         // A command sent before the line above was kicked with no pointer to set, so
         // that kick is lost: look for commands once before the first KVM_RUN.
-        if !wait_for_commands(&commands, &acks, &self.stall) {
+        if !self.wait_for_commands(&link, paused) {
             IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
             return;
         }
@@ -308,7 +394,7 @@ impl Vcpu {
                             r.rdi
                         );
                     }
-                    if !wait_for_commands(&commands, &acks, &self.stall) {
+                    if !self.wait_for_commands(&link, false) {
                         break;
                     }
                     Flow::Continue
@@ -321,8 +407,11 @@ impl Vcpu {
                 let _ = self.events.send((self.index, event));
                 let _ = self.event_fd.write(1);
                 // Stay reachable so that pause and stop still get answers.
-                while let Ok((seq, cmd)) = commands.recv() {
-                    let _ = acks.send(seq);
+                while let Ok((seq, cmd)) = link.commands.recv() {
+                    if cmd == VcpuCommand::Save {
+                        let _ = link.states.send(Err(VcpuError::Gone(self.index)));
+                    }
+                    let _ = link.acks.send(seq);
                     if cmd == VcpuCommand::Stop {
                         break;
                     }
@@ -342,35 +431,11 @@ impl Vcpu {
     }
 }
 
-/// Handles queued commands after a kick. Returns false when the thread must end.
-fn wait_for_commands(commands: &Receiver<Numbered>, acks: &Sender<u64>, stall: &AtomicU64) -> bool {
-    let mut paused = false;
-    loop {
-        let (seq, cmd) = if paused {
-            match commands.recv() {
-                Ok(cmd) => cmd,
-                Err(_) => return false,
-            }
-        } else {
-            match commands.try_recv() {
-                Ok(cmd) => cmd,
-                Err(TryRecvError::Empty) => return true,
-                Err(TryRecvError::Disconnected) => return false,
-            }
-        };
-        let ms = stall.swap(0, Ordering::AcqRel);
-        if ms > 0 {
-            // A test stands in for a vCPU held up elsewhere (a device, the kernel).
-            std::thread::sleep(Duration::from_millis(ms));
-        }
-        // The VMM may have stopped waiting; the command is still carried out.
-        let _ = acks.send(seq);
-        match cmd {
-            VcpuCommand::Pause => paused = true,
-            VcpuCommand::Resume => paused = false,
-            VcpuCommand::Stop => return false,
-        }
-    }
+/// The vCPU thread's end of its channels.
+struct Link {
+    commands: Receiver<Numbered>,
+    acks: Sender<u64>,
+    states: Sender<Saved>,
 }
 
 /// The VMM's end of a vCPU thread.
@@ -379,6 +444,7 @@ pub struct VcpuHandle {
     thread: Option<JoinHandle<()>>,
     commands: Sender<Numbered>,
     acks: Receiver<u64>,
+    states: Receiver<Saved>,
     /// The number the next command gets.
     next: u64,
     stall: Arc<AtomicU64>,
@@ -398,7 +464,7 @@ impl VcpuHandle {
         self.commands
             .send((seq, cmd))
             .map_err(|_| VcpuError::Gone(self.index))?;
-        if cmd != VcpuCommand::Resume {
+        if matches!(cmd, VcpuCommand::Pause | VcpuCommand::Stop) {
             if let Some(thread) = &self.thread {
                 // The thread may already have left; then there is nothing to kick.
                 let _ = thread.kill(kick_signal());
@@ -426,6 +492,18 @@ impl VcpuHandle {
                 Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::Gone(self.index)),
             }
         }
+    }
+
+    /// Reads the state of this (paused) vCPU on its own thread, waiting at most until
+    /// `deadline`.
+    pub fn save(&mut self, deadline: Instant) -> Result<VcpuState, VcpuError> {
+        // A late answer to an earlier Save would be taken for this one: drop it.
+        while self.states.try_recv().is_ok() {}
+        let seq = self.send(VcpuCommand::Save)?;
+        self.wait_ack(seq, VcpuCommand::Save, deadline)?;
+        self.states
+            .try_recv()
+            .map_err(|_| VcpuError::Gone(self.index))?
     }
 
     /// Asks the thread to end, without waiting.

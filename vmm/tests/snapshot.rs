@@ -1,0 +1,791 @@
+//! Snapshots end to end: real `ferry` processes, the test guest's `verify` workload
+//! (every page carries its pass number, checked every pass), and Firecracker's request
+//! bodies over the API. A restored guest proves its memory by continuing its passes.
+
+mod common;
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{curl, guest_image, wait_for_socket, Ferry, TempDir, TestTap};
+use serde_json::json;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+const BOOT: Duration = Duration::from_secs(20);
+
+fn config(args: &str, vcpus: u32, mem_mib: u64, extra: serde_json::Value) -> serde_json::Value {
+    let mut cfg = json!({
+        "boot-source": {
+            "kernel_image_path": guest_image(),
+            "boot_args": format!("console=ttyS0 {args}"),
+        },
+        "machine-config": { "vcpu_count": vcpus, "mem_size_mib": mem_mib },
+    });
+    if let (Some(cfg), Some(extra)) = (cfg.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            if k == "machine-config" {
+                for (mk, mv) in v.as_object().expect("object") {
+                    cfg["machine-config"][mk] = mv.clone();
+                }
+            } else {
+                cfg.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    cfg
+}
+
+/// A ferry with an API socket.
+struct Vm {
+    ferry: Ferry,
+    sock: PathBuf,
+}
+
+impl Vm {
+    /// A fresh ferry, not configured.
+    fn fresh(dir: &TempDir, name: &str) -> Vm {
+        let sock = dir.path().join(format!("{name}.sock"));
+        let ferry = Ferry::spawn_args(&["--api-sock".as_ref(), sock.as_os_str()]);
+        wait_for_socket(&sock);
+        Vm { ferry, sock }
+    }
+
+    /// A ferry booted from `cfg`, with an API socket.
+    fn boot(dir: &TempDir, name: &str, cfg: &serde_json::Value) -> Vm {
+        let sock = dir.path().join(format!("{name}.sock"));
+        let path = dir.write(&format!("{name}.json"), cfg.to_string());
+        let ferry = Ferry::spawn_args(&[
+            "--api-sock".as_ref(),
+            sock.as_os_str(),
+            "--config-file".as_ref(),
+            path.as_os_str(),
+        ]);
+        wait_for_socket(&sock);
+        Vm { ferry, sock }
+    }
+
+    fn call(&self, method: &str, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        curl(&self.sock, method, path, Some(&body.to_string()))
+    }
+
+    fn expect(
+        &self,
+        method: &str,
+        path: &str,
+        body: serde_json::Value,
+        status: u16,
+    ) -> serde_json::Value {
+        let (got, json) = self.call(method, path, &body);
+        assert_eq!(got, status, "{method} {path} {body}: {json}");
+        json
+    }
+
+    /// A request that must fail with 400; returns its fault message.
+    fn refused(&self, method: &str, path: &str, body: serde_json::Value) -> String {
+        let json = self.expect(method, path, body, 400);
+        json["fault_message"]
+            .as_str()
+            .expect("fault_message")
+            .to_string()
+    }
+
+    fn pause(&self) {
+        self.expect("PATCH", "/vm", json!({ "state": "Paused" }), 204);
+    }
+
+    fn resume(&self) {
+        self.expect("PATCH", "/vm", json!({ "state": "Resumed" }), 204);
+    }
+
+    fn state(&self) -> String {
+        let (_, info) = curl(&self.sock, "GET", "/", None);
+        info["state"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Pauses and snapshots; returns the last pass the guest finished before the pause.
+    fn snapshot(&mut self, kind: &str, state: &Path, mem: &Path) -> u64 {
+        self.pause();
+        let last = last_pass(self.ferry.drain(Duration::from_millis(300)));
+        self.expect(
+            "PUT",
+            "/snapshot/create",
+            json!({ "snapshot_type": kind, "snapshot_path": state, "mem_file_path": mem }),
+            204,
+        );
+        last
+    }
+
+    /// Loads a snapshot with the File backend and runs it.
+    fn load_file(&self, state: &Path, mem: &Path) {
+        self.expect(
+            "PUT",
+            "/snapshot/load",
+            json!({
+                "snapshot_path": state,
+                "mem_backend": { "backend_type": "File", "backend_path": mem },
+                "resume_vm": true,
+            }),
+            204,
+        );
+    }
+}
+
+/// The number of the last `pass N ok` line.
+fn last_pass(console: &[String]) -> u64 {
+    console
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("pass ")?.strip_suffix(" ok")?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Asserts that the guest's next pass is `after + 1`, and that every pass it reports
+/// for `run` is ok, in order.
+///
+/// A pause can fall while the guest prints `pass N+1 ok`: the old console then ends
+/// in part of that line and the restored guest prints the rest of it first, then
+/// `pass N+2 ok`.
+fn assert_continues(vm: &mut Vm, after: u64, run: Duration) {
+    let first = vm.ferry.expect_line("", BOOT);
+    let whole = format!("pass {} ok", after + 1);
+    let mut expected = after + 2;
+    if first != whole {
+        assert!(
+            !first.is_empty() && whole.ends_with(&first),
+            "the restored guest must go on from the pass it was in ({whole}), it printed {first:?}"
+        );
+        let line = vm.ferry.expect_line("pass ", BOOT);
+        assert_eq!(line, format!("pass {expected} ok"));
+        expected += 1;
+    }
+    let deadline = Instant::now() + run;
+    while Instant::now() < deadline {
+        let line = vm.ferry.expect_line("pass ", BOOT);
+        assert_eq!(line, format!("pass {expected} ok"));
+        expected += 1;
+    }
+}
+
+fn verify_vm(dir: &TempDir, name: &str, extra: serde_json::Value) -> Vm {
+    let cfg = config("workload=verify start=16M size=32M", 2, 256, extra);
+    let mut vm = Vm::boot(dir, name, &cfg);
+    vm.ferry.expect_line("pass 3 ok", BOOT);
+    vm
+}
+
+#[test]
+fn test_full_snapshot_restores_with_the_file_backend_and_the_guest_goes_on() {
+    let dir = TempDir::new("snap-full");
+    let (state, mem) = (dir.path().join("vm.state"), dir.path().join("vm.mem"));
+    let mut vm = verify_vm(&dir, "a", json!({}));
+    let last = vm.snapshot("Full", &state, &mem);
+    drop(vm);
+
+    // 256 MiB of guest RAM, of which the guest touched its 32 MiB and ferry its boot
+    // pages: the file is sparse.
+    let meta = std::fs::metadata(&mem).expect("memory file");
+    assert_eq!(meta.len(), 256 << 20);
+    let on_disk = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+    assert!(
+        (32 << 20..48 << 20).contains(&on_disk),
+        "{on_disk} bytes allocated"
+    );
+
+    let mut restored = Vm::fresh(&dir, "b");
+    restored.load_file(&state, &mem);
+    assert_eq!(restored.state(), "Running");
+    assert_continues(&mut restored, last, Duration::from_secs(5));
+
+    // The configuration it came from, and every request a booted VM takes.
+    let (_, config) = curl(&restored.sock, "GET", "/vm/config", None);
+    assert_eq!(config["machine-config"]["mem_size_mib"], 256);
+    assert_eq!(config["machine-config"]["vcpu_count"], 2);
+    let again = restored.snapshot("Full", &state, &mem);
+    restored.resume();
+    assert_continues(&mut restored, again, Duration::ZERO);
+}
+
+#[test]
+fn test_a_restored_vm_waits_paused_without_resume_vm() {
+    let dir = TempDir::new("snap-paused");
+    let (state, mem) = (dir.path().join("vm.state"), dir.path().join("vm.mem"));
+    let mut vm = verify_vm(&dir, "a", json!({}));
+    let last = vm.snapshot("Full", &state, &mem);
+    drop(vm);
+    let mut restored = Vm::fresh(&dir, "b");
+    restored.expect(
+        "PUT",
+        "/snapshot/load",
+        json!({ "snapshot_path": state, "mem_file_path": mem }),
+        204,
+    );
+    assert_eq!(restored.state(), "Paused");
+    assert!(
+        last_pass(restored.ferry.drain(Duration::from_millis(500))) == 0,
+        "a paused VM must not run"
+    );
+    restored.resume();
+    assert_continues(&mut restored, last, Duration::from_secs(1));
+}
+
+#[test]
+fn test_snapshot_chain_of_twenty_never_corrupts() {
+    let dir = TempDir::new("snap-chain");
+    let cfg = config("workload=verify start=16M size=16M", 1, 128, json!({}));
+    let mut vm = Vm::boot(&dir, "vm0", &cfg);
+    vm.ferry.expect_line("pass 2 ok", BOOT);
+    let mut last = 0;
+    for i in 1..=20 {
+        let state = dir.path().join(format!("{i}.state"));
+        let mem = dir.path().join(format!("{i}.mem"));
+        let before = vm.snapshot("Full", &state, &mem);
+        assert!(before > last, "round {i}: pass {before} after {last}");
+        drop(vm);
+        vm = Vm::fresh(&dir, &format!("vm{i}"));
+        vm.load_file(&state, &mem);
+        assert_continues(&mut vm, before, Duration::ZERO);
+        last = before;
+        let _ = std::fs::remove_file(&mem);
+    }
+}
+
+/// Lays the data extents of `diff` over `full`, as Firecracker's rebase-snap does.
+fn lay_over(full: &Path, diff: &Path) {
+    let src = File::open(diff).expect("diff");
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .open(full)
+        .expect("full");
+    let len = src.metadata().expect("stat").len();
+    let mut at = 0i64;
+    let mut page = vec![0u8; 1 << 20];
+    loop {
+        // SAFETY: lseek on an fd this function owns.
+        let start = unsafe { libc::lseek(src.as_raw_fd(), at, libc::SEEK_DATA) };
+        if start < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(src.as_raw_fd(), start, libc::SEEK_HOLE) };
+        let mut off = start as u64;
+        while off < end as u64 {
+            let n =
+                usize::try_from(end as u64 - off).map_or(page.len(), |left| left.min(page.len()));
+            src.read_exact_at(&mut page[..n], off).expect("read diff");
+            dst.write_all_at(&page[..n], off).expect("write full");
+            off += n as u64;
+        }
+        at = end;
+        if at as u64 >= len {
+            break;
+        }
+    }
+}
+
+#[test]
+fn test_full_then_three_diffs_laid_over_it_restore_a_verifying_guest() {
+    let dir = TempDir::new("snap-diff");
+    let mut vm = verify_vm(
+        &dir,
+        "a",
+        json!({ "machine-config": { "track_dirty_pages": true } }),
+    );
+    let full_state = dir.path().join("full.state");
+    let full = dir.path().join("full.mem");
+    vm.snapshot("Full", &full_state, &full);
+    let mut last = 0;
+    let mut diffs = Vec::new();
+    for i in 1..=3 {
+        vm.resume();
+        let lines = vm.ferry.console().len();
+        vm.ferry.expect_line("pass ", BOOT);
+        assert!(vm.ferry.console().len() > lines);
+        let state = dir.path().join(format!("diff{i}.state"));
+        let mem = dir.path().join(format!("diff{i}.mem"));
+        last = vm.snapshot("Diff", &state, &mem);
+        let meta = std::fs::metadata(&mem).expect("diff file");
+        assert_eq!(meta.len(), 256 << 20, "a Diff has the full apparent size");
+        let on_disk = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+        // The guest rewrites its 32 MiB every pass; nothing else changes much.
+        assert!(on_disk <= 40 << 20, "diff {i}: {on_disk} bytes");
+        diffs.push((state, mem));
+    }
+    drop(vm);
+    for (_, mem) in &diffs {
+        lay_over(&full, mem);
+    }
+    let mut restored = Vm::fresh(&dir, "b");
+    restored.load_file(&diffs[2].0, &full);
+    assert_continues(&mut restored, last, Duration::from_secs(2));
+}
+
+#[test]
+fn test_diff_without_tracking_is_refused() {
+    let dir = TempDir::new("snap-notrack");
+    let vm = verify_vm(&dir, "a", json!({}));
+    vm.pause();
+    let message = vm.refused(
+        "PUT",
+        "/snapshot/create",
+        json!({ "snapshot_type": "Diff", "snapshot_path": dir.path().join("s"), "mem_file_path": dir.path().join("m") }),
+    );
+    assert!(message.contains("track_dirty_pages"), "{message}");
+}
+
+#[test]
+fn test_create_while_running_is_refused_and_the_guest_runs_on() {
+    let dir = TempDir::new("snap-running");
+    let mut vm = verify_vm(&dir, "a", json!({}));
+    let state = dir.path().join("s");
+    let message = vm.refused(
+        "PUT",
+        "/snapshot/create",
+        json!({ "snapshot_path": state, "mem_file_path": dir.path().join("m") }),
+    );
+    assert!(message.contains("must be paused"), "{message}");
+    assert!(!state.exists());
+    let now = vm.ferry.expect_line("pass ", BOOT);
+    let now = last_pass(&[now]);
+    vm.ferry.expect_line(&format!("pass {} ok", now + 2), BOOT);
+}
+
+/// A snapshot of a verifying guest, for the bad-input tests.
+fn good_snapshot(dir: &TempDir) -> (PathBuf, PathBuf, u64) {
+    let (state, mem) = (dir.path().join("good.state"), dir.path().join("good.mem"));
+    let mut vm = verify_vm(dir, "src", json!({}));
+    let last = vm.snapshot("Full", &state, &mem);
+    (state, mem, last)
+}
+
+/// After a refused load, the same process loads a good snapshot and runs it.
+fn still_loads(vm: &mut Vm, state: &Path, mem: &Path, last: u64) {
+    vm.load_file(state, mem);
+    assert_continues(vm, last, Duration::from_millis(300));
+}
+
+fn load_refused(vm: &Vm, state: &Path, mem: &Path) -> String {
+    vm.refused(
+        "PUT",
+        "/snapshot/load",
+        json!({
+            "snapshot_path": state,
+            "mem_backend": { "backend_type": "File", "backend_path": mem },
+        }),
+    )
+}
+
+/// Rewrites a state file's body through `edit`, with a correct header and checksum.
+fn edit_state(from: &Path, to: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(from).expect("state");
+    let mut body: serde_json::Value = serde_json::from_slice(&bytes[32..]).expect("json body");
+    edit(&mut body);
+    let body = serde_json::to_vec(&body).expect("encode");
+    let mut header = bytes[..32].to_vec();
+    header[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+    header[24..28].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    let mut out = File::create(to).expect("create");
+    out.write_all(&header).expect("header");
+    out.write_all(&body).expect("body");
+}
+
+#[test]
+fn test_damaged_state_files_are_refused_by_name_and_the_process_loads_again() {
+    let dir = TempDir::new("snap-bad");
+    let (state, mem, last) = good_snapshot(&dir);
+    let good = std::fs::read(&state).expect("state");
+    let mut vm = Vm::fresh(&dir, "dst");
+
+    let truncated = dir.write("truncated.state", &good[..good.len() / 2]);
+    let m = load_refused(&vm, &truncated, &mem);
+    assert!(m.contains("truncated"), "{m}");
+
+    let mut flipped = good.clone();
+    let at = flipped.len() / 2;
+    flipped[at] ^= 0x01;
+    let flipped = dir.write("flipped.state", &flipped);
+    let m = load_refused(&vm, &flipped, &mem);
+    assert!(m.contains("checksum does not match"), "{m}");
+
+    let mut version = good.clone();
+    version[8..12].copy_from_slice(&7u32.to_le_bytes());
+    let version = dir.write("version.state", &version);
+    let m = load_refused(&vm, &version, &mem);
+    assert!(m.contains("format version 7 is not supported"), "{m}");
+
+    let m = load_refused(&vm, &guest_image(), &mem);
+    assert!(m.contains("is not a ferry snapshot"), "{m}");
+
+    let short = dir.path().join("short.mem");
+    std::fs::copy(&mem, &short).expect("copy");
+    File::options()
+        .write(true)
+        .open(&short)
+        .and_then(|f| f.set_len((256 << 20) - 4096))
+        .expect("shrink");
+    let m = load_refused(&vm, &state, &short);
+    assert!(m.contains("memory file is 268431360 bytes"), "{m}");
+    assert!(m.contains("needs 268435456"), "{m}");
+
+    still_loads(&mut vm, &state, &mem, last);
+}
+
+#[test]
+fn test_device_and_register_state_is_checked_before_use() {
+    let dir = TempDir::new("snap-check");
+    let disk = dir.write("disk.img", vec![0u8; 4 << 20]);
+    let cfg = config(
+        "workload=verify start=16M size=32M",
+        2,
+        256,
+        json!({ "drives": [{ "drive_id": "disk0", "path_on_host": disk, "is_root_device": false }] }),
+    );
+    let (state, mem) = (dir.path().join("s.state"), dir.path().join("s.mem"));
+    let mut src = Vm::boot(&dir, "src", &cfg);
+    src.ferry.expect_line("pass 3 ok", BOOT);
+    let last = src.snapshot("Full", &state, &mem);
+    drop(src);
+    let mut vm = Vm::fresh(&dir, "dst");
+
+    let bad = dir.path().join("bad.state");
+    // The test guest never drives the disk, so make its queue ready with rings past RAM.
+    edit_state(&state, &bad, |s| {
+        let q = &mut s["virtio"][0]["transport"]["queues"][0];
+        q["ready"] = json!(true);
+        q["size"] = json!(256);
+        q["desc_table"] = json!(0x7fff_f000u64);
+        q["avail_ring"] = json!(0x7fff_f000u64);
+        q["used_ring"] = json!(0x7fff_f000u64);
+    });
+    let m = load_refused(&vm, &bad, &mem);
+    assert!(
+        m.contains("device disk0: queues[0] is ready but its rings"),
+        "{m}"
+    );
+
+    edit_state(&state, &bad, |s| {
+        s["virtio"][0]["transport"]["driver_features"] = json!(1u64 << 40);
+    });
+    let m = load_refused(&vm, &bad, &mem);
+    assert!(m.contains("never offered"), "{m}");
+
+    edit_state(&state, &bad, |s| {
+        let x = s["vcpus"][1]["xsave"].as_array_mut().expect("xsave");
+        x.truncate(100);
+    });
+    let m = load_refused(&vm, &bad, &mem);
+    assert!(m.contains("vCPU 1: field xsave is 100 bytes"), "{m}");
+
+    edit_state(&state, &bad, |s| {
+        s["vcpus"][0]["sregs"]["cr0"] = json!(0x8000_0000u64);
+    });
+    let m = load_refused(&vm, &bad, &mem);
+    assert!(m.contains("vCPU 0: KVM refused sregs"), "{m}");
+
+    edit_state(&state, &bad, |s| {
+        s["vcpus"][0]["msrs"][0]["index"] = json!(0x4242_4242u32);
+    });
+    let m = load_refused(&vm, &bad, &mem);
+    assert!(m.contains("msrs[0x42424242]"), "{m}");
+
+    edit_state(&state, &bad, |s| {
+        s["memory"][0]["size"] = json!(128u64 << 20);
+    });
+    let m = load_refused(&vm, &bad, &mem);
+    assert!(m.contains("memory map does not fit"), "{m}");
+
+    edit_state(&state, &bad, |s| {
+        s["vm"]["ioapic"] = s["vm"]["pic_master"].clone();
+    });
+    let m = load_refused(&vm, &bad, &mem);
+    assert!(m.contains("VM state field ioapic: holds chip 0"), "{m}");
+
+    still_loads(&mut vm, &state, &mem, last);
+}
+
+#[test]
+fn test_load_is_refused_after_configuration_or_start() {
+    let dir = TempDir::new("snap-after");
+    let (state, mem, _) = good_snapshot(&dir);
+    let vm = Vm::fresh(&dir, "cfg");
+    vm.expect(
+        "PUT",
+        "/machine-config",
+        json!({ "vcpu_count": 1, "mem_size_mib": 128 }),
+        204,
+    );
+    let m = load_refused(&vm, &state, &mem);
+    assert!(m.contains("already configured"), "{m}");
+    let running = verify_vm(&dir, "run", json!({}));
+    let m = load_refused(&running, &state, &mem);
+    assert!(m.contains("already started"), "{m}");
+}
+
+/// How a test page-fault handler behaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Handler {
+    /// As Firecracker's example: answer each fault with UFFDIO_COPY from the file.
+    Serve,
+    /// Accept the connection and close it at once.
+    CloseAtOnce,
+}
+
+/// A page-fault handler written the way Firecracker's example is: it takes the
+/// userfaultfd and the region list over the socket, maps the memory file, and answers
+/// each missing fault with `UFFDIO_COPY` of that page. Returns the faults it served.
+fn spawn_handler(sock: PathBuf, mem: PathBuf, how: Handler) -> std::thread::JoinHandle<u64> {
+    let listener = UnixListener::bind(&sock).expect("bind handler socket");
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("accept");
+        if how == Handler::CloseAtOnce {
+            return 0;
+        }
+        let mut buf = vec![0u8; 4096];
+        let (n, file) = stream.recv_with_fd(&mut buf).expect("message");
+        let regions: serde_json::Value = serde_json::from_slice(&buf[..n]).expect("regions JSON");
+        let regions: Vec<(u64, u64, u64)> = regions
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|r| {
+                assert_eq!(r["page_size"], 4096);
+                assert_eq!(r["page_size_kib"], 4096);
+                (
+                    r["base_host_virt_addr"].as_u64().expect("addr"),
+                    r["size"].as_u64().expect("size"),
+                    r["offset"].as_u64().expect("offset"),
+                )
+            })
+            .collect();
+        let uffd_file = file.expect("the userfaultfd");
+        // SAFETY: the fd was just received and is owned by nothing else.
+        let uffd = unsafe {
+            userfaultfd::Uffd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(uffd_file))
+        };
+        let backing = File::open(&mem).expect("memory file");
+        let len = usize::try_from(backing.metadata().expect("stat").len()).expect("fits");
+        // SAFETY: a fresh private read-only mapping of a file this thread keeps open.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                backing.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let mut served = 0;
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stream.as_raw_fd(),
+                    events: libc::POLLRDHUP,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds.
+            unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+            if fds[1].revents != 0 {
+                return served;
+            }
+            while let Ok(Some(event)) = uffd.read_event() {
+                let userfaultfd::Event::Pagefault { addr, .. } = event else {
+                    continue;
+                };
+                let page = addr as u64 & !4095;
+                let (start, _, offset) = *regions
+                    .iter()
+                    .find(|(s, l, _)| page >= *s && page < s + l)
+                    .expect("fault inside a region");
+                let src = base as u64 + offset + (page - start);
+                // SAFETY: `src` is a page of the mapped file, `page` a page the kernel
+                // says is missing in ferry's registered range.
+                match unsafe { uffd.copy(src as *const _, page as *mut _, 4096, true) } {
+                    Ok(_) => served += 1,
+                    // Another fault on the same page was served first.
+                    Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {}
+                    Err(e) => panic!("UFFDIO_COPY: {e}"),
+                }
+            }
+        }
+    })
+}
+
+#[test]
+fn test_uffd_backend_is_served_by_a_firecracker_style_handler() {
+    let dir = TempDir::new("snap-uffd");
+    let (state, mem, last) = good_snapshot(&dir);
+    let handler_sock = dir.path().join("uffd.sock");
+    let handler = spawn_handler(handler_sock.clone(), mem.clone(), Handler::Serve);
+    let mut vm = Vm::fresh(&dir, "dst");
+    vm.expect(
+        "PUT",
+        "/snapshot/load",
+        json!({
+            "snapshot_path": state,
+            "mem_backend": { "backend_type": "Uffd", "backend_path": handler_sock },
+            "resume_vm": true,
+        }),
+        204,
+    );
+    assert_continues(&mut vm, last, Duration::from_secs(5));
+    drop(vm);
+    let served = handler.join().expect("handler");
+    // The guest's 32 MiB at least came through the handler.
+    assert!(served >= 8192, "{served} faults served");
+}
+
+#[test]
+fn test_uffd_backend_errors_leave_the_process_usable() {
+    let dir = TempDir::new("snap-uffd-bad");
+    let (state, mem, last) = good_snapshot(&dir);
+    let mut vm = Vm::fresh(&dir, "dst");
+    let uffd_load = |sock: &Path| {
+        json!({
+            "snapshot_path": state,
+            "mem_backend": { "backend_type": "Uffd", "backend_path": sock },
+            "resume_vm": true,
+        })
+    };
+    let nobody = dir.path().join("nobody.sock");
+    let m = vm.refused("PUT", "/snapshot/load", uffd_load(&nobody));
+    assert!(
+        m.contains("cannot connect to the page-fault handler's socket"),
+        "{m}"
+    );
+
+    let closing = dir.path().join("closing.sock");
+    let handler = spawn_handler(closing.clone(), mem.clone(), Handler::CloseAtOnce);
+    let m = vm.refused("PUT", "/snapshot/load", uffd_load(&closing));
+    handler.join().expect("handler");
+    assert!(m.contains("closed the connection"), "{m}");
+
+    still_loads(&mut vm, &state, &mem, last);
+}
+
+#[test]
+fn test_drive_and_tap_snapshotted_with_requests_in_flight_finish_their_io() {
+    let (tap, other) = (TestTap::new("s"), TestTap::new("t"));
+    let dir = TempDir::new("snap-io");
+    let disk = dir.write("disk.img", vec![0u8; 8 << 20]);
+    let cfg = config(
+        "workload=blk passes=0 depth=32",
+        1,
+        128,
+        json!({
+            "drives": [{ "drive_id": "disk0", "path_on_host": disk, "is_root_device": false }],
+            "network-interfaces": [{ "iface_id": "eth0", "host_dev_name": tap.0, "guest_mac": "06:00:ac:10:00:02" }],
+        }),
+    );
+    let mut vm = Vm::boot(&dir, "src", &cfg);
+    vm.ferry.expect_line("blk pass 2 ok", BOOT);
+    let (state, mem) = (dir.path().join("s.state"), dir.path().join("s.mem"));
+    // Pause until the guest has requests the device has not taken.
+    let mut caught = false;
+    for _ in 0..50 {
+        vm.pause();
+        let (_, metrics) = curl(&vm.sock, "GET", "/metrics", None);
+        if metrics["virtio"]["block"]["disk0"]["pending_requests"][0].as_u64() > Some(0) {
+            caught = true;
+            break;
+        }
+        vm.resume();
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    assert!(caught, "never caught the guest with requests in flight");
+    vm.expect(
+        "PUT",
+        "/snapshot/create",
+        json!({ "snapshot_path": state, "mem_file_path": mem }),
+        204,
+    );
+    let console = vm.ferry.drain(Duration::from_millis(200)).to_vec();
+    let last = console
+        .iter()
+        .rev()
+        .find_map(|l| {
+            l.strip_prefix("ferry-guest: blk pass ")?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .expect("a blk pass");
+    drop(vm);
+
+    let mut restored = Vm::fresh(&dir, "dst");
+    restored.expect(
+        "PUT",
+        "/snapshot/load",
+        json!({
+            "snapshot_path": state,
+            "mem_backend": { "backend_type": "File", "backend_path": mem },
+            "resume_vm": true,
+            "network_overrides": [{ "iface_id": "eth0", "host_dev_name": other.0 }],
+        }),
+        204,
+    );
+    for pass in last + 1..=last + 3 {
+        restored
+            .ferry
+            .expect_line(&format!("blk pass {pass} ok"), BOOT);
+    }
+    let (_, config) = curl(&restored.sock, "GET", "/vm/config", None);
+    assert_eq!(
+        config["network-interfaces"][0]["host_dev_name"],
+        other.0.as_str()
+    );
+    assert!(
+        !restored.ferry.console().iter().any(|l| l.contains("error")),
+        "{:#?}",
+        restored.ferry.console()
+    );
+
+    // An override for an interface the snapshot lacks is named.
+    let fresh = Vm::fresh(&dir, "dst2");
+    let m = fresh.refused(
+        "PUT",
+        "/snapshot/load",
+        json!({
+            "snapshot_path": state,
+            "mem_file_path": mem,
+            "network_overrides": [{ "iface_id": "eth9", "host_dev_name": other.0 }],
+        }),
+    );
+    assert!(m.contains("no network interface \"eth9\""), "{m}");
+}
+
+#[test]
+fn test_a_failed_create_keeps_the_previous_files_and_the_vm() {
+    let dir = TempDir::new("snap-fail");
+    let mut vm = verify_vm(&dir, "a", json!({}));
+    let (state, mem) = (dir.path().join("s.state"), dir.path().join("s.mem"));
+    let last = vm.snapshot("Full", &state, &mem);
+    let good = std::fs::read(&state).expect("state");
+    // A memory file in a directory that does not exist cannot be written.
+    let m = vm.refused(
+        "PUT",
+        "/snapshot/create",
+        json!({ "snapshot_path": state, "mem_file_path": dir.path().join("no/such/dir/m") }),
+    );
+    assert!(m.contains("no/such/dir/m.partial"), "{m}");
+    assert_eq!(
+        std::fs::read(&state).expect("state"),
+        good,
+        "the old state file stays"
+    );
+    vm.resume();
+    vm.ferry.expect_line(&format!("pass {} ok", last + 2), BOOT);
+    let _ = (File::open(&mem).and_then(|mut f| f.seek(SeekFrom::End(0)))).expect("old memory file");
+}
