@@ -95,3 +95,43 @@ fn test_ferryctl_configures_starts_pauses_resumes() {
     assert_eq!(code, 1);
     assert!(stderr.contains("missing.sock"), "{stderr}");
 }
+
+#[test]
+fn test_ferryctl_snapshot_create_and_load() {
+    let dir = TempDir::new("ferryctl-snap");
+    let sock = dir.path().join("a.sock");
+    let mut ferry = Ferry::spawn_args(&["--api-sock".as_ref(), sock.as_os_str()]);
+    wait_for_socket(&sock);
+    let guest = guest_image();
+    ok(&sock, &["machine-config", "--vcpus", "1", "--mem-mib", "64"]);
+    ok(
+        &sock,
+        &[
+            "boot-source",
+            "--kernel",
+            guest.to_str().expect("utf-8"),
+            "--args",
+            "console=ttyS0 workload=verify start=16M size=8M",
+        ],
+    );
+    ok(&sock, &["start"]);
+    ferry.expect_line("pass 2 ok", Duration::from_secs(20));
+    let state = dir.path().join("vm.state");
+    let mem = dir.path().join("vm.mem");
+    let (s, m) = (state.to_str().expect("utf-8"), mem.to_str().expect("utf-8"));
+    let (code, _, stderr) = ferryctl(&sock, &["snapshot", "create", "--state", s, "--mem", m]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("must be paused"), "{stderr}");
+    ok(&sock, &["pause"]);
+    ok(&sock, &["snapshot", "create", "--state", s, "--mem", m]);
+    drop(ferry);
+
+    let sock = dir.path().join("b.sock");
+    let mut ferry = Ferry::spawn_args(&["--api-sock".as_ref(), sock.as_os_str()]);
+    wait_for_socket(&sock);
+    ok(&sock, &["snapshot", "load", "--state", s, "--mem", m, "--resume"]);
+    assert_eq!(ok(&sock, &["info"])["state"], "Running");
+    let line = ferry.expect_line("pass ", Duration::from_secs(20));
+    assert!(!line.contains("corrupt"), "{line}");
+    ferry.expect_line(" ok", Duration::from_secs(20));
+}

@@ -69,6 +69,11 @@ enum Verb {
     CtrlAltDel,
     /// Write the metrics to the file set with PUT /metrics.
     FlushMetrics,
+    /// Snapshots: create one of a paused VM, or load one into a fresh ferry.
+    Snapshot {
+        #[command(subcommand)]
+        verb: SnapshotVerb,
+    },
     /// Any request: METHOD PATH [JSON BODY].
     Request {
         /// GET, PUT or PATCH.
@@ -78,6 +83,87 @@ enum Verb {
         /// JSON body.
         body: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum SnapshotVerb {
+    /// Write the state file and the memory file (the VM must be paused).
+    Create {
+        /// The state file.
+        #[arg(long)]
+        state: PathBuf,
+        /// The memory file.
+        #[arg(long)]
+        mem: PathBuf,
+        /// Only the pages written since the previous snapshot (needs track_dirty_pages).
+        #[arg(long)]
+        diff: bool,
+    },
+    /// Load a snapshot into this (fresh) ferry.
+    Load {
+        /// The state file.
+        #[arg(long)]
+        state: PathBuf,
+        /// The memory file (the File backend).
+        #[arg(long, conflicts_with = "uffd")]
+        mem: Option<PathBuf>,
+        /// A page-fault handler's socket (the Uffd backend).
+        #[arg(long, value_name = "SOCKET")]
+        uffd: Option<PathBuf>,
+        /// Run the guest at once.
+        #[arg(long)]
+        resume: bool,
+        /// Track dirty pages, for Diff snapshots of the loaded VM.
+        #[arg(long)]
+        track_dirty_pages: bool,
+        /// IFACE=TAP: use this tap for that interface (repeatable).
+        #[arg(long = "net", value_name = "IFACE=TAP")]
+        net: Vec<String>,
+    },
+}
+
+fn snapshot(verb: SnapshotVerb) -> serde_json::Value {
+    match verb {
+        SnapshotVerb::Create { state, mem, diff } => json!({
+            "snapshot_type": if diff { "Diff" } else { "Full" },
+            "snapshot_path": state,
+            "mem_file_path": mem,
+        }),
+        SnapshotVerb::Load {
+            state,
+            mem,
+            uffd,
+            resume,
+            track_dirty_pages,
+            net,
+        } => {
+            let backend = match (mem, uffd) {
+                (_, Some(sock)) => json!({ "backend_type": "Uffd", "backend_path": sock }),
+                (Some(mem), None) => json!({ "backend_type": "File", "backend_path": mem }),
+                // The server names what is missing.
+                (None, None) => serde_json::Value::Null,
+            };
+            let overrides: Vec<serde_json::Value> = net
+                .iter()
+                .map(|o| {
+                    let (iface, tap) = o.split_once('=').unwrap_or((o, ""));
+                    json!({ "iface_id": iface, "host_dev_name": tap })
+                })
+                .collect();
+            let mut body = json!({
+                "snapshot_path": state,
+                "resume_vm": resume,
+                "track_dirty_pages": track_dirty_pages,
+            });
+            if !backend.is_null() {
+                body["mem_backend"] = backend;
+            }
+            if !overrides.is_empty() {
+                body["network_overrides"] = json!(overrides);
+            }
+            body
+        }
+    }
 }
 
 fn request(verb: Verb) -> (String, String, Option<String>) {
@@ -125,6 +211,13 @@ fn request(verb: Verb) -> (String, String, Option<String>) {
             "/vm".into(),
             Some(json!({ "state": "Resumed" }).to_string()),
         ),
+        Verb::Snapshot { verb } => {
+            let path = match verb {
+                SnapshotVerb::Create { .. } => "/snapshot/create",
+                SnapshotVerb::Load { .. } => "/snapshot/load",
+            };
+            put(path, snapshot(verb))
+        }
         Verb::Request { method, path, body } => (method, path, body),
     }
 }
