@@ -1,0 +1,185 @@
+//! `ferry-bench-snapshot`: what snapshots cost, against their floors.
+//!
+//! For each guest size it boots the test guest's `verify` workload over `--touched` MiB
+//! (so that much of guest RAM holds data), and measures, in this process, on the same
+//! code paths the API calls:
+//! - **create, Full**: the time of `create_snapshot` with the VM paused, the memory
+//!   file's allocated size, and the floor: `write(2)` of the same number of bytes, in
+//!   1 MiB calls, to a file in the same directory;
+//! - **create, Diff** after `--diff-mib` MiB of writes to guest RAM (made through ferry's
+//!   tracked mapping while paused): time and bytes written;
+//! - **load, File**: the time of `snapshot::load` (the request's work), and from its
+//!   start to the guest's next verified pass on the console.
+
+mod common;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use api::models::{SnapshotCreateParams, SnapshotLoadParams, SnapshotType};
+use api::VmConfig;
+use clap::Parser;
+use vm_memory::GuestAddress;
+
+#[derive(Parser)]
+#[command(about = "Snapshot create and load times against write(2) and the guest's own pass")]
+struct Args {
+    /// Guest sizes in MiB.
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096")]
+    sizes: Vec<u64>,
+    /// MiB of guest RAM the guest touches (its verify range, from 16 MiB).
+    #[arg(long, default_value_t = 112)]
+    touched: u64,
+    /// MiB written before the Diff.
+    #[arg(long, default_value_t = 8)]
+    diff_mib: u64,
+    /// Directory for the snapshot files.
+    #[arg(long, default_value = "/tmp")]
+    dir: PathBuf,
+    /// The test guest (default: $FERRY_GUEST).
+    #[arg(long)]
+    guest: Option<PathBuf>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+}
+
+/// The floor of a Full create: `bytes` written with write(2) in 1 MiB calls.
+fn write_floor(dir: &Path, bytes: u64) -> Result<Duration, String> {
+    let path = dir.join("ferry-bench-floor");
+    let chunk = vec![0x5au8; 1 << 20];
+    let start = Instant::now();
+    let mut file = File::create(&path).map_err(|e| e.to_string())?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = usize::try_from(left.min(1 << 20)).unwrap_or(1 << 20);
+        file.write_all(&chunk[..n]).map_err(|e| e.to_string())?;
+        left -= n as u64;
+    }
+    drop(file);
+    let took = start.elapsed();
+    let _ = std::fs::remove_file(&path);
+    Ok(took)
+}
+
+/// Waits until `console` holds a `pass N ok` line after byte `from`; returns when.
+fn next_pass(console: &Path, from: usize, timeout: Duration) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(text) = std::fs::read_to_string(console) {
+            if text
+                .get(from..)
+                .is_some_and(|t| t.lines().any(|l| l.starts_with("pass ") && l.ends_with(" ok")))
+            {
+                return Some(Instant::now());
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    None
+}
+
+fn run(args: &Args, guest: &Path, size: u64) -> Result<(), String> {
+    let dir = args.dir.join(format!("ferry-bench-snapshot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let console = dir.join("console.txt");
+    let cfg = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": guest,
+            "boot_args": format!("console=ttyS0 workload=verify start=16M size={}M", args.touched),
+        },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": size, "track_dirty_pages": true },
+        "serial": { "serial_out_path": console },
+    });
+    let config = VmConfig::from_json(&cfg.to_string()).map_err(|e| e.to_string())?;
+    let mut vm = vmm::build(&config).map_err(|e| e.to_string())?;
+    vm.start().map_err(|e| e.to_string())?;
+    next_pass(&console, 0, Duration::from_secs(30)).ok_or("the guest never passed")?;
+    vm.pause().map_err(|e| e.to_string())?;
+
+    let full = SnapshotCreateParams {
+        snapshot_type: Some(SnapshotType::Full),
+        snapshot_path: dir.join("full.state"),
+        mem_file_path: dir.join("full.mem"),
+        version: None,
+    };
+    let start = Instant::now();
+    let stats = vm.create_snapshot(&config, &full).map_err(|e| e.to_string())?;
+    let create = start.elapsed();
+    let floor = write_floor(&dir, stats.memory_bytes)?;
+    println!(
+        "{size:>5} MiB  create Full  {:>8.1} ms  file {:>4} MiB apparent, {:>4} MiB allocated  floor write(2) {:>8.1} ms  ratio {:.2}",
+        ms(create),
+        size,
+        allocated(&full.mem_file_path) >> 20,
+        ms(floor),
+        create.as_secs_f64() / floor.as_secs_f64()
+    );
+
+    let page = vec![0xa5u8; 4096];
+    for i in 0..args.diff_mib * 256 {
+        vm.ram()
+            .write(&page, GuestAddress((16 << 20) + i * 4096))
+            .map_err(|e| e.to_string())?;
+    }
+    let diff = SnapshotCreateParams {
+        snapshot_type: Some(SnapshotType::Diff),
+        snapshot_path: dir.join("diff.state"),
+        mem_file_path: dir.join("diff.mem"),
+        version: None,
+    };
+    let start = Instant::now();
+    let stats = vm.create_snapshot(&config, &diff).map_err(|e| e.to_string())?;
+    println!(
+        "{size:>5} MiB  create Diff  {:>8.1} ms  {} MiB written after {} MiB of writes",
+        ms(start.elapsed()),
+        stats.memory_bytes >> 20,
+        args.diff_mib
+    );
+    drop(vm);
+
+    let from = std::fs::metadata(&console).map_or(0, |m| m.len() as usize);
+    let load: SnapshotLoadParams = serde_json::from_value(serde_json::json!({
+        "snapshot_path": full.snapshot_path,
+        "mem_backend": { "backend_type": "File", "backend_path": full.mem_file_path },
+    }))
+    .map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let (mut vm, _) = vmm::snapshot::load(&load).map_err(|e| e.to_string())?;
+    let loaded = start.elapsed();
+    vm.resume().map_err(|e| e.to_string())?;
+    let pass = next_pass(&console, from, Duration::from_secs(30)).ok_or("no pass after load")?;
+    println!(
+        "{size:>5} MiB  load File    {:>8.1} ms  to the next verified pass {:>8.1} ms",
+        ms(loaded),
+        ms(pass - start)
+    );
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let guest = match common::guest_image(&args.guest) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("ferry-bench-snapshot: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    for &size in &args.sizes {
+        if let Err(e) = run(&args, &guest, size) {
+            eprintln!("ferry-bench-snapshot: {size} MiB: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
+    std::process::ExitCode::SUCCESS
+}
