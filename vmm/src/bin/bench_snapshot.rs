@@ -145,7 +145,7 @@ fn run(args: &Args, guest: &Path, size: u64) -> Result<(), String> {
     );
     drop(vm);
 
-    let from = std::fs::metadata(&console).map_or(0, |m| m.len() as usize);
+    let from = std::fs::metadata(&console).map_or(0, |m| usize::try_from(m.len()).unwrap_or(0));
     let load: SnapshotLoadParams = serde_json::from_value(serde_json::json!({
         "snapshot_path": full.snapshot_path,
         "mem_backend": { "backend_type": "File", "backend_path": full.mem_file_path },
