@@ -330,6 +330,7 @@ fn assemble(
         backend: None,
         dirty: None,
         unsaved: None,
+        needs_full: false,
     })
 }
 

@@ -123,6 +123,8 @@ pub struct Vmm {
     dirty: Option<Box<dyn memory::dirty::DirtyTracker>>,
     /// Pages a failed snapshot did not save, for the next Diff.
     unsaved: Option<memory::dirty::DirtyBitmap>,
+    /// A dirty collect failed: Diffs are refused until a Full snapshot succeeds.
+    needs_full: bool,
 }
 
 impl Vmm {

@@ -103,7 +103,10 @@ fn test_ferryctl_snapshot_create_and_load() {
     let mut ferry = Ferry::spawn_args(&["--api-sock".as_ref(), sock.as_os_str()]);
     wait_for_socket(&sock);
     let guest = guest_image();
-    ok(&sock, &["machine-config", "--vcpus", "1", "--mem-mib", "64"]);
+    ok(
+        &sock,
+        &["machine-config", "--vcpus", "1", "--mem-mib", "64"],
+    );
     ok(
         &sock,
         &[
@@ -129,7 +132,10 @@ fn test_ferryctl_snapshot_create_and_load() {
     let sock = dir.path().join("b.sock");
     let mut ferry = Ferry::spawn_args(&["--api-sock".as_ref(), sock.as_os_str()]);
     wait_for_socket(&sock);
-    ok(&sock, &["snapshot", "load", "--state", s, "--mem", m, "--resume"]);
+    ok(
+        &sock,
+        &["snapshot", "load", "--state", s, "--mem", m, "--resume"],
+    );
     assert_eq!(ok(&sock, &["info"])["state"], "Running");
     let line = ferry.expect_line("pass ", Duration::from_secs(20));
     assert!(!line.contains("corrupt"), "{line}");

@@ -74,10 +74,10 @@ fn next_pass(console: &Path, from: usize, timeout: Duration) -> Option<Instant> 
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if let Ok(text) = std::fs::read_to_string(console) {
-            if text
-                .get(from..)
-                .is_some_and(|t| t.lines().any(|l| l.starts_with("pass ") && l.ends_with(" ok")))
-            {
+            if text.get(from..).is_some_and(|t| {
+                t.lines()
+                    .any(|l| l.starts_with("pass ") && l.ends_with(" ok"))
+            }) {
                 return Some(Instant::now());
             }
         }
@@ -87,7 +87,9 @@ fn next_pass(console: &Path, from: usize, timeout: Duration) -> Option<Instant> 
 }
 
 fn run(args: &Args, guest: &Path, size: u64) -> Result<(), String> {
-    let dir = args.dir.join(format!("ferry-bench-snapshot-{}", std::process::id()));
+    let dir = args
+        .dir
+        .join(format!("ferry-bench-snapshot-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let console = dir.join("console.txt");
     let cfg = serde_json::json!({
@@ -111,7 +113,9 @@ fn run(args: &Args, guest: &Path, size: u64) -> Result<(), String> {
         version: None,
     };
     let start = Instant::now();
-    let stats = vm.create_snapshot(&config, &full).map_err(|e| e.to_string())?;
+    let stats = vm
+        .create_snapshot(&config, &full)
+        .map_err(|e| e.to_string())?;
     let create = start.elapsed();
     let floor = write_floor(&dir, stats.memory_bytes)?;
     println!(
@@ -136,7 +140,9 @@ fn run(args: &Args, guest: &Path, size: u64) -> Result<(), String> {
         version: None,
     };
     let start = Instant::now();
-    let stats = vm.create_snapshot(&config, &diff).map_err(|e| e.to_string())?;
+    let stats = vm
+        .create_snapshot(&config, &diff)
+        .map_err(|e| e.to_string())?;
     println!(
         "{size:>5} MiB  create Diff  {:>8.1} ms  {} MiB written after {} MiB of writes",
         ms(start.elapsed()),

@@ -36,9 +36,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
     }
 }
 
-/// Writes `state` to `path`, replacing what was there. The file is written beside its
-/// final name and renamed over it, so that a failed write never leaves half a state
-/// file where a good one was.
+/// Writes `state` to `path` (the caller writes beside the final name and renames).
 pub fn write(path: &Path, state: &MachineState) -> Result<(), SnapshotError> {
     let body = serde_json::to_vec(state).map_err(|e| SnapshotError::Encode(e.to_string()))?;
     let mut header = [0u8; HEADER_LEN];
@@ -46,17 +44,9 @@ pub fn write(path: &Path, state: &MachineState) -> Result<(), SnapshotError> {
     header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     header[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
     header[24..28].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    let tmp = path.with_extension("ferry-partial");
-    let result = (|| {
-        let mut file = File::create(&tmp).map_err(io(&tmp))?;
-        file.write_all(&header).map_err(io(&tmp))?;
-        file.write_all(&body).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io(path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    let mut file = File::create(path).map_err(io(path))?;
+    file.write_all(&header).map_err(io(path))?;
+    file.write_all(&body).map_err(io(path))
 }
 
 /// Reads and checks a state file: magic, version, length and checksum, then the body.

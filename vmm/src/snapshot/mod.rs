@@ -111,6 +111,9 @@ pub enum SnapshotError {
     /// The requested dirty tracking cannot serve snapshots here.
     #[error("machine-config: {0}")]
     Tracking(String),
+    /// Dirty tracking lost track of some pages: only a Full snapshot is right now.
+    #[error("dirty page tracking failed earlier, so a Diff could miss pages: take a Full snapshot first")]
+    NeedsFull,
     /// A `network_overrides` entry names no interface of the snapshot.
     #[error("network_overrides: the snapshot has no network interface \"{0}\"")]
     Override(String),
@@ -275,7 +278,9 @@ impl Vmm {
         let Some(tracker) = self.dirty.as_mut() else {
             return Ok(None);
         };
-        let mut pages = tracker.collect()?;
+        // A collect that fails may have re-armed part of RAM already: those writes are
+        // gone from tracking, so no Diff is right until a Full is taken.
+        let mut pages = tracker.collect().inspect_err(|_| self.needs_full = true)?;
         if let Some(unsaved) = self.unsaved.take() {
             for page in unsaved.pages() {
                 pages.set(page);
@@ -300,10 +305,16 @@ impl Vmm {
         if kind == SnapshotType::Diff && pages.is_none() {
             return Err(SnapshotError::NoTracking);
         }
+        if kind == SnapshotType::Diff && self.needs_full {
+            self.unsaved = pages;
+            return Err(SnapshotError::NeedsFull);
+        }
         let result = self.write_files(&state, params, kind, pages.as_ref());
         if result.is_err() {
             // What this snapshot did not save must reach the next Diff.
             self.unsaved = pages;
+        } else if kind == SnapshotType::Full {
+            self.needs_full = false;
         }
         let memory_bytes = result?;
         Ok(CreateStats {
@@ -320,24 +331,26 @@ impl Vmm {
         pages: Option<&DirtyBitmap>,
     ) -> Result<u64, SnapshotError> {
         let ram = self.vm.ram();
-        let mem_path = &params.mem_file_path;
-        let tmp = partial(mem_path);
+        let (mem_path, state_path) = (&params.mem_file_path, &params.snapshot_path);
+        let (mem_tmp, state_tmp) = (partial(mem_path), partial(state_path));
+        // Both files are complete before either replaces what was there.
         let written = (|| -> Result<u64, SnapshotError> {
-            let mut file = File::create(&tmp).map_err(io(&tmp))?;
-            file.set_len(ram.size()).map_err(io(&tmp))?;
+            let mut file = File::create(&mem_tmp).map_err(io(&mem_tmp))?;
+            file.set_len(ram.size()).map_err(io(&mem_tmp))?;
             let written = match (kind, pages) {
                 (SnapshotType::Diff, Some(pages)) => ram.save_pages(&mut file, pages)?,
                 _ => ram.save_full(&mut file)?,
             };
-            std::fs::rename(&tmp, mem_path).map_err(io(mem_path))?;
+            file::write(&state_tmp, state)?;
+            std::fs::rename(&mem_tmp, mem_path).map_err(io(mem_path))?;
+            std::fs::rename(&state_tmp, state_path).map_err(io(state_path))?;
             Ok(written)
         })();
         if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(&mem_tmp);
+            let _ = std::fs::remove_file(&state_tmp);
         }
-        let written = written?;
-        file::write(&params.snapshot_path, state)?;
-        Ok(written)
+        written
     }
 }
 

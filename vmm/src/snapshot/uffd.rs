@@ -49,7 +49,8 @@ fn handler_err(path: &Path, reason: impl Into<String>) -> SnapshotError {
 
 /// Registers all of `ram` for missing faults, connects to the handler at `socket` and
 /// hands it the userfaultfd, then waits until it has taken the message (or hung up).
-/// On any error nothing stays registered: the userfaultfd is dropped with its ranges.
+/// On any error the VM is never built and its RAM is unmapped with `ram`, so whatever
+/// the handler still holds refers to nothing.
 pub fn connect(ram: &GuestRam, socket: &Path) -> Result<UffdBackend, SnapshotError> {
     let uffd = UffdBuilder::new()
         .close_on_exec(true)
@@ -96,12 +97,14 @@ fn wait_taken(stream: &UnixStream, socket: &Path) -> Result<(), SnapshotError> {
     let hung_up = || {
         let mut pfd = libc::pollfd {
             fd: stream.as_raw_fd(),
-            events: libc::POLLRDHUP,
+            events: 0,
             revents: 0,
         };
         // SAFETY: one valid pollfd, and its count; poll only writes `revents`.
         let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
-        ready > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+        // POLLHUP: the handler closed its end (a shutdown of its writing side only,
+        // which leaves it serving, is POLLRDHUP, and not a failure).
+        ready > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0
     };
     let closed = || {
         handler_err(
@@ -118,7 +121,8 @@ fn wait_taken(stream: &UnixStream, socket: &Path) -> Result<(), SnapshotError> {
         // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int, the bytes this socket sent that
         // the peer has not read yet, to the pointer given.
         let ret = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
-        if ret == 0 && queued == 0 {
+        // Where SIOCOUTQ is refused, the handler's hangup is all that can be seen.
+        if ret != 0 || queued == 0 {
             // A handler that closes without reading also empties the queue: look again.
             return if hung_up() { Err(closed()) } else { Ok(()) };
         }

@@ -118,8 +118,19 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// for the answer to a later one.
 type Numbered = (u64, VcpuCommand);
 
-/// What a vCPU thread sends back for `Save`.
-type Saved = Result<VcpuState, VcpuError>;
+/// What a vCPU thread sends back for `Save`, with the command's number: a state that
+/// arrives late (after its Save timed out) is never taken for a later Save's.
+type Saved = (u64, Result<VcpuState, VcpuError>);
+
+/// Clears this thread's `IMMEDIATE_EXIT` when the vCPU's run loop ends, however it
+/// ends (unwinding too): it drops before the `VcpuFd` whose mapping the pointer is in.
+struct ImmediateExitGuard;
+
+impl Drop for ImmediateExitGuard {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+    }
+}
 
 fn kick_signal() -> i32 {
     SIGRTMIN()
@@ -287,7 +298,7 @@ impl Vcpu {
     }
 
     /// The vCPU's state; the thread must be outside `KVM_RUN` (it calls this itself).
-    fn save(&self) -> Saved {
+    fn save(&self) -> Result<VcpuState, VcpuError> {
         let host = crate::vm::host().map_err(|e| {
             VcpuError::State(state::StateError::Refused {
                 index: self.index,
@@ -338,7 +349,7 @@ impl Vcpu {
                         Err(VcpuError::NotPaused(self.index))
                     };
                     // Sent before the ack, so that the ack means the state is there.
-                    let _ = link.states.send(saved);
+                    let _ = link.states.send((seq, saved));
                 }
                 VcpuCommand::Stop => {
                     let _ = link.acks.send(seq);
@@ -355,10 +366,10 @@ impl Vcpu {
         // SAFETY: `run` is this vCPU's live kvm_run mapping; only a field address is taken.
         let immediate_exit = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
         IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
+        let _clear = ImmediateExitGuard;
         // A command sent before the line above was kicked with no pointer to set, so
         // that kick is lost: look for commands once before the first KVM_RUN.
         if !self.wait_for_commands(&link, paused) {
-            IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
             return;
         }
         loop {
@@ -409,7 +420,7 @@ impl Vcpu {
                 // Stay reachable so that pause and stop still get answers.
                 while let Ok((seq, cmd)) = link.commands.recv() {
                     if cmd == VcpuCommand::Save {
-                        let _ = link.states.send(Err(VcpuError::Gone(self.index)));
+                        let _ = link.states.send((seq, Err(VcpuError::Gone(self.index))));
                     }
                     let _ = link.acks.send(seq);
                     if cmd == VcpuCommand::Stop {
@@ -419,7 +430,6 @@ impl Vcpu {
                 break;
             }
         }
-        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
     }
 
     fn failure(&self, what: String) -> VcpuEvent {
@@ -497,13 +507,16 @@ impl VcpuHandle {
     /// Reads the state of this (paused) vCPU on its own thread, waiting at most until
     /// `deadline`.
     pub fn save(&mut self, deadline: Instant) -> Result<VcpuState, VcpuError> {
-        // A late answer to an earlier Save would be taken for this one: drop it.
-        while self.states.try_recv().is_ok() {}
         let seq = self.send(VcpuCommand::Save)?;
         self.wait_ack(seq, VcpuCommand::Save, deadline)?;
-        self.states
-            .try_recv()
-            .map_err(|_| VcpuError::Gone(self.index))?
+        // The state is sent before the ack; older ones belong to Saves that timed out.
+        loop {
+            match self.states.try_recv() {
+                Ok((n, saved)) if n == seq => return saved,
+                Ok(_) => continue,
+                Err(_) => return Err(VcpuError::Gone(self.index)),
+            }
+        }
     }
 
     /// Asks the thread to end, without waiting.

@@ -443,8 +443,9 @@ impl VcpuState {
             ),
         })?;
         let xsave: kvm_xsave = unblob(index, "xsave", &self.xsave)?;
-        // SAFETY: `xsave` is a whole kvm_xsave of exactly KVM's size, checked by
-        // `unblob`; KVM reads only that structure.
+        // SAFETY: `xsave` is a whole 4 KiB kvm_xsave, checked by `unblob`. KVM reads
+        // only that much, as ferry never enables dynamic XSAVE features (AMX) for the
+        // guest (no ARCH_REQ_XCOMP_GUEST_PERM), which would need KVM_SET_XSAVE2.
         unsafe { fd.set_xsave(&xsave) }.map_err(|e| StateError::Refused {
             index,
             field: "xsave".into(),
