@@ -497,7 +497,23 @@ fn test_restore_refuses_state_that_does_not_fit() {
     )
     .err()
     .expect("rings outside RAM must be refused");
-    assert!(err.contains("not in guest RAM"), "{err}");
+    assert!(
+        err.contains("queues[0] is ready but its rings") && err.contains("not all in guest RAM"),
+        "{err}"
+    );
+    let mut offered_not = transport.clone();
+    offered_not.queues[0].used_ring = 0x12000;
+    offered_not.driver_features = 1 << 40;
+    let irq = rig.irq.try_clone().expect("clone");
+    let err = MmioTransport::restore(
+        Box::new(Block::new(state.clone()).expect("reopen")),
+        rig.mem.clone(),
+        irq,
+        &offered_not,
+    )
+    .err()
+    .expect("features never offered must be refused");
+    assert!(err.contains("which the device never offered"), "{err}");
     transport.queues.push(transport.queues[0]);
     let irq = rig.irq.try_clone().expect("clone");
     assert!(MmioTransport::restore(
