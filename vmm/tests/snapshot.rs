@@ -6,7 +6,7 @@ mod common;
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use common::{curl, guest_image, wait_for_socket, Ferry, TempDir, TestTap};
 use serde_json::json;
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const BOOT: Duration = Duration::from_secs(20);
 
@@ -526,130 +525,18 @@ fn test_load_is_refused_after_configuration_or_start() {
     assert!(m.contains("already started"), "{m}");
 }
 
-/// How a test page-fault handler behaves.
-#[derive(Clone, Copy, PartialEq)]
-enum Handler {
-    /// As Firecracker's example: answer each fault with UFFDIO_COPY from the file.
-    Serve,
-    /// Accept the connection and close it at once.
-    CloseAtOnce,
-}
-
-/// A page-fault handler written the way Firecracker's example is: it takes the
-/// userfaultfd and the region list over the socket, maps the memory file, and answers
-/// each missing fault with `UFFDIO_COPY` of that page. Returns the faults it served.
-fn spawn_handler(sock: PathBuf, mem: PathBuf, how: Handler) -> std::thread::JoinHandle<u64> {
-    let listener = UnixListener::bind(&sock).expect("bind handler socket");
+/// A page-fault handler that accepts the connection and closes it at once.
+fn spawn_closing_handler(sock: &Path) -> std::thread::JoinHandle<()> {
+    let listener = UnixListener::bind(sock).expect("bind handler socket");
     std::thread::spawn(move || {
-        let (stream, _) = listener.accept().expect("accept");
-        if how == Handler::CloseAtOnce {
-            return 0;
-        }
-        let mut buf = vec![0u8; 4096];
-        let (n, file) = stream.recv_with_fd(&mut buf).expect("message");
-        let regions: serde_json::Value = serde_json::from_slice(&buf[..n]).expect("regions JSON");
-        let regions: Vec<(u64, u64, u64)> = regions
-            .as_array()
-            .expect("a list")
-            .iter()
-            .map(|r| {
-                assert_eq!(r["page_size"], 4096);
-                assert_eq!(r["page_size_kib"], 4096);
-                (
-                    r["base_host_virt_addr"].as_u64().expect("addr"),
-                    r["size"].as_u64().expect("size"),
-                    r["offset"].as_u64().expect("offset"),
-                )
-            })
-            .collect();
-        let uffd_file = file.expect("the userfaultfd");
-        // SAFETY: the fd was just received and is owned by nothing else.
-        let uffd = unsafe {
-            userfaultfd::Uffd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(uffd_file))
-        };
-        let backing = File::open(&mem).expect("memory file");
-        let len = usize::try_from(backing.metadata().expect("stat").len()).expect("fits");
-        // SAFETY: a fresh private read-only mapping of a file this thread keeps open.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                backing.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED);
-        let mut served = 0;
-        loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: uffd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stream.as_raw_fd(),
-                    events: libc::POLLRDHUP,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: two valid pollfds.
-            unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
-            if fds[1].revents != 0 {
-                return served;
-            }
-            while let Ok(Some(event)) = uffd.read_event() {
-                let userfaultfd::Event::Pagefault { addr, .. } = event else {
-                    continue;
-                };
-                let page = addr as u64 & !4095;
-                let (start, _, offset) = *regions
-                    .iter()
-                    .find(|(s, l, _)| page >= *s && page < s + l)
-                    .expect("fault inside a region");
-                let src = base as u64 + offset + (page - start);
-                // SAFETY: `src` is a page of the mapped file, `page` a page the kernel
-                // says is missing in ferry's registered range.
-                match unsafe { uffd.copy(src as *const _, page as *mut _, 4096, true) } {
-                    Ok(_) => served += 1,
-                    // Another fault on the same page was served first.
-                    Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {}
-                    Err(e) => panic!("UFFDIO_COPY: {e}"),
-                }
-            }
-        }
+        let _ = listener.accept().expect("accept");
     })
 }
 
+/// `ferry-uffd-handler`, written the way Firecracker's example handler is (it maps the
+/// memory file and answers each fault with `UFFDIO_COPY`), in a process of its own.
 #[test]
 fn test_uffd_backend_is_served_by_a_firecracker_style_handler() {
-    let dir = TempDir::new("snap-uffd");
-    let (state, mem, last) = good_snapshot(&dir);
-    let handler_sock = dir.path().join("uffd.sock");
-    let handler = spawn_handler(handler_sock.clone(), mem.clone(), Handler::Serve);
-    let mut vm = Vm::fresh(&dir, "dst");
-    vm.expect(
-        "PUT",
-        "/snapshot/load",
-        json!({
-            "snapshot_path": state,
-            "mem_backend": { "backend_type": "Uffd", "backend_path": handler_sock },
-            "resume_vm": true,
-        }),
-        204,
-    );
-    assert_continues(&mut vm, last, Duration::from_secs(2));
-    drop(vm);
-    let served = handler.join().expect("handler");
-    // The guest's 32 MiB at least came through the handler.
-    assert!(served >= 8192, "{served} faults served");
-}
-
-/// The handler ferry ships, `ferry-uffd-handler`, in a process of its own.
-#[test]
-fn test_uffd_backend_is_served_by_ferry_uffd_handler() {
     let dir = TempDir::new("snap-uffd-bin");
     let (state, mem, last) = good_snapshot(&dir);
     let handler_sock = dir.path().join("uffd.sock");
@@ -710,7 +597,7 @@ fn test_uffd_backend_errors_leave_the_process_usable() {
     );
 
     let closing = dir.path().join("closing.sock");
-    let handler = spawn_handler(closing.clone(), mem.clone(), Handler::CloseAtOnce);
+    let handler = spawn_closing_handler(&closing);
     let m = vm.refused("PUT", "/snapshot/load", uffd_load(&closing));
     handler.join().expect("handler");
     assert!(m.contains("closed the connection"), "{m}");
