@@ -8,6 +8,7 @@ use std::sync::mpsc::Sender;
 
 use serde::{Deserialize, Serialize};
 
+use crate::migration::{Endpoint, MigrationReceiveParams, MigrationSendParams};
 use crate::models::{
     BootSource, Drive, MachineConfig, MachineConfigUpdate, NetworkInterface, SerialConfig,
     SnapshotCreateParams, SnapshotLoadParams,
@@ -95,6 +96,14 @@ pub enum VmmAction {
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`.
     LoadSnapshot(SnapshotLoadParams),
+    /// `PUT /migration/send`, with its parsed destination.
+    MigrationSend(MigrationSendParams, Endpoint),
+    /// `PUT /migration/receive`, with its parsed listen address.
+    MigrationReceive(MigrationReceiveParams, Endpoint),
+    /// `PUT /migration/cancel`.
+    MigrationCancel,
+    /// `GET /migration`.
+    GetMigration,
     /// Every virtio device's state, as JSON (paused VMs only). No HTTP route: the
     /// migration engine and tests send it on the VMM channel.
     SaveDevices,

@@ -5,6 +5,7 @@
 pub mod action;
 pub mod client;
 mod http;
+pub mod migration;
 pub mod models;
 pub mod routes;
 pub mod server;

@@ -5,6 +5,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::action::{ApiError, DriveUpdate, MetricsConfig, NetworkInterfaceUpdate, VmmAction};
+use crate::migration::{MigrationReceiveParams, MigrationSendParams};
 use crate::models::{
     BootSource, ConfigError, Drive, MachineConfig, MachineConfigUpdate, NetworkInterface,
     SerialConfig, SnapshotCreateParams, SnapshotLoadParams,
@@ -31,6 +32,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/metrics"),
     ("PUT", "/snapshot/create"),
     ("PUT", "/snapshot/load"),
+    ("GET", "/migration"),
+    ("PUT", "/migration/send"),
+    ("PUT", "/migration/receive"),
+    ("PUT", "/migration/cancel"),
 ];
 
 /// Firecracker's endpoints that ferry does not implement yet. They get a 400 that says
@@ -230,6 +235,18 @@ pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<Parsed, ApiError>
             params.validate().map_err(config_error)?;
             VmmAction::LoadSnapshot(params)
         }
+        ("GET", "/migration") => VmmAction::GetMigration,
+        ("PUT", "/migration/send") => {
+            let params: MigrationSendParams = body(bytes)?;
+            let endpoint = params.validate().map_err(config_error)?;
+            VmmAction::MigrationSend(params, endpoint)
+        }
+        ("PUT", "/migration/receive") => {
+            let params: MigrationReceiveParams = body(bytes)?;
+            let endpoint = params.validate().map_err(config_error)?;
+            VmmAction::MigrationReceive(params, endpoint)
+        }
+        ("PUT", "/migration/cancel") => VmmAction::MigrationCancel,
         ("PATCH", "/vm") => match body::<VmStateBody>(bytes)?.state {
             VmStateValue::Paused => VmmAction::Pause,
             VmStateValue::Resumed => VmmAction::Resume,

@@ -22,7 +22,7 @@ impl GuestRam {
     }
 
     /// The guest ranges of memfd bytes `offset..offset+len`, split where regions meet.
-    fn guest_ranges(&self, offset: u64, len: u64) -> Vec<(GuestAddress, u64)> {
+    pub fn guest_ranges(&self, offset: u64, len: u64) -> Vec<(GuestAddress, u64)> {
         let end = offset.saturating_add(len);
         self.regions()
             .iter()

@@ -90,7 +90,9 @@ pub struct RamRegion {
 /// dirty tracking.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<WriteLog>;
 
-/// All of guest RAM: the memfd and its shared mapping.
+/// All of guest RAM: the memfd and its shared mapping. A clone is a second handle on
+/// the same memory, which stays mapped while any handle lives.
+#[derive(Clone)]
 pub struct GuestRam {
     file: Arc<File>,
     memory: GuestMemoryMmap,
@@ -160,6 +162,53 @@ impl GuestRam {
         // Nothing may shrink guest RAM under a running guest: that would turn guest
         // accesses into SIGBUS in ferry.
         sys::add_seals(&file, libc::F_SEAL_SHRINK).map_err(resize)?;
+        Self::map(file, size_mib, size, phys_bits)
+    }
+
+    /// Guest RAM of `size_mib` MiB on a memfd that another ferry created and handed
+    /// over (a local migration): its pages are used as they are, nothing is copied.
+    /// The memfd must be exactly that size and sealed against shrinking, so that the
+    /// other process cannot pull guest RAM from under this one.
+    pub fn from_memfd(file: File, size_mib: u64, phys_bits: u8) -> Result<Self, RamError> {
+        let too_large = RamError::TooLarge {
+            size_mib,
+            phys_bits,
+        };
+        let size = size_mib.checked_mul(MIB).ok_or(too_large)?;
+        if size_mib < MIN_MEM_MIB {
+            return Err(RamError::TooSmall(size_mib));
+        }
+        if layout::ram_end(size) > 1u64 << phys_bits.min(63) || isize::try_from(size).is_err() {
+            return Err(RamError::TooLarge {
+                size_mib,
+                phys_bits,
+            });
+        }
+        check_slots(size_mib)?;
+        let wrong = |reason: String| RamError::Resize {
+            size_mib,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, reason),
+        };
+        let len = file
+            .metadata()
+            .map_err(|source| RamError::Resize { size_mib, source })?
+            .len();
+        if len != size {
+            return Err(wrong(format!(
+                "the memfd handed over is {len} bytes, not {size}"
+            )));
+        }
+        let seals = sys::seals(&file).map_err(|source| RamError::Resize { size_mib, source })?;
+        if seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(wrong(
+                "the memfd handed over is not sealed against shrinking".into(),
+            ));
+        }
+        Self::map(file, size_mib, size, phys_bits)
+    }
+
+    /// Maps `file` (of `size` bytes) as guest RAM, one mapping per region.
+    fn map(file: File, size_mib: u64, size: u64, phys_bits: u8) -> Result<Self, RamError> {
         let file = Arc::new(file);
 
         // Sized for the whole memfd; the regions below are contiguous in it. Nothing is
@@ -241,8 +290,9 @@ impl GuestRam {
         }
     }
 
-    /// The memfd pages of `addr..addr+len`, checked to lie in one RAM region.
-    fn pages_of(&self, addr: GuestAddress, len: u64) -> Result<(usize, usize), RamError> {
+    /// The memfd pages of `addr..addr+len` as (first, count), checked to lie in one
+    /// RAM region.
+    pub fn pages_of(&self, addr: GuestAddress, len: u64) -> Result<(usize, usize), RamError> {
         let outside = || RamError::OutsideRam { addr: addr.0, len };
         let last = addr.0.checked_add(len.max(1) - 1).ok_or_else(outside)?;
         let first_page = guest_to_page(&self.regions, addr).ok_or_else(outside)?;

@@ -32,6 +32,16 @@ pub fn add_seals(file: &File, seals: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
+/// The seals on a memfd (`F_GET_SEALS`).
+pub fn seals(file: &File) -> io::Result<libc::c_int> {
+    // SAFETY: F_GET_SEALS takes no argument and only reads the state of the fd we pass.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ret)
+}
+
 /// `PAGEMAP_SCAN` on /proc/self/pagemap (Linux 6.7): `_IOWR('f', 16, struct pm_scan_arg)`.
 /// Neither libc, linux-raw-sys nor the userfaultfd crate has it, hence by hand.
 const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;

@@ -21,6 +21,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
 
+use crate::migration::{self, Control, ControlChannel, Progress};
 use crate::{ExitReason, VmState, Vmm};
 
 /// The eventfd that SIGINT and SIGTERM write to; -1 until the loop is set up.
@@ -123,6 +124,12 @@ pub struct Controller {
     metrics_file: Option<File>,
     /// Set by the first configuration request: a snapshot then no longer loads.
     configured: bool,
+    /// The migration threads' requests.
+    control: ControlChannel,
+    /// The current or last migration.
+    migration: Option<Arc<Progress>>,
+    /// The running migration paused the VM (for its switch-over), so an abort resumes it.
+    migration_paused: bool,
 }
 
 impl Controller {
@@ -152,7 +159,11 @@ impl Controller {
     ) -> Result<Self, EventLoopError> {
         let stop =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| EventLoopError::Setup(e.to_string()))?;
+        let control = ControlChannel::new().map_err(|e| EventLoopError::Setup(e.to_string()))?;
         Ok(Controller {
+            control,
+            migration: None,
+            migration_paused: false,
             resources,
             vmm,
             api,
@@ -211,8 +222,29 @@ impl Controller {
         m
     }
 
+    /// Whether a migration is running.
+    fn migrating(&self) -> bool {
+        self.migration.as_ref().is_some_and(|m| !m.finished())
+    }
+
     fn handle(&mut self, action: VmmAction, ops: &mut EventOps) -> VmmResult {
         let bad = |e: api::ConfigError| ApiError::bad_request(e.to_string());
+        if self.migrating()
+            && !matches!(
+                action,
+                VmmAction::GetVmConfig
+                    | VmmAction::GetMachineConfig
+                    | VmmAction::GetMetrics
+                    | VmmAction::PutMetrics(_)
+                    | VmmAction::FlushMetrics
+                    | VmmAction::GetMigration
+                    | VmmAction::MigrationCancel
+            )
+        {
+            return Err(ApiError::bad_request(
+                "a migration is running: wait for it, or PUT /migration/cancel",
+            ));
+        }
         if matches!(
             action,
             VmmAction::PutMachineConfig(_)
@@ -424,6 +456,24 @@ impl Controller {
                 self.watch_vm(ops);
                 Ok(VmmData::Empty)
             }
+            VmmAction::MigrationSend(params, endpoint) => self.migrate(params, endpoint),
+            VmmAction::MigrationReceive(params, endpoint) => self.receive(params, endpoint),
+            VmmAction::MigrationCancel => {
+                let m = self
+                    .migration
+                    .as_ref()
+                    .ok_or_else(|| ApiError::bad_request("no migration is running"))?;
+                m.cancel().map_err(ApiError::bad_request)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::GetMigration => {
+                let status = self
+                    .migration
+                    .as_ref()
+                    .map(|m| m.status())
+                    .unwrap_or_default();
+                Ok(VmmData::Json(serde_json::json!(status)))
+            }
             VmmAction::SendCtrlAltDel => {
                 self.started()?
                     .send_ctrl_alt_del()
@@ -444,6 +494,149 @@ impl Controller {
                 Ok(VmmData::Empty)
             }
         }
+    }
+
+    /// `PUT /migration/send`: starts tracking (so that a mechanism already taken is
+    /// refused here, with 400) and the source's thread.
+    fn migrate(
+        &mut self,
+        params: api::migration::MigrationSendParams,
+        endpoint: api::migration::Endpoint,
+    ) -> VmmResult {
+        use api::migration::MigrationTracking;
+        use memory::dirty::TrackingMode;
+        let config = self.resources.to_config()?;
+        let vmm = self
+            .vmm
+            .as_ref()
+            .ok_or_else(|| ApiError::bad_request("cannot migrate: the microVM is not started"))?;
+        if vmm.state() != VmState::Running {
+            return Err(ApiError::bad_request(format!(
+                "cannot migrate: the microVM is {:?}; only a running microVM migrates",
+                vmm.state()
+            )));
+        }
+        let tracker = if params.local {
+            None
+        } else {
+            let mode = match params.tracking {
+                MigrationTracking::UffdAsync => TrackingMode::UffdAsync,
+                MigrationTracking::UffdSync => TrackingMode::UffdSync,
+                MigrationTracking::KvmDirtyLog => TrackingMode::KvmDirtyLog,
+            };
+            let start = |mode| -> Result<_, memory::dirty::DirtyError> {
+                let mut t = vmm.dirty_tracker(mode)?;
+                t.start()?;
+                Ok(t)
+            };
+            Some(start(mode).map_err(|e| ApiError::bad_request(format!("cannot migrate: {e}")))?)
+        };
+        let progress = Progress::new(api::migration::MigrationStatus {
+            role: Some("send".into()),
+            mode: Some(params.mode),
+            tracking: (!params.local).then_some(params.tracking),
+            local: params.local,
+            ..Default::default()
+        });
+        let job = migration::sender::SendJob {
+            params,
+            endpoint,
+            ram: vmm.ram().clone(),
+            tracker,
+            config,
+        };
+        migration::spawn_sender(job, self.control.link(), progress.clone()).map_err(|e| {
+            ApiError::bad_request(format!("cannot start the migration thread: {e}"))
+        })?;
+        self.migration = Some(progress);
+        self.migration_paused = false;
+        Ok(VmmData::Empty)
+    }
+
+    /// `PUT /migration/receive`: listens (so that a bad address is a 400 here), then
+    /// waits for the source on the destination's thread.
+    fn receive(
+        &mut self,
+        params: api::migration::MigrationReceiveParams,
+        endpoint: api::migration::Endpoint,
+    ) -> VmmResult {
+        if self.vmm.is_some() || self.configured {
+            return Err(ApiError::bad_request(
+                "cannot receive a migration: this ferry is already configured or started; receive into a fresh ferry",
+            ));
+        }
+        let listener = migration::Listener::bind(&endpoint)
+            .map_err(|e| ApiError::bad_request(format!("cannot receive a migration: {e}")))?;
+        let progress = Progress::new(api::migration::MigrationStatus {
+            role: Some("receive".into()),
+            ..Default::default()
+        });
+        let job = migration::receiver::ReceiveJob { params, listener };
+        migration::spawn_receiver(job, self.control.link(), progress.clone()).map_err(|e| {
+            ApiError::bad_request(format!("cannot start the migration thread: {e}"))
+        })?;
+        self.migration = Some(progress);
+        Ok(VmmData::Empty)
+    }
+
+    /// What a migration thread asks of this thread.
+    fn serve_control(&mut self, ops: &mut EventOps) {
+        let _ = self.control.wake.read();
+        let requests: Vec<_> = self.control.requests.try_iter().collect();
+        for request in requests {
+            match request {
+                Control::Switchover(reply) => {
+                    let _ = reply.send(self.switchover());
+                }
+                Control::Abort => {
+                    if std::mem::take(&mut self.migration_paused) {
+                        if let Some(vmm) = self.vmm.as_mut() {
+                            if let Err(e) = vmm.resume() {
+                                tracing::error!("cannot resume after the failed migration: {e}");
+                            }
+                        }
+                    }
+                }
+                Control::Finished => self.exit = Some(ExitReason::Migrated),
+                Control::Install(vmm, config, reply) => {
+                    let result = if self.vmm.is_some() {
+                        Err("this ferry already runs a microVM".to_string())
+                    } else {
+                        self.resources = Resources::from_config(&config);
+                        self.configured = true;
+                        self.vmm = Some(*vmm);
+                        self.watch_vm(ops);
+                        Ok(())
+                    };
+                    let _ = reply.send(result);
+                }
+                Control::Resume(reply) => {
+                    let result = match self.vmm.as_mut() {
+                        Some(vmm) => vmm
+                            .resume()
+                            .map(|()| migration::unix_ns())
+                            .map_err(|e| e.to_string()),
+                        None => Err("no microVM was received".to_string()),
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+            self.publish_state();
+        }
+    }
+
+    /// The source's switch-over: pauses the VM if it runs, and saves its state.
+    fn switchover(&mut self) -> Result<(crate::snapshot::MachineState, u64), String> {
+        let config = self.resources.to_config().map_err(|e| e.message)?;
+        let vmm = self.vmm.as_mut().ok_or("the microVM is gone")?;
+        if vmm.state() == VmState::Running {
+            vmm.pause().map_err(|e| e.to_string())?;
+            self.migration_paused = true;
+        }
+        let paused_at = migration::unix_ns();
+        vmm.machine_state(&config)
+            .map(|state| (state, paused_at))
+            .map_err(|e| format!("cannot save the machine state: {e}"))
     }
 
     fn serve_api(&mut self, ops: &mut EventOps) {
@@ -514,7 +707,8 @@ fn watch(ops: &mut EventOps, fds: impl Iterator<Item = RawFd>) {
 impl MutEventSubscriber for Controller {
     fn init(&mut self, ops: &mut EventOps) {
         let api = self.api.as_ref().map(|a| a.wake.as_raw_fd());
-        watch(ops, std::iter::once(self.stop.as_raw_fd()).chain(api));
+        let control = self.control.wake.as_raw_fd();
+        watch(ops, [self.stop.as_raw_fd(), control].into_iter().chain(api));
         self.watch_vm(ops);
         self.publish_state();
     }
@@ -526,6 +720,8 @@ impl MutEventSubscriber for Controller {
             self.exit = Some(ExitReason::Requested);
         } else if self.api.as_ref().is_some_and(|a| a.wake.as_raw_fd() == fd) {
             self.serve_api(ops);
+        } else if fd == self.control.wake.as_raw_fd() {
+            self.serve_control(ops);
         } else if fd == libc::STDIN_FILENO {
             self.console_input(events, ops);
         } else if self

@@ -5,6 +5,7 @@
 pub mod arch;
 pub mod builder;
 pub mod controller;
+pub mod migration;
 pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
@@ -78,13 +79,15 @@ pub enum ExitReason {
     Requested,
     /// The guest failed; the message names the vCPU, the exit and RIP.
     GuestFailed(String),
+    /// The guest moved to another ferry, which runs it now.
+    Migrated,
 }
 
 impl ExitReason {
     /// The process exit code for this reason.
     pub fn code(&self) -> i32 {
         match self {
-            ExitReason::GuestStop | ExitReason::Requested => 0,
+            ExitReason::GuestStop | ExitReason::Requested | ExitReason::Migrated => 0,
             ExitReason::GuestFailed(_) => 1,
         }
     }

@@ -356,7 +356,7 @@ impl Vmm {
 
 /// Checks that the saved memory map is the one this ferry lays out for the saved size,
 /// and that the memory file (when there is one) holds exactly that much.
-fn check_memory(state: &MachineState, ram: &GuestRam) -> Result<(), SnapshotError> {
+pub(crate) fn check_memory(state: &MachineState, ram: &GuestRam) -> Result<(), SnapshotError> {
     let here = regions(ram);
     if here != state.memory {
         return Err(SnapshotError::MemoryMap(format!(

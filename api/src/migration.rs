@@ -1,0 +1,259 @@
+//! The migration endpoints' bodies: `PUT /migration/send`, `PUT /migration/receive`, and
+//! the progress that `GET /migration` reports. ferry's own extension: Firecracker has no
+//! live migration.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::models::{ConfigError, NetworkOverride};
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Where a migration connects or listens: `tcp:ADDR:PORT` or `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A TCP address, as `ADDR:PORT` (a name, IPv4, or `[IPv6]`).
+    Tcp(String),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    /// Parses `tcp:ADDR:PORT` or `unix:PATH`; `field` names the field in errors.
+    pub fn parse(field: &'static str, s: &str) -> Result<Endpoint, ConfigError> {
+        if let Some(addr) = s.strip_prefix("tcp:") {
+            let port = addr.rsplit_once(':').map(|(_, p)| p);
+            match port.map(str::parse::<u16>) {
+                Some(Ok(_)) if !addr.starts_with(':') => Ok(Endpoint::Tcp(addr.to_string())),
+                _ => Err(invalid(
+                    field,
+                    format!("{s:?} is not tcp:ADDR:PORT with a port of 0 to 65535"),
+                )),
+            }
+        } else if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(invalid(field, "unix: needs a socket path"));
+            }
+            Ok(Endpoint::Unix(PathBuf::from(path)))
+        } else {
+            Err(invalid(
+                field,
+                format!("{s:?} must start with tcp: or unix:"),
+            ))
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// How memory moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationMode {
+    /// Rounds of dirty pages while the guest runs, then a short stop.
+    Precopy,
+}
+
+/// The dirty-page tracking a pre-copy uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationTracking {
+    /// userfaultfd write-protect, asynchronous (PAGEMAP_SCAN).
+    #[serde(rename = "uffd-async")]
+    UffdAsync,
+    /// userfaultfd write-protect with a fault-handling thread.
+    #[serde(rename = "uffd-sync")]
+    UffdSync,
+    /// KVM's dirty log.
+    #[serde(rename = "kvm-dirty-log")]
+    KvmDirtyLog,
+}
+
+impl MigrationTracking {
+    /// The name used in the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationTracking::UffdAsync => "uffd-async",
+            MigrationTracking::UffdSync => "uffd-sync",
+            MigrationTracking::KvmDirtyLog => "kvm-dirty-log",
+        }
+    }
+}
+
+/// Most pre-copy rounds a request may ask for.
+pub const MAX_ROUNDS: u32 = 1000;
+
+/// `PUT /migration/send`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationSendParams {
+    /// `tcp:ADDR:PORT` or `unix:PATH`.
+    pub destination: String,
+    /// Only `precopy` for now.
+    #[serde(default = "default_mode")]
+    pub mode: MigrationMode,
+    /// The longest the guest may stop at switch-over, by estimate.
+    #[serde(default = "default_downtime")]
+    pub downtime_limit_ms: u64,
+    /// A cap on the sending rate; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth_mib_s: Option<u64>,
+    /// Rounds after the first full pass before switching over anyway.
+    #[serde(default = "default_rounds")]
+    pub max_rounds: u32,
+    /// How dirty pages are tracked.
+    #[serde(default = "default_tracking")]
+    pub tracking: MigrationTracking,
+    /// Hand guest RAM's memfd to a ferry on this host (Unix socket only): no memory is
+    /// copied.
+    #[serde(default)]
+    pub local: bool,
+    /// Hash every page on both sides at switch-over and compare before resuming.
+    #[serde(default)]
+    pub verify: bool,
+}
+
+fn default_mode() -> MigrationMode {
+    MigrationMode::Precopy
+}
+fn default_downtime() -> u64 {
+    50
+}
+fn default_rounds() -> u32 {
+    30
+}
+fn default_tracking() -> MigrationTracking {
+    MigrationTracking::UffdAsync
+}
+
+impl MigrationSendParams {
+    /// Checks the fields against each other; returns the parsed destination.
+    pub fn validate(&self) -> Result<Endpoint, ConfigError> {
+        let endpoint = Endpoint::parse("destination", &self.destination)?;
+        if self.local && !matches!(endpoint, Endpoint::Unix(_)) {
+            return Err(invalid(
+                "local",
+                "a local migration hands over guest memory's fd, which needs a unix: destination",
+            ));
+        }
+        if self.max_rounds == 0 || self.max_rounds > MAX_ROUNDS {
+            return Err(invalid(
+                "max_rounds",
+                format!(
+                    "{} is out of range: it must be 1 to {MAX_ROUNDS}",
+                    self.max_rounds
+                ),
+            ));
+        }
+        if self.max_bandwidth_mib_s == Some(0) {
+            return Err(invalid(
+                "max_bandwidth_mib_s",
+                "0 would never send anything: give null for no limit",
+            ));
+        }
+        if self.downtime_limit_ms > 60_000 {
+            return Err(invalid(
+                "downtime_limit_ms",
+                format!("{} is out of range: at most 60000", self.downtime_limit_ms),
+            ));
+        }
+        Ok(endpoint)
+    }
+}
+
+/// One entry of `drive_overrides`: the file a drive uses on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveOverride {
+    /// The drive, as the source names it.
+    pub drive_id: String,
+    /// The file to use instead of the source's.
+    pub path_on_host: PathBuf,
+}
+
+/// `PUT /migration/receive`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationReceiveParams {
+    /// `tcp:ADDR:PORT` or `unix:PATH`.
+    pub listen: String,
+    /// Drive files to use in place of the source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drive_overrides: Option<Vec<DriveOverride>>,
+    /// Taps to use in place of the source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_overrides: Option<Vec<NetworkOverride>>,
+}
+
+impl MigrationReceiveParams {
+    /// Checks the fields; returns the parsed listen address.
+    pub fn validate(&self) -> Result<Endpoint, ConfigError> {
+        Endpoint::parse("listen", &self.listen)
+    }
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationState {
+    /// None has run.
+    #[default]
+    Idle,
+    /// Running.
+    Active,
+    /// Done: the guest runs on the destination.
+    Completed,
+    /// Ended with an error (see `error`).
+    Failed,
+    /// Ended by `PUT /migration/cancel`.
+    Cancelled,
+}
+
+/// `GET /migration`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct MigrationStatus {
+    /// idle, active, completed, failed or cancelled.
+    pub state: MigrationState,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// "send" or "receive"; absent while idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// The mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<MigrationMode>,
+    /// The tracking mechanism (pre-copy over a socket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<MigrationTracking>,
+    /// Whether guest RAM's memfd was handed over instead of copied.
+    #[serde(default)]
+    pub local: bool,
+    /// The current round: 0 is the first pass over all of memory.
+    pub round: u32,
+    /// Bytes of guest memory sent or received so far.
+    pub transferred_bytes: u64,
+    /// Pages dirty at the last collect, still to send.
+    pub remaining_dirty_pages: u64,
+    /// The rate of the last round.
+    pub throughput_mib_s: f64,
+    /// The downtime the remaining pages would cost at that rate.
+    pub expected_downtime_ms: f64,
+    /// From the source's pause to the destination's resume, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<f64>,
+    /// From the request to completion (or to now).
+    pub total_ms: f64,
+}

@@ -1,0 +1,444 @@
+//! The wire format: framed messages on one stream (docs/migration-protocol.md).
+//!
+//! ```text
+//! offset  size  field
+//! 0       4     magic "FRYM"
+//! 4       2     message kind, little-endian
+//! 6       2     reserved, zero
+//! 8       8     payload length in bytes, little-endian
+//! 16      4     CRC-32 (IEEE) of the payload, little-endian
+//! 20      4     reserved, zero
+//! 24      ...   payload
+//! ```
+//!
+//! Every length is bounded by its kind before anything is read into memory, and every
+//! payload is checked against its CRC before it is used: a page batch is read into a
+//! buffer, checked, and only then copied into guest RAM.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::transport::Conn;
+use super::MigrationError;
+
+/// The first bytes of every frame.
+pub const MAGIC: [u8; 4] = *b"FRYM";
+/// The protocol version both sides must speak.
+pub const VERSION: u32 = 1;
+/// Bytes of a frame header.
+pub const HEADER_LEN: usize = 24;
+/// Most page data in one batch.
+pub const BATCH_BYTES: usize = 1 << 20;
+/// Most ranges in one batch (a batch of scattered single pages).
+pub const MAX_RANGES: usize = BATCH_BYTES / memory::PAGE_BYTES;
+/// Largest JSON payload: machine state is tens of KiB per vCPU.
+const MAX_JSON: u64 = 64 << 20;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    /// Source → destination: who is coming (JSON `Hello`).
+    Hello = 1,
+    /// Destination → source: it can take this VM (JSON `HelloAck`).
+    HelloAck = 2,
+    /// Source → destination: a batch of pages (binary, see `PageBatch`).
+    Pages = 3,
+    /// Source → destination: the machine state, after the last pages (JSON `Switch`).
+    State = 4,
+    /// Source → destination: a hash of every page that holds data (binary).
+    Hashes = 5,
+    /// Destination → source: the VM is built and paused, ready to run (empty).
+    Ready = 6,
+    /// Source → destination: run it; the source never runs again (empty).
+    Go = 7,
+    /// Destination → source: the guest runs here (JSON `Done`).
+    Done = 8,
+    /// Either way: the sender gives up, and says why (JSON `Failure`).
+    Error = 9,
+    /// Source → destination: guest RAM's memfd, as SCM_RIGHTS (local migration; empty).
+    Memfd = 10,
+}
+
+impl Kind {
+    fn from_u16(v: u16) -> Option<Kind> {
+        use Kind::*;
+        [
+            Hello, HelloAck, Pages, State, Hashes, Ready, Go, Done, Error, Memfd,
+        ]
+        .into_iter()
+        .find(|k| *k as u16 == v)
+    }
+
+    /// The largest payload this kind may have.
+    fn max_len(self) -> u64 {
+        match self {
+            Kind::Pages => (8 + 16 * MAX_RANGES + BATCH_BYTES) as u64,
+            // A page number and its hash for every page of the largest guest ferry
+            // makes (the memory map bounds it again on receipt).
+            Kind::Hashes => 16 << 30,
+            Kind::Ready | Kind::Go | Kind::Memfd => 0,
+            _ => MAX_JSON,
+        }
+    }
+}
+
+/// A frame header as read.
+#[derive(Debug, Clone, Copy)]
+pub struct Header {
+    /// The kind.
+    pub kind: Kind,
+    /// Payload bytes.
+    pub len: u64,
+    /// CRC-32 of the payload.
+    pub crc: u32,
+}
+
+fn protocol(msg: impl Into<String>) -> MigrationError {
+    MigrationError::Protocol(msg.into())
+}
+
+impl Header {
+    fn encode(kind: Kind, len: u64, crc: u32) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[..4].copy_from_slice(&MAGIC);
+        h[4..6].copy_from_slice(&(kind as u16).to_le_bytes());
+        h[8..16].copy_from_slice(&len.to_le_bytes());
+        h[16..20].copy_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    /// Parses and bounds a header.
+    pub fn decode(h: &[u8; HEADER_LEN]) -> Result<Header, MigrationError> {
+        if h[..4] != MAGIC {
+            return Err(protocol(format!(
+                "not a ferry migration stream: a frame starts with {:02x?}, not \"FRYM\"",
+                &h[..4]
+            )));
+        }
+        let raw = u16::from_le_bytes([h[4], h[5]]);
+        let kind =
+            Kind::from_u16(raw).ok_or_else(|| protocol(format!("unknown message kind {raw}")))?;
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&h[8..16]);
+        let len = u64::from_le_bytes(len);
+        if len > kind.max_len() {
+            return Err(protocol(format!(
+                "a {kind:?} message of {len} bytes is longer than its limit of {}",
+                kind.max_len()
+            )));
+        }
+        let crc = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
+        Ok(Header { kind, len, crc })
+    }
+}
+
+impl Conn {
+    /// Sends one frame whose payload is `parts`, one after the other.
+    pub fn send(&mut self, kind: Kind, parts: &[&[u8]]) -> Result<(), MigrationError> {
+        let mut crc = crc32fast::Hasher::new();
+        let mut len = 0u64;
+        for p in parts {
+            crc.update(p);
+            len += p.len() as u64;
+        }
+        let header = Header::encode(kind, len, crc.finalize());
+        self.write_all(&header)?;
+        for p in parts {
+            self.write_all(p)?;
+        }
+        Ok(())
+    }
+
+    /// Sends a JSON message.
+    pub fn send_json<T: Serialize>(&mut self, kind: Kind, value: &T) -> Result<(), MigrationError> {
+        let body = serde_json::to_vec(value)
+            .map_err(|e| protocol(format!("cannot encode {kind:?}: {e}")))?;
+        self.send(kind, &[&body])
+    }
+
+    /// Reads the next frame header.
+    pub fn recv_header(&mut self) -> Result<Header, MigrationError> {
+        let mut h = [0u8; HEADER_LEN];
+        self.read_all(&mut h)?;
+        let header = Header::decode(&h)?;
+        if header.kind == Kind::Error {
+            // The peer gave up: its reason is the error here too.
+            let body = self.read_payload(&header)?;
+            let failure: Failure = serde_json::from_slice(&body)
+                .map_err(|e| protocol(format!("the peer's error does not parse: {e}")))?;
+            return Err(MigrationError::Peer(failure.error));
+        }
+        Ok(header)
+    }
+
+    /// Reads a header and requires `kind`.
+    pub fn expect(&mut self, kind: Kind) -> Result<Header, MigrationError> {
+        let header = self.recv_header()?;
+        if header.kind != kind {
+            return Err(protocol(format!(
+                "expected {kind:?}, got {:?}",
+                header.kind
+            )));
+        }
+        Ok(header)
+    }
+
+    /// Reads a whole (bounded) payload and checks its CRC.
+    pub fn read_payload(&mut self, header: &Header) -> Result<Vec<u8>, MigrationError> {
+        let len = usize::try_from(header.len).map_err(|_| protocol("payload too large"))?;
+        let mut body = vec![0u8; len];
+        self.read_all(&mut body)?;
+        check_crc(header, &[&body])?;
+        Ok(body)
+    }
+
+    /// Reads a JSON message of `kind`.
+    pub fn recv_json<T: DeserializeOwned>(&mut self, kind: Kind) -> Result<T, MigrationError> {
+        let header = self.expect(kind)?;
+        let body = self.read_payload(&header)?;
+        serde_json::from_slice(&body).map_err(|e| protocol(format!("{kind:?} does not parse: {e}")))
+    }
+
+    /// Reads an empty message of `kind`.
+    pub fn recv_empty(&mut self, kind: Kind) -> Result<(), MigrationError> {
+        let header = self.expect(kind)?;
+        self.read_payload(&header).map(drop)
+    }
+
+    /// Tells the peer why this side gives up. Best effort: the link may be gone.
+    pub fn send_failure(&mut self, error: &str) {
+        let _ = self.send_json(
+            Kind::Error,
+            &Failure {
+                error: error.to_string(),
+            },
+        );
+    }
+}
+
+/// Checks the CRC of a payload read in parts.
+pub fn check_crc(header: &Header, parts: &[&[u8]]) -> Result<(), MigrationError> {
+    let mut crc = crc32fast::Hasher::new();
+    for p in parts {
+        crc.update(p);
+    }
+    let got = crc.finalize();
+    if got != header.crc {
+        return Err(protocol(format!(
+            "a {:?} message's checksum does not match (header {:#010x}, payload {got:#010x})",
+            header.kind, header.crc
+        )));
+    }
+    Ok(())
+}
+
+/// One region of guest RAM, as both sides lay it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Region {
+    /// Guest-physical start.
+    pub guest_addr: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// The source introduces the VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    /// `VERSION`.
+    pub version: u32,
+    /// The sending ferry's version, for messages.
+    pub ferry_version: String,
+    /// The VM's configuration: the destination applies its own overrides to the host
+    /// backends, and checks that it can run it before any memory moves.
+    pub config: api::VmConfig,
+    /// Guest RAM's regions.
+    pub memory: Vec<Region>,
+    /// Whether guest RAM's memfd follows instead of pages.
+    pub local: bool,
+    /// Whether hashes of every page follow the last pages.
+    pub verify: bool,
+}
+
+/// The destination's answer to `Hello`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelloAck {
+    /// `VERSION`.
+    pub version: u32,
+}
+
+/// The machine state at switch-over.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Switch {
+    /// Every component's state.
+    pub state: crate::snapshot::MachineState,
+    /// When the source's vCPUs stopped, in ns since the Unix epoch (for the downtime).
+    pub paused_at_ns: u64,
+}
+
+/// The destination runs the guest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Done {
+    /// From the source's pause to the destination's resume.
+    pub downtime_ms: f64,
+}
+
+/// Why a side gave up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Failure {
+    /// The message.
+    pub error: String,
+}
+
+/// A batch of pages: a count, the guest-physical ranges, then their bytes in order.
+pub struct PageBatch {
+    ranges: Vec<u8>,
+    data: Vec<u8>,
+    count: u32,
+}
+
+impl PageBatch {
+    /// An empty batch.
+    pub fn new() -> PageBatch {
+        PageBatch {
+            ranges: Vec::with_capacity(16 * 64),
+            data: Vec::with_capacity(BATCH_BYTES),
+            count: 0,
+        }
+    }
+
+    /// Bytes of page data it holds.
+    pub fn data_len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether `len` more bytes fit, by data and by ranges.
+    pub fn fits(&self, len: usize) -> bool {
+        self.data.len() + len <= BATCH_BYTES && (self.count as usize) < MAX_RANGES
+    }
+
+    /// Adds a range: `fill` copies its `len` bytes into the slice it is given.
+    pub fn push(
+        &mut self,
+        guest_addr: u64,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), MigrationError>,
+    ) -> Result<(), MigrationError> {
+        let at = self.data.len();
+        self.data.resize(at + len, 0);
+        fill(&mut self.data[at..])?;
+        self.ranges.extend_from_slice(&guest_addr.to_le_bytes());
+        self.ranges.extend_from_slice(&(len as u64).to_le_bytes());
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Sends it and empties it.
+    pub fn flush(&mut self, conn: &mut Conn) -> Result<(), MigrationError> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        let mut head = [0u8; 8];
+        head[..4].copy_from_slice(&self.count.to_le_bytes());
+        conn.send(Kind::Pages, &[&head, &self.ranges, &self.data])?;
+        self.ranges.clear();
+        self.data.clear();
+        self.count = 0;
+        Ok(())
+    }
+}
+
+/// Reads a `Pages` payload into `ranges` and `data` (reused between batches), checks
+/// its layout and CRC, and returns the ranges as (guest address, length). Nothing of
+/// it has touched guest RAM yet: the caller checks each range against its memory map.
+pub fn read_batch(
+    conn: &mut Conn,
+    header: &Header,
+    data: &mut Vec<u8>,
+) -> Result<Vec<(u64, u64)>, MigrationError> {
+    let mut head = [0u8; 8];
+    if header.len < 8 {
+        return Err(protocol("a page batch is shorter than its count"));
+    }
+    conn.read_all(&mut head)?;
+    let count = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if count == 0 || count > MAX_RANGES {
+        return Err(protocol(format!(
+            "a page batch names {count} ranges: it must name 1 to {MAX_RANGES}"
+        )));
+    }
+    let ranges_len = 16 * count;
+    if header.len < (8 + ranges_len) as u64 {
+        return Err(protocol("a page batch is shorter than its ranges"));
+    }
+    let mut raw = vec![0u8; ranges_len];
+    conn.read_all(&mut raw)?;
+    let mut ranges = Vec::with_capacity(count);
+    let mut total = 0u64;
+    for r in raw.chunks_exact(16) {
+        let mut a = [0u8; 8];
+        let mut l = [0u8; 8];
+        a.copy_from_slice(&r[..8]);
+        l.copy_from_slice(&r[8..]);
+        let (addr, len) = (u64::from_le_bytes(a), u64::from_le_bytes(l));
+        if len == 0
+            || !addr.is_multiple_of(memory::PAGE_SIZE)
+            || !len.is_multiple_of(memory::PAGE_SIZE)
+        {
+            return Err(protocol(format!(
+                "a page batch names {len:#x} bytes at {addr:#x}: ranges must be whole pages"
+            )));
+        }
+        total = total.saturating_add(len);
+        ranges.push((addr, len));
+    }
+    if header.len != 8 + ranges_len as u64 + total {
+        return Err(protocol(format!(
+            "a page batch of {} bytes names {total} bytes of pages in {count} ranges",
+            header.len
+        )));
+    }
+    // Bounded by Kind::Pages's limit, which the header passed.
+    let total = usize::try_from(total).map_err(|_| protocol("page batch too large"))?;
+    data.resize(total, 0);
+    conn.read_all(data)?;
+    check_crc(header, &[&head, &raw, data])?;
+    Ok(ranges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_header_round_trips_and_bounds_lengths() {
+        let h = Header::encode(Kind::State, 1234, 0xdead_beef);
+        let d = Header::decode(&h).expect("decode");
+        assert_eq!((d.kind, d.len, d.crc), (Kind::State, 1234, 0xdead_beef));
+        let mut bad = h;
+        bad[0] = b'X';
+        assert!(Header::decode(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("not a ferry migration stream"));
+        let big = Header::encode(Kind::Pages, u64::MAX, 0);
+        assert!(Header::decode(&big)
+            .unwrap_err()
+            .to_string()
+            .contains("longer than its limit"));
+        let mut unknown = h;
+        unknown[4] = 99;
+        assert!(Header::decode(&unknown)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown message kind 99"));
+        let go = Header::encode(Kind::Go, 1, 0);
+        assert!(Header::decode(&go).is_err(), "Go carries nothing");
+    }
+}

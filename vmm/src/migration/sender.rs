@@ -1,0 +1,377 @@
+//! The source: pre-copy rounds while the guest runs, then the switch-over and the
+//! commit, on a thread of its own.
+//!
+//! 1. Hello, and the destination's answer (it checks that it can run this VM).
+//! 2. Local: guest RAM's memfd, and nothing else of memory. Otherwise round 0 sends
+//!    every page the memfd holds (`SEEK_DATA`: pages never touched are holes here and
+//!    zero there), with dirty tracking already on, so that a write during the round is
+//!    sent in a later one.
+//! 3. Each round collects the pages written since the last and sends them, until the
+//!    pages left would take no longer than `downtime_limit_ms` at the measured rate,
+//!    rounds stop shrinking the dirty set, or `max_rounds` is reached.
+//! 4. Switch-over: the VMM thread pauses the VM (vCPUs and devices) and saves its
+//!    state; the last dirty pages, the page hashes (`verify`) and the state follow.
+//! 5. The destination builds the VM and says `Ready`. The source commits (it never
+//!    runs the guest again), says `Go`, and waits for `Done`.
+//!
+//! Any failure before the commit resumes the guest here: a dead destination, a broken
+//! link, a cancel, a refusal. After the commit the source stays paused: the
+//! destination runs the guest, or holds it complete and paused.
+
+use std::time::{Duration, Instant};
+
+use api::migration::{Endpoint, MigrationSendParams};
+use api::VmConfig;
+use memory::dirty::{DirtyBitmap, DirtyTracker};
+use memory::{GuestRam, PAGE_SIZE};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use super::protocol::{self, Done, Hello, HelloAck, Kind, PageBatch, Region, Switch};
+use super::transport::{self, Conn};
+use super::{verify, Control, ControlLink, MigrationError, Progress};
+
+/// Rounds in a row without a new smallest dirty set before pre-copy gives up
+/// converging and switches over.
+const STALE_ROUNDS: u32 = 5;
+
+/// What the source's thread needs.
+pub struct SendJob {
+    /// The request.
+    pub params: MigrationSendParams,
+    /// Its destination.
+    pub endpoint: Endpoint,
+    /// Guest RAM (a second handle on the same mapping).
+    pub ram: GuestRam,
+    /// Started dirty tracking (none for a local migration).
+    pub tracker: Option<Box<dyn DirtyTracker>>,
+    /// The configuration the VM runs.
+    pub config: VmConfig,
+}
+
+/// Starts the source's thread.
+pub fn spawn(
+    job: SendJob,
+    link: ControlLink,
+    progress: std::sync::Arc<Progress>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("migration-send".into())
+        .spawn(move || {
+            let result = run(job, &link, &progress);
+            if let Err(e) = &result {
+                tracing::warn!("migration failed: {e}");
+            }
+            progress.end(&result.as_ref().map(drop).map_err(|e| e.error()));
+            match result {
+                Ok(()) => {
+                    let _ = link.send(Control::Finished);
+                }
+                Err(Failed::BeforeCommit(_)) => {
+                    let _ = link.send(Control::Abort);
+                }
+                // The destination may run the guest: this side must not.
+                Err(Failed::AfterCommit(_)) => {}
+            }
+        })
+}
+
+/// A failure, and whether the source had committed.
+#[derive(Debug)]
+enum Failed {
+    BeforeCommit(MigrationError),
+    AfterCommit(MigrationError),
+}
+
+impl Failed {
+    fn error(&self) -> MigrationError {
+        let e = match self {
+            Failed::BeforeCommit(e) => return clone_error(e),
+            Failed::AfterCommit(e) => e,
+        };
+        MigrationError::Vm(format!(
+            "{e}, after the source told the destination to run the guest: the source stays paused; the guest runs on the destination, or waits there complete and paused (resume exactly one of them)"
+        ))
+    }
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.error())
+    }
+}
+
+fn clone_error(e: &MigrationError) -> MigrationError {
+    match e {
+        MigrationError::Cancelled => MigrationError::Cancelled,
+        other => MigrationError::Vm(other.to_string()),
+    }
+}
+
+/// Pages sent and how fast.
+struct Pages<'a> {
+    conn: Conn,
+    ram: &'a GuestRam,
+    progress: &'a Progress,
+    batch: PageBatch,
+    /// Bytes of guest memory sent.
+    sent: u64,
+    /// Time spent sending them.
+    busy: Duration,
+    /// Bytes per second at most.
+    limit: Option<u64>,
+    since: Instant,
+}
+
+impl Pages<'_> {
+    /// Queues memfd bytes `offset..offset+len`, sending full batches as they fill.
+    fn send_range(&mut self, offset: u64, len: u64) -> Result<(), MigrationError> {
+        for (addr, n) in self.ram.guest_ranges(offset, len) {
+            let mut at = 0u64;
+            while at < n {
+                let piece = usize::try_from(n - at)
+                    .unwrap_or(usize::MAX)
+                    .min(protocol::BATCH_BYTES);
+                if !self.batch.fits(piece) {
+                    self.flush()?;
+                }
+                let guest = GuestAddress(addr.0 + at);
+                let memory = self.ram.memory();
+                // Copied out of guest RAM first: the guest may write the page while it
+                // is being sent, and the checksum must cover the bytes that travel.
+                // (A later round sends the newer contents.)
+                self.batch.push(guest.0, piece, |buf| {
+                    let slice = memory.get_slice(guest, piece).map_err(|e| {
+                        MigrationError::Vm(format!("guest RAM at {:#x}: {e}", guest.0))
+                    })?;
+                    slice.copy_to(buf);
+                    Ok(())
+                })?;
+                at += piece as u64;
+            }
+        }
+        Ok(())
+    }
+
+    fn send_bitmap(&mut self, pages: &DirtyBitmap) -> Result<(), MigrationError> {
+        for (first, count) in pages.runs() {
+            self.send_range(first as u64 * PAGE_SIZE, count as u64 * PAGE_SIZE)?;
+        }
+        self.flush()
+    }
+
+    fn flush(&mut self) -> Result<(), MigrationError> {
+        if self.conn.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        let bytes = self.batch.data_len() as u64;
+        let started = Instant::now();
+        self.batch.flush(&mut self.conn)?;
+        self.busy += started.elapsed();
+        self.sent += bytes;
+        if let Some(limit) = self.limit {
+            // Ahead of the cap: wait until the bytes sent are due.
+            let due = Duration::from_secs_f64(self.sent as f64 / limit as f64);
+            let elapsed = self.since.elapsed();
+            if due > elapsed {
+                std::thread::sleep(due - elapsed);
+            }
+        }
+        let sent = self.sent;
+        self.progress.update(|s| s.transferred_bytes = sent);
+        Ok(())
+    }
+
+    /// Bytes per second while sending (capped when a limit is set), or a guess of
+    /// 1 GiB/s before anything was measured.
+    fn rate(&self) -> f64 {
+        let secs = self.busy.as_secs_f64();
+        let measured = if self.sent >= 1 << 20 && secs > 0.0 {
+            self.sent as f64 / secs
+        } else {
+            (1u64 << 30) as f64
+        };
+        match self.limit {
+            Some(limit) => measured.min(limit as f64),
+            None => measured,
+        }
+    }
+}
+
+fn run(mut job: SendJob, link: &ControlLink, progress: &Progress) -> Result<(), Failed> {
+    let mut tracker = job.tracker.take();
+    let before = |e| Failed::BeforeCommit(e);
+    let stream = transport::connect(&job.endpoint).map_err(before)?;
+    let conn = Conn::new(stream, progress.cancel.clone()).map_err(before)?;
+    let mut pages = Pages {
+        conn,
+        ram: &job.ram,
+        progress,
+        batch: PageBatch::new(),
+        sent: 0,
+        busy: Duration::ZERO,
+        limit: job
+            .params
+            .max_bandwidth_mib_s
+            .map(|m| m.saturating_mul(1 << 20)),
+        since: Instant::now(),
+    };
+    let result = exchange(&job, &mut tracker, link, &mut pages);
+    if let Err(Failed::BeforeCommit(e)) = &result {
+        // Tell the destination why, unless it is the one that gave up.
+        if !matches!(e, MigrationError::Peer(_)) {
+            pages.conn.send_failure(&e.to_string());
+        }
+    }
+    pages.conn.shutdown();
+    result
+}
+
+fn exchange(
+    job: &SendJob,
+    tracker: &mut Option<Box<dyn DirtyTracker>>,
+    link: &ControlLink,
+    pages: &mut Pages,
+) -> Result<(), Failed> {
+    let before = |e| Failed::BeforeCommit(e);
+    let hello = Hello {
+        version: protocol::VERSION,
+        ferry_version: env!("CARGO_PKG_VERSION").into(),
+        config: job.config.clone(),
+        memory: job
+            .ram
+            .regions()
+            .iter()
+            .map(|r| Region {
+                guest_addr: r.guest_addr.0,
+                size: r.size,
+            })
+            .collect(),
+        local: job.params.local,
+        verify: job.params.verify && !job.params.local,
+    };
+    pages.conn.send_json(Kind::Hello, &hello).map_err(before)?;
+    let ack: HelloAck = pages.conn.recv_json(Kind::HelloAck).map_err(before)?;
+    if ack.version != protocol::VERSION {
+        return Err(before(MigrationError::Protocol(format!(
+            "the destination speaks version {}, this ferry {}",
+            ack.version,
+            protocol::VERSION
+        ))));
+    }
+
+    let mut carry = None;
+    if job.params.local {
+        pages.conn.send(Kind::Memfd, &[]).map_err(before)?;
+        pages.conn.send_fd(job.ram.file()).map_err(before)?;
+    } else {
+        carry = Some(precopy(job, tracker, pages).map_err(before)?);
+    }
+
+    // Switch-over: from here the guest is paused until one side runs it.
+    let (state, paused_at_ns) = link.ask(Control::Switchover).map_err(before)?;
+    if let Some(tracker) = tracker.as_mut() {
+        let mut last = tracker
+            .collect()
+            .map_err(|e| before(MigrationError::Vm(format!("dirty tracking: {e}"))))?;
+        if let Some(carry) = carry {
+            for p in carry.pages() {
+                last.set(p);
+            }
+        }
+        let count = last.count() as u64;
+        progress_round(pages.progress, count, 0.0);
+        pages.send_bitmap(&last).map_err(before)?;
+    }
+    // Nothing the paused guest does needs tracking any more.
+    if let Some(mut tracker) = tracker.take() {
+        let _ = tracker.stop();
+    }
+    if job.params.verify && !job.params.local {
+        let hashes =
+            verify::hash_data_pages(&job.ram).map_err(|e| before(MigrationError::Verify(e)))?;
+        pages
+            .conn
+            .send(Kind::Hashes, &[&verify::encode(&hashes)])
+            .map_err(before)?;
+    }
+    pages
+        .conn
+        .send_json(
+            Kind::State,
+            &Switch {
+                state,
+                paused_at_ns,
+            },
+        )
+        .map_err(before)?;
+    pages.conn.recv_empty(Kind::Ready).map_err(before)?;
+    if !pages.progress.commit() {
+        return Err(before(MigrationError::Cancelled));
+    }
+    let after = |e| Failed::AfterCommit(e);
+    pages.conn.send(Kind::Go, &[]).map_err(after)?;
+    let done: Done = pages.conn.recv_json(Kind::Done).map_err(after)?;
+    pages
+        .progress
+        .update(|s| s.downtime_ms = Some(done.downtime_ms));
+    Ok(())
+}
+
+fn progress_round(progress: &Progress, remaining: u64, expected_ms: f64) {
+    progress.update(|s| {
+        s.remaining_dirty_pages = remaining;
+        s.expected_downtime_ms = expected_ms;
+    });
+}
+
+/// Round 0 and the rounds after it, until switch-over is due. Returns the dirty pages
+/// collected last and not yet sent.
+fn precopy(
+    job: &SendJob,
+    tracker: &mut Option<Box<dyn DirtyTracker>>,
+    pages: &mut Pages,
+) -> Result<DirtyBitmap, MigrationError> {
+    let tracker = tracker
+        .as_mut()
+        .ok_or_else(|| MigrationError::Vm("pre-copy needs dirty tracking".into()))?;
+    let extents = job
+        .ram
+        .data_extents()
+        .map_err(|e| MigrationError::Vm(e.to_string()))?;
+    for (offset, len) in extents {
+        pages.send_range(offset, len)?;
+    }
+    pages.flush()?;
+    let limit_ms = job.params.downtime_limit_ms as f64;
+    let mut smallest = u64::MAX;
+    let mut stale = 0;
+    let mut round = 0u32;
+    loop {
+        round += 1;
+        let dirty = tracker
+            .collect()
+            .map_err(|e| MigrationError::Vm(format!("dirty tracking: {e}")))?;
+        let count = dirty.count() as u64;
+        let rate = pages.rate();
+        let expected_ms = (count * PAGE_SIZE) as f64 / rate * 1e3;
+        pages.progress.update(|s| {
+            s.round = round;
+            s.remaining_dirty_pages = count;
+            s.expected_downtime_ms = expected_ms;
+            s.throughput_mib_s = rate / (1 << 20) as f64;
+        });
+        if count < smallest {
+            smallest = count;
+            stale = 0;
+        } else {
+            stale += 1;
+        }
+        if expected_ms <= limit_ms || stale >= STALE_ROUNDS || round > job.params.max_rounds {
+            tracing::info!(
+                "pre-copy: switching over after round {round}: {count} pages left, about {expected_ms:.1} ms"
+            );
+            return Ok(dirty);
+        }
+        pages.send_bitmap(&dirty)?;
+    }
+}
