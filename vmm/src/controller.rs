@@ -505,11 +505,11 @@ impl Controller {
     ) -> VmmResult {
         use api::migration::MigrationTracking;
         use memory::dirty::TrackingMode;
-        let config = self.resources.to_config()?;
         let vmm = self
             .vmm
             .as_ref()
             .ok_or_else(|| ApiError::bad_request("cannot migrate: the microVM is not started"))?;
+        let config = self.resources.to_config()?;
         if vmm.state() != VmState::Running {
             return Err(ApiError::bad_request(format!(
                 "cannot migrate: the microVM is {:?}; only a running microVM migrates",

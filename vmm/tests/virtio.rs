@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use api::action::VmmAction;
 use api::VmConfig;
-use common::{check, guest_image, Ferry, InProcess, TempDir, TestTap};
+use common::{assert_disk_holds_pass, guest_image, Ferry, InProcess, TempDir, TestTap};
 use serde_json::json;
 
 const RUN: Duration = Duration::from_secs(60);
@@ -31,19 +31,6 @@ fn vm_json(args: &str, drives: serde_json::Value, nets: serde_json::Value) -> se
 
 fn drive(id: &str, path: &Path, read_only: bool) -> serde_json::Value {
     json!({ "drive_id": id, "path_on_host": path, "is_root_device": false, "is_read_only": read_only })
-}
-
-/// Asserts every word of `disk` holds the guest's pattern of `pass`.
-fn assert_disk_holds_pass(disk: &Path, pass: u64) {
-    let bytes = std::fs::read(disk).expect("read disk");
-    for (i, chunk) in bytes.chunks_exact(8).enumerate() {
-        let got = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-        assert_eq!(
-            got,
-            check(i as u64, pass),
-            "disk word {i} after pass {pass}"
-        );
-    }
 }
 
 #[test]

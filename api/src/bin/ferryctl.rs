@@ -74,6 +74,52 @@ enum Verb {
         #[command(subcommand)]
         verb: SnapshotVerb,
     },
+    /// Migrate this running VM to a ferry waiting with `receive`, showing progress.
+    Migrate {
+        /// tcp:ADDR:PORT or unix:PATH.
+        #[arg(long, value_name = "DEST")]
+        to: String,
+        /// Hand guest memory's memfd over (a ferry on this host, unix: only).
+        #[arg(long)]
+        local: bool,
+        /// Hash every page on both sides at switch-over.
+        #[arg(long)]
+        verify: bool,
+        /// uffd-async (default), uffd-sync or kvm-dirty-log.
+        #[arg(long)]
+        tracking: Option<String>,
+        /// The longest stop the switch-over may cost, by estimate (default 50).
+        #[arg(long, value_name = "MS")]
+        downtime_ms: Option<u64>,
+        /// Rounds before switching over anyway (default 30).
+        #[arg(long)]
+        max_rounds: Option<u32>,
+        /// A cap on the sending rate.
+        #[arg(long, value_name = "MIB_S")]
+        max_bandwidth: Option<u64>,
+        /// The destination's API socket, for its figures at the end.
+        #[arg(long, value_name = "PATH")]
+        dest_sock: Option<PathBuf>,
+        /// Start it and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Wait for one incoming migration (a fresh ferry).
+    Receive {
+        /// tcp:ADDR:PORT or unix:PATH.
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// DRIVE=PATH: use this file for that drive (repeatable).
+        #[arg(long = "drive", value_name = "DRIVE=PATH")]
+        drive: Vec<String>,
+        /// IFACE=TAP: use this tap for that interface (repeatable).
+        #[arg(long = "net", value_name = "IFACE=TAP")]
+        net: Vec<String>,
+    },
+    /// The current or last migration's progress.
+    Migration,
+    /// Stop the running migration.
+    Cancel,
     /// Any request: METHOD PATH [JSON BODY].
     Request {
         /// GET, PUT or PATCH.
@@ -122,6 +168,16 @@ enum SnapshotVerb {
     },
 }
 
+/// `KEY=VALUE` pairs as objects with the two given field names.
+fn pairs(list: &[String], key: &str, value: &str) -> Vec<serde_json::Value> {
+    list.iter()
+        .map(|o| {
+            let (k, v) = o.split_once('=').unwrap_or((o, ""));
+            json!({ key: k, value: v })
+        })
+        .collect()
+}
+
 fn snapshot(verb: SnapshotVerb) -> serde_json::Value {
     match verb {
         SnapshotVerb::Create { state, mem, diff } => json!({
@@ -143,13 +199,7 @@ fn snapshot(verb: SnapshotVerb) -> serde_json::Value {
                 // The server names what is missing.
                 (None, None) => serde_json::Value::Null,
             };
-            let overrides: Vec<serde_json::Value> = net
-                .iter()
-                .map(|o| {
-                    let (iface, tap) = o.split_once('=').unwrap_or((o, ""));
-                    json!({ "iface_id": iface, "host_dev_name": tap })
-                })
-                .collect();
+            let overrides = pairs(&net, "iface_id", "host_dev_name");
             let mut body = json!({
                 "snapshot_path": state,
                 "resume_vm": resume,
@@ -218,12 +268,121 @@ fn request(verb: Verb) -> (String, String, Option<String>) {
             };
             put(path, snapshot(verb))
         }
+        Verb::Migrate {
+            to,
+            local,
+            verify,
+            tracking,
+            downtime_ms,
+            max_rounds,
+            max_bandwidth,
+            ..
+        } => {
+            let mut body = json!({ "destination": to, "local": local, "verify": verify });
+            if let Some(t) = tracking {
+                body["tracking"] = json!(t);
+            }
+            if let Some(d) = downtime_ms {
+                body["downtime_limit_ms"] = json!(d);
+            }
+            if let Some(r) = max_rounds {
+                body["max_rounds"] = json!(r);
+            }
+            if let Some(b) = max_bandwidth {
+                body["max_bandwidth_mib_s"] = json!(b);
+            }
+            put("/migration/send", body)
+        }
+        Verb::Receive { listen, drive, net } => {
+            let mut body = json!({ "listen": listen });
+            if !drive.is_empty() {
+                body["drive_overrides"] = json!(pairs(&drive, "drive_id", "path_on_host"));
+            }
+            if !net.is_empty() {
+                body["network_overrides"] = json!(pairs(&net, "iface_id", "host_dev_name"));
+            }
+            put("/migration/receive", body)
+        }
+        Verb::Migration => ("GET".into(), "/migration".into(), None),
+        Verb::Cancel => put("/migration/cancel", json!({})),
         Verb::Request { method, path, body } => (method, path, body),
     }
 }
 
+/// One `GET /migration`, or `None` once the socket is gone (a source that migrated
+/// exits).
+fn migration_status(sock: &std::path::Path) -> Option<serde_json::Value> {
+    let r = Client::connect(sock)
+        .and_then(|mut c| c.request("GET", "/migration", None))
+        .ok()?;
+    (r.status == 200).then(|| r.json())
+}
+
+/// Follows a migration from the source's socket with a progress bar, and ends with one
+/// summary line. Exit status 0 when the guest runs on the destination.
+fn follow_migration(sock: &std::path::Path, dest: Option<&std::path::Path>) -> ExitCode {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} round {prefix} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    let mut last = json!({});
+    loop {
+        let Some(status) = migration_status(sock) else {
+            break;
+        };
+        let mib = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+        bar.set_prefix(status["round"].to_string());
+        bar.set_message(format!(
+            "{:.1} MiB sent, {:.0} MiB/s, {} dirty pages left, about {:.1} ms of downtime",
+            mib(&status["transferred_bytes"]),
+            status["throughput_mib_s"].as_f64().unwrap_or(0.0),
+            status["remaining_dirty_pages"],
+            status["expected_downtime_ms"].as_f64().unwrap_or(0.0),
+        ));
+        bar.tick();
+        let active = status["state"] == "active";
+        last = status;
+        if !active {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    bar.finish_and_clear();
+    let state = last["state"].as_str().unwrap_or("");
+    if matches!(state, "failed" | "cancelled") {
+        eprintln!(
+            "ferryctl: migration {state}: {}; the guest runs on here",
+            last["error"].as_str().unwrap_or("")
+        );
+        return ExitCode::from(1);
+    }
+    // The source exits once the destination runs the guest.
+    let end = dest.and_then(migration_status).unwrap_or(last);
+    println!(
+        "migrated: {:.1} MiB in {:.1} ms, downtime {}, {} rounds",
+        end["transferred_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+        end["total_ms"].as_f64().unwrap_or(0.0),
+        end["downtime_ms"]
+            .as_f64()
+            .map_or("unknown (give --dest-sock)".to_string(), |d| format!(
+                "{d:.2} ms"
+            )),
+        end["round"],
+    );
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let follow = match &cli.verb {
+        Verb::Migrate {
+            no_wait: false,
+            dest_sock,
+            ..
+        } => Some(dest_sock.clone()),
+        _ => None,
+    };
     let (method, path, body) = request(cli.verb);
     let response =
         Client::connect(&cli.sock).and_then(|mut c| c.request(&method, &path, body.as_deref()));
@@ -236,6 +395,9 @@ fn main() -> ExitCode {
             };
             let text = serde_json::to_string_pretty(&value).unwrap_or_else(|_| r.text());
             if (200..300).contains(&r.status) {
+                if let Some(dest) = follow {
+                    return follow_migration(&cli.sock, dest.as_deref());
+                }
                 println!("{text}");
                 ExitCode::SUCCESS
             } else {

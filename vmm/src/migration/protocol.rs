@@ -206,8 +206,19 @@ impl Conn {
         self.read_payload(&header).map(drop)
     }
 
+    /// After a failed write: the reason the peer gave, if it sent one before it
+    /// closed the connection (a peer that gives up says why, then hangs up).
+    pub fn peer_reason(&mut self) -> Option<MigrationError> {
+        self.closing();
+        match self.recv_header() {
+            Err(e @ MigrationError::Peer(_)) => Some(e),
+            _ => None,
+        }
+    }
+
     /// Tells the peer why this side gives up. Best effort: the link may be gone.
     pub fn send_failure(&mut self, error: &str) {
+        self.closing();
         let _ = self.send_json(
             Kind::Error,
             &Failure {
@@ -278,6 +289,8 @@ pub struct Switch {
     pub state: crate::snapshot::MachineState,
     /// When the source's vCPUs stopped, in ns since the Unix epoch (for the downtime).
     pub paused_at_ns: u64,
+    /// Pre-copy rounds before the switch-over.
+    pub rounds: u32,
 }
 
 /// The destination runs the guest.

@@ -61,7 +61,7 @@ fn run(job: ReceiveJob, link: &ControlLink, progress: &Progress) -> Result<(), M
         if !matches!(e, MigrationError::Peer(_) | MigrationError::Closed) {
             conn.send_failure(&e.to_string());
         }
-        if installed {
+        if installed && !matches!(e, MigrationError::Cancelled) {
             MigrationError::Vm(format!(
                 "{e}; the VM is complete here and stays paused: resume it (PATCH /vm) only if the source does not run it"
             ))
@@ -234,6 +234,7 @@ fn receive(
             }
         }
     };
+    progress.update(|s| s.round = switch.rounds);
     if hello.verify {
         let source = hashes.ok_or_else(|| {
             MigrationError::Protocol("the state came before the page hashes".into())

@@ -215,7 +215,14 @@ fn run(mut job: SendJob, link: &ControlLink, progress: &Progress) -> Result<(), 
             .map(|m| m.saturating_mul(1 << 20)),
         since: Instant::now(),
     };
-    let result = exchange(&job, &mut tracker, link, &mut pages);
+    let mut result = exchange(&job, &mut tracker, link, &mut pages);
+    if let Err(Failed::BeforeCommit(e)) = &result {
+        if matches!(e, MigrationError::Io { .. } | MigrationError::Closed) {
+            if let Some(reason) = pages.conn.peer_reason() {
+                result = Err(Failed::BeforeCommit(reason));
+            }
+        }
+    }
     if let Err(Failed::BeforeCommit(e)) = &result {
         // Tell the destination why, unless it is the one that gave up.
         if !matches!(e, MigrationError::Peer(_)) {
@@ -301,6 +308,7 @@ fn exchange(
             &Switch {
                 state,
                 paused_at_ns,
+                rounds: pages.progress.status().round,
             },
         )
         .map_err(before)?;

@@ -98,6 +98,8 @@ pub struct Conn {
     cancel: Arc<AtomicBool>,
     /// Bytes read and written, for progress.
     pub bytes: u64,
+    /// Saying why this side gives up: a cancel must not stop that message.
+    closing: bool,
 }
 
 fn is_wait(e: &std::io::Error) -> bool {
@@ -117,12 +119,18 @@ impl Conn {
             stream,
             cancel,
             bytes: 0,
+            closing: false,
         })
     }
 
     /// Whether a cancel was asked for.
     pub fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::Acquire)
+        !self.closing && self.cancel.load(Ordering::Acquire)
+    }
+
+    /// From now on only the last message goes out, cancelled or not.
+    pub fn closing(&mut self) {
+        self.closing = true;
     }
 
     fn waited(&self, since: Instant, what: &str) -> Result<(), MigrationError> {
@@ -140,6 +148,11 @@ impl Conn {
 
     /// Reads exactly `buf.len()` bytes.
     pub fn read_all(&mut self, buf: &mut [u8]) -> Result<(), MigrationError> {
+        // Looked at on every call too: a peer that keeps sending never lets a read
+        // time out.
+        if self.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
         let mut done = 0;
         let mut progress = Instant::now();
         while done < buf.len() {
@@ -159,6 +172,9 @@ impl Conn {
 
     /// Writes all of `buf`.
     pub fn write_all(&mut self, buf: &[u8]) -> Result<(), MigrationError> {
+        if self.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
         let mut done = 0;
         let mut progress = Instant::now();
         while done < buf.len() {

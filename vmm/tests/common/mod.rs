@@ -1,6 +1,8 @@
 //! Helpers for end-to-end tests: real `ferry` processes, real KVM, the real test guest.
 #![allow(dead_code)]
 
+pub mod api_vm;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -82,6 +84,24 @@ pub fn check(word: u64, pass: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The `ferry` binary under test.
+pub fn ferry_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ferry"))
+}
+
+/// Asserts every word of `disk` holds the test guest's `blk` pattern of `pass`.
+pub fn assert_disk_holds_pass(disk: &Path, pass: u64) {
+    let bytes = std::fs::read(disk).expect("read disk");
+    for (i, chunk) in bytes.chunks_exact(8).enumerate() {
+        let got = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+        assert_eq!(
+            got,
+            check(i as u64, pass),
+            "disk word {i} after pass {pass}"
+        );
+    }
+}
+
 /// A Firecracker-format config for the test guest.
 pub fn guest_config(vcpus: u32, mem_mib: u64, args: &str) -> String {
     format!(
@@ -110,7 +130,18 @@ impl Ferry {
 
     /// `ferry ARGS…` with the console on a pipe.
     pub fn spawn_args(args: &[&std::ffi::OsStr]) -> Ferry {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        Ferry::spawn_program(ferry_binary().as_os_str(), &[], args)
+    }
+
+    /// `PROGRAM PREFIX… ARGS…` with the console on a pipe: another copy of ferry, or
+    /// ferry run through `ip netns exec`.
+    pub fn spawn_program(
+        program: &std::ffi::OsStr,
+        prefix: &[&std::ffi::OsStr],
+        args: &[&std::ffi::OsStr],
+    ) -> Ferry {
+        let mut child = Command::new(program)
+            .args(prefix)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -1,0 +1,712 @@
+//! Live migration end to end: real `ferry` processes on real sockets, the test guest's
+//! `verify` workload (every page carries its pass number, checked every pass), and
+//! `"verify": true` so that ferry also compares every page on both sides. The
+//! destination proves the guest's memory by continuing its passes where the source
+//! stopped.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::api_vm::{assert_continues_after, config, last_pass, Vm, BOOT};
+use common::{assert_disk_holds_pass, curl, ferry_binary, TempDir, TestTap};
+use serde_json::{json, Value};
+
+/// A port on 127.0.0.1 that nothing listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn status(vm: &Vm) -> Value {
+    let (code, body) = curl(&vm.sock, "GET", "/migration", None);
+    assert_eq!(code, 200, "GET /migration: {body}");
+    body
+}
+
+/// Polls `GET /migration` until the migration is no longer active; returns its status.
+fn wait_ended(vm: &Vm, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = status(vm);
+        if s["state"] != "active" {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still active after {timeout:?}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The source's highest round seen while it runs, until it exits.
+fn watch_source(vm: &Vm, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    let mut round = 0;
+    while Instant::now() < deadline {
+        let (code, body) = curl(&vm.sock, "GET", "/migration", None);
+        if code != 200 {
+            break;
+        }
+        round = round.max(body["round"].as_u64().unwrap_or(0));
+        if body["state"] != "active" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    round
+}
+
+fn verify_guest(dir: &TempDir, name: &str) -> Vm {
+    let cfg = config("workload=verify start=16M size=32M", 2, 256, json!({}));
+    let mut vm = Vm::boot(dir, name, &cfg);
+    vm.ferry.expect_line("pass 3 ok", BOOT);
+    vm
+}
+
+fn receive(dst: &Vm, listen: &str) {
+    dst.expect(
+        "PUT",
+        "/migration/receive",
+        json!({ "listen": listen }),
+        204,
+    );
+}
+
+/// Asserts that the source ended with 0 and that the destination's guest goes on from
+/// the pass it was in, verifying for `run`; returns the destination's status.
+fn assert_moved(src: Vm, dst: &mut Vm, run: Duration) -> Value {
+    let (code, console, err) = src.ferry.wait(Duration::from_secs(30));
+    assert!(
+        code.success(),
+        "the source must exit 0 after a migration: {code}\n{err}"
+    );
+    assert!(
+        !console.iter().any(|l| l.contains("corrupt")),
+        "{console:#?}"
+    );
+    let s = wait_ended(dst, Duration::from_secs(30));
+    assert_eq!(s["state"], "completed", "{s}");
+    assert!(s["downtime_ms"].as_f64().is_some(), "{s}");
+    assert_continues_after(dst, &console, run);
+    let (_, info) = curl(&dst.sock, "GET", "/", None);
+    assert_eq!(info["state"], "Running");
+    s
+}
+
+fn precopy(tracking: &str) {
+    let dir = TempDir::new(&format!("mig-{tracking}"));
+    let src = verify_guest(&dir, "src");
+    let mut dst = Vm::fresh(&dir, "dst");
+    let listen = format!("tcp:127.0.0.1:{}", free_port());
+    receive(&dst, &listen);
+    src.expect(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": listen, "tracking": tracking, "verify": true }),
+        204,
+    );
+    let s = assert_moved(src, &mut dst, Duration::from_secs(5));
+    assert!(s["transferred_bytes"].as_u64() > Some(32 << 20), "{s}");
+    // The destination shows the configuration the VM came with.
+    let (_, cfg) = curl(&dst.sock, "GET", "/vm/config", None);
+    assert_eq!(cfg["machine-config"]["mem_size_mib"], 256);
+}
+
+#[test]
+fn test_precopy_over_tcp_with_uffd_async() {
+    precopy("uffd-async");
+}
+
+#[test]
+fn test_precopy_over_tcp_with_uffd_sync() {
+    precopy("uffd-sync");
+}
+
+#[test]
+fn test_precopy_over_tcp_with_kvm_dirty_log() {
+    precopy("kvm-dirty-log");
+}
+
+#[test]
+fn test_local_migration_hands_memory_to_a_second_copy_of_the_binary() {
+    let dir = TempDir::new("mig-local");
+    // The new ferry is another file, as when ferry upgrades itself under a guest.
+    let copy = dir.path().join("ferry-new");
+    std::fs::copy(ferry_binary(), &copy).expect("copy ferry");
+    let src = verify_guest(&dir, "src");
+    let mut dst = Vm::fresh_with(&dir, "dst", copy.as_os_str(), &[]);
+    let listen = format!("unix:{}", dir.path().join("mig.sock").display());
+    receive(&dst, &listen);
+    // A local migration over TCP is refused: the memfd travels only on a Unix socket.
+    let m = src.refused(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": "tcp:127.0.0.1:1", "local": true }),
+    );
+    assert!(m.contains("unix:"), "{m}");
+    src.expect(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": listen, "local": true }),
+        204,
+    );
+    let s = assert_moved(src, &mut dst, Duration::from_secs(5));
+    assert_eq!(s["local"], true, "{s}");
+    assert_eq!(s["transferred_bytes"], 0, "no memory is copied: {s}");
+}
+
+/// Two network namespaces joined by a veth pair, removed when dropped.
+struct Netns {
+    names: [String; 2],
+    addrs: [String; 2],
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let id = std::process::id() % 10_000;
+        let names = [format!("fya{id}"), format!("fyb{id}")];
+        let octet = id % 250 + 1;
+        let addrs = [format!("10.231.{octet}.1"), format!("10.231.{octet}.2")];
+        let ns = Netns { names, addrs };
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let (a, b) = (&ns.names[0], &ns.names[1]);
+        ip(&["netns", "add", a]);
+        ip(&["netns", "add", b]);
+        let (va, vb) = (format!("v{a}"), format!("v{b}"));
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        for (ns_name, dev, addr) in [(a, &va, &ns.addrs[0]), (b, &vb, &ns.addrs[1])] {
+            ip(&["link", "set", dev, "netns", ns_name]);
+            ip(&[
+                "-n",
+                ns_name,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                dev,
+            ]);
+            ip(&["-n", ns_name, "link", "set", dev, "up"]);
+            ip(&["-n", ns_name, "link", "set", "lo", "up"]);
+        }
+        ns
+    }
+
+    /// `ip netns exec NAME ferry`, as a program and its prefix.
+    fn exec(&self, i: usize) -> Vec<std::ffi::OsString> {
+        vec![
+            "netns".into(),
+            "exec".into(),
+            self.names[i].clone().into(),
+            ferry_binary().into_os_string(),
+        ]
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
+
+#[test]
+fn test_precopy_between_two_network_namespaces() {
+    let net = Netns::new();
+    let dir = TempDir::new("mig-netns");
+    let cfg = config("workload=verify start=16M size=32M", 2, 256, json!({}));
+    let (pa, pb) = (net.exec(0), net.exec(1));
+    let pa: Vec<&std::ffi::OsStr> = pa.iter().map(|s| s.as_os_str()).collect();
+    let pb: Vec<&std::ffi::OsStr> = pb.iter().map(|s| s.as_os_str()).collect();
+    let mut src = Vm::boot_with(&dir, "src", &cfg, "ip".as_ref(), &pa);
+    src.ferry.expect_line("pass 3 ok", BOOT);
+    let mut dst = Vm::fresh_with(&dir, "dst", "ip".as_ref(), &pb);
+    receive(&dst, &format!("tcp:{}:7400", net.addrs[1]));
+    src.expect(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": format!("tcp:{}:7400", net.addrs[1]), "verify": true }),
+        204,
+    );
+    assert_moved(src, &mut dst, Duration::from_secs(5));
+}
+
+#[test]
+fn test_drive_and_tap_migrated_while_block_requests_run() {
+    let (tap, other) = (TestTap::new("m"), TestTap::new("n"));
+    let dir = TempDir::new("mig-io");
+    let disk = dir.write("disk.img", vec![0u8; 8 << 20]);
+    let passes = 16;
+    let cfg = config(
+        &format!("workload=blk passes={passes} depth=32"),
+        1,
+        128,
+        json!({
+            "drives": [{ "drive_id": "disk0", "path_on_host": disk, "is_root_device": false }],
+            "network-interfaces": [{ "iface_id": "eth0", "host_dev_name": tap.0, "guest_mac": "06:00:ac:10:00:02" }],
+        }),
+    );
+    let mut src = Vm::boot(&dir, "src", &cfg);
+    src.ferry.expect_line("blk pass 2 ok", BOOT);
+    let mut dst = Vm::fresh(&dir, "dst");
+    let listen = format!("unix:{}", dir.path().join("mig.sock").display());
+    // An override must name a device the source has.
+    dst.expect(
+        "PUT",
+        "/migration/receive",
+        json!({
+            "listen": listen,
+            "drive_overrides": [{ "drive_id": "disk0", "path_on_host": disk }],
+            "network_overrides": [{ "iface_id": "eth0", "host_dev_name": other.0 }],
+        }),
+        204,
+    );
+    src.expect(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": listen, "verify": true }),
+        204,
+    );
+    let (code, console, err) = src.ferry.wait(Duration::from_secs(30));
+    assert!(code.success(), "{code}: {err}");
+    assert!(!console.iter().any(|l| l.contains("error")), "{console:#?}");
+    let s = wait_ended(&dst, Duration::from_secs(30));
+    assert_eq!(s["state"], "completed", "{s}");
+    // The guest finishes every pass on the destination, each read back and checked,
+    // then reboots; the file holds the last pass's data.
+    dst.ferry
+        .expect_line(&format!("blk pass {passes} ok"), Duration::from_secs(60));
+    let (code, rest, err) = dst.ferry.wait(Duration::from_secs(30));
+    assert!(code.success(), "{code}: {err}");
+    assert!(
+        !rest
+            .iter()
+            .any(|l| l.contains("error") || l.contains("corrupt")),
+        "{rest:#?}"
+    );
+    assert_disk_holds_pass(&disk, passes);
+}
+
+/// The guest on `vm` keeps verifying: a pass it had not printed before, and no
+/// corruption.
+fn assert_still_verifies(vm: &mut Vm) {
+    let before = last_pass(vm.ferry.drain(Duration::from_millis(50)));
+    let line = vm.ferry.expect_line("pass ", Duration::from_secs(10));
+    assert!(line.ends_with(" ok"), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let line = vm.ferry.expect_line("pass ", Duration::from_secs(10));
+        assert!(line.ends_with(" ok"), "{line}");
+        if last_pass(&[line]) > before + 1 || Instant::now() > deadline {
+            break;
+        }
+    }
+    assert!(
+        !vm.ferry.console().iter().any(|l| l.contains("corrupt")),
+        "{:#?}",
+        vm.ferry.console()
+    );
+    let (_, info) = curl(&vm.sock, "GET", "/", None);
+    assert_eq!(info["state"], "Running");
+}
+
+/// A small pseudo-random sequence, seeded and printed, so that a failure repeats.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % below
+    }
+}
+
+/// A slow migration (capped to 64 MiB/s) that a test can interrupt.
+fn send_slow(src: &Vm, listen: &str) {
+    src.expect(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": listen, "max_bandwidth_mib_s": 64, "verify": true }),
+        204,
+    );
+}
+
+#[test]
+fn test_killing_the_destination_at_random_moments_leaves_the_source_running() {
+    let dir = TempDir::new("mig-kill-dst");
+    let mut src = verify_guest(&dir, "src");
+    let seed = std::process::id() as u64;
+    eprintln!("seed {seed}");
+    let mut rng = Lcg(seed);
+    for i in 0..20 {
+        let dst = Vm::fresh(&dir, &format!("dst{i}"));
+        let listen = format!("unix:{}", dir.path().join(format!("mig{i}.sock")).display());
+        receive(&dst, &listen);
+        send_slow(&src, &listen);
+        // Round 0 takes about 0.6 s at the cap, then rounds and the switch-over.
+        std::thread::sleep(Duration::from_millis(rng.next(1200)));
+        dst.ferry.signal(libc::SIGKILL);
+        let s = wait_ended(&src, Duration::from_secs(20));
+        assert_eq!(s["state"], "failed", "kill {i}: {s}");
+        drop(dst);
+        assert_still_verifies(&mut src);
+    }
+}
+
+#[test]
+fn test_killing_the_source_fails_the_destination_which_can_receive_again() {
+    let dir = TempDir::new("mig-kill-src");
+    let src = verify_guest(&dir, "src");
+    let mut dst = Vm::fresh(&dir, "dst");
+    let listen = format!("tcp:127.0.0.1:{}", free_port());
+    receive(&dst, &listen);
+    send_slow(&src, &listen);
+    std::thread::sleep(Duration::from_millis(300));
+    src.ferry.signal(libc::SIGKILL);
+    drop(src);
+    let s = wait_ended(&dst, Duration::from_secs(20));
+    assert_eq!(s["state"], "failed", "{s}");
+    assert!(s["error"].as_str().unwrap_or("").contains("closed"), "{s}");
+    let (_, info) = curl(&dst.sock, "GET", "/", None);
+    assert_eq!(
+        info["state"], "Not started",
+        "a half-received guest never runs"
+    );
+
+    // The same ferry takes the next migration.
+    let src = verify_guest(&dir, "src2");
+    let listen = format!("tcp:127.0.0.1:{}", free_port());
+    receive(&dst, &listen);
+    src.expect(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": listen, "verify": true }),
+        204,
+    );
+    assert_moved(src, &mut dst, Duration::from_secs(2));
+}
+
+#[test]
+fn test_cancel_on_either_side_leaves_the_source_running() {
+    let dir = TempDir::new("mig-cancel");
+    let mut src = verify_guest(&dir, "src");
+    for side in ["source", "destination"] {
+        let dst = Vm::fresh(&dir, &format!("dst-{side}"));
+        let listen = format!("unix:{}", dir.path().join(format!("{side}.sock")).display());
+        receive(&dst, &listen);
+        send_slow(&src, &listen);
+        std::thread::sleep(Duration::from_millis(200));
+        // Nothing else changes the VM while it migrates.
+        let m = src.refused("PATCH", "/vm", json!({ "state": "Paused" }));
+        assert!(m.contains("a migration is running"), "{m}");
+        let (cancelled, other) = if side == "source" {
+            (&src, &dst)
+        } else {
+            (&dst, &src)
+        };
+        cancelled.expect("PUT", "/migration/cancel", json!({}), 204);
+        let s = wait_ended(cancelled, Duration::from_secs(10));
+        assert_eq!(s["state"], "cancelled", "{side}: {s}");
+        let o = wait_ended(other, Duration::from_secs(10));
+        assert_eq!(o["state"], "failed", "{side}: {o}");
+        assert!(
+            o["error"].as_str().unwrap_or("").contains("cancelled"),
+            "{side}: {o}"
+        );
+        let (_, info) = curl(&dst.sock, "GET", "/", None);
+        assert_eq!(info["state"], "Not started");
+        assert_still_verifies(&mut src);
+        let m = src.refused("PUT", "/migration/cancel", json!({}));
+        assert!(m.contains("no migration is running"), "{m}");
+    }
+}
+
+/// Forwards one connection from a source to `to`, and cuts both ways when the
+/// source's next frame is of `kind` (the protocol's frame header: "FRYM", a 16-bit
+/// kind, 16 reserved bits, a 64-bit length, CRC and reserved).
+fn cutting_proxy(
+    listener: TcpListener,
+    to: SocketAddr,
+    kind: u16,
+) -> std::thread::JoinHandle<bool> {
+    std::thread::spawn(move || {
+        let (mut from_src, _) = listener.accept().expect("accept");
+        let mut to_dst = TcpStream::connect(to).expect("connect");
+        let (mut back_src, mut back_dst) = (
+            from_src.try_clone().expect("clone"),
+            to_dst.try_clone().expect("clone"),
+        );
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_dst, &mut back_src);
+        });
+        loop {
+            let mut header = [0u8; 24];
+            if from_src.read_exact(&mut header).is_err() {
+                return false;
+            }
+            if u16::from_le_bytes([header[4], header[5]]) == kind {
+                let _ = from_src.shutdown(Shutdown::Both);
+                let _ = to_dst.shutdown(Shutdown::Both);
+                return true;
+            }
+            let len = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+            if to_dst.write_all(&header).is_err()
+                || std::io::copy(&mut (&mut from_src).take(len), &mut to_dst).is_err()
+            {
+                return false;
+            }
+        }
+    })
+}
+
+#[test]
+fn test_cutting_the_link_at_switch_over_resumes_the_source() {
+    let dir = TempDir::new("mig-cut");
+    let mut src = verify_guest(&dir, "src");
+    let dst = Vm::fresh(&dir, "dst");
+    let port = free_port();
+    receive(&dst, &format!("tcp:127.0.0.1:{port}"));
+    let proxy = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy_addr = proxy.local_addr().expect("addr");
+    // Kind 4 is the machine state, sent after the source paused and its last pages.
+    let cut = cutting_proxy(proxy, format!("127.0.0.1:{port}").parse().expect("addr"), 4);
+    src.expect(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": format!("tcp:{proxy_addr}"), "verify": true }),
+        204,
+    );
+    assert!(cut.join().expect("proxy"), "the proxy never saw the state");
+    let s = wait_ended(&src, Duration::from_secs(20));
+    assert_eq!(s["state"], "failed", "{s}");
+    let d = wait_ended(&dst, Duration::from_secs(20));
+    assert_eq!(d["state"], "failed", "{d}");
+    let (_, info) = curl(&dst.sock, "GET", "/", None);
+    assert_eq!(
+        info["state"], "Not started",
+        "only the source may run the guest"
+    );
+    assert_still_verifies(&mut src);
+}
+
+/// One frame of the migration protocol, built by hand.
+fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(24 + payload.len());
+    f.extend_from_slice(b"FRYM");
+    f.extend_from_slice(&kind.to_le_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    f.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A `Hello` for a 256 MiB test guest.
+fn hello() -> Vec<u8> {
+    let body = json!({
+        "version": 1,
+        "ferry_version": "test",
+        "config": config("workload=idle", 1, 256, json!({})),
+        "memory": [{ "guest_addr": 0, "size": 256u64 << 20 }],
+        "local": false,
+        "verify": false,
+    });
+    frame(1, body.to_string().as_bytes())
+}
+
+/// A page batch of one range at `addr` of `len` bytes.
+fn pages(addr: u64, len: usize) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&1u32.to_le_bytes());
+    p.extend_from_slice(&[0; 4]);
+    p.extend_from_slice(&addr.to_le_bytes());
+    p.extend_from_slice(&(len as u64).to_le_bytes());
+    p.resize(p.len() + len, 0xab);
+    frame(3, &p)
+}
+
+#[test]
+fn test_receiver_refuses_bad_streams_and_receives_again() {
+    let dir = TempDir::new("mig-bad");
+    let dst = Vm::fresh(&dir, "dst");
+    let cases: Vec<(&str, Vec<Vec<u8>>, &str)> = vec![
+        (
+            "garbage",
+            vec![b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()],
+            "not a ferry migration stream",
+        ),
+        (
+            "truncated",
+            vec![hello(), pages(0x10_0000, 8192)[..1000].to_vec()],
+            "closed",
+        ),
+        (
+            "outside RAM",
+            vec![hello(), pages(256 << 20, 4096)],
+            "at guest address 0x10000000, which is not all guest RAM here",
+        ),
+        (
+            "into the MMIO hole",
+            vec![hello(), pages((256 << 20) - 4096, 8192)],
+            "not all guest RAM here",
+        ),
+        (
+            "flipped byte",
+            vec![hello(), {
+                let mut p = pages(0x10_0000, 4096);
+                let last = p.len() - 1;
+                p[last] ^= 1;
+                p
+            }],
+            "checksum does not match",
+        ),
+        (
+            "too long",
+            vec![hello(), {
+                let mut f = frame(3, &[]);
+                f[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+                f
+            }],
+            "longer than its limit",
+        ),
+        (
+            "out of order",
+            vec![hello(), frame(6, &[])],
+            "unexpected Ready",
+        ),
+    ];
+    for (name, writes, expected) in cases {
+        let port = free_port();
+        receive(&dst, &format!("tcp:127.0.0.1:{port}"));
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        for w in &writes {
+            let _ = s.write_all(w);
+        }
+        if name != "garbage" {
+            // The destination answers a good Hello before it reads further.
+            let mut ack = [0u8; 24];
+            let _ = s.read_exact(&mut ack);
+        }
+        let _ = s.shutdown(Shutdown::Write);
+        let st = wait_ended(&dst, Duration::from_secs(10));
+        assert_eq!(st["state"], "failed", "{name}: {st}");
+        assert!(
+            st["error"].as_str().unwrap_or("").contains(expected),
+            "{name}: {st}"
+        );
+        let (_, info) = curl(&dst.sock, "GET", "/", None);
+        assert_eq!(info["state"], "Not started", "{name}");
+    }
+}
+
+#[test]
+fn test_migration_requests_in_the_wrong_state_are_refused() {
+    let dir = TempDir::new("mig-states");
+    let src = verify_guest(&dir, "src");
+    let fresh = Vm::fresh(&dir, "fresh");
+    // Nothing to send from a ferry with no VM, or a paused one.
+    let m = fresh.refused(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": "tcp:127.0.0.1:1" }),
+    );
+    assert!(m.contains("not started"), "{m}");
+    src.pause();
+    let m = src.refused(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": "tcp:127.0.0.1:1" }),
+    );
+    assert!(m.contains("only a running microVM migrates"), "{m}");
+    src.resume();
+    // A configured or running ferry does not receive.
+    let m = src.refused(
+        "PUT",
+        "/migration/receive",
+        json!({ "listen": "tcp:127.0.0.1:0" }),
+    );
+    assert!(m.contains("receive into a fresh ferry"), "{m}");
+    // Bad bodies name their field.
+    for (body, expected) in [
+        (json!({ "destination": "udp:1.2.3.4:5" }), "destination"),
+        (json!({ "destination": "tcp:127.0.0.1" }), "tcp:ADDR:PORT"),
+        (
+            json!({ "destination": "tcp:127.0.0.1:1", "mode": "sideways" }),
+            "mode",
+        ),
+        (
+            json!({ "destination": "tcp:127.0.0.1:1", "tracking": "psychic" }),
+            "tracking",
+        ),
+        (
+            json!({ "destination": "tcp:127.0.0.1:1", "max_bandwidth_mib_s": 0 }),
+            "max_bandwidth_mib_s",
+        ),
+    ] {
+        let m = src.refused("PUT", "/migration/send", body.clone());
+        assert!(m.contains(expected), "{body}: {m}");
+    }
+    // A second migration while one runs.
+    let dst = Vm::fresh(&dir, "dst");
+    let listen = format!("unix:{}", dir.path().join("m.sock").display());
+    receive(&dst, &listen);
+    let m = dst.refused("PUT", "/migration/receive", json!({ "listen": listen }));
+    assert!(m.contains("a migration is running"), "{m}");
+    send_slow(&src, &listen);
+    let m = src.refused("PUT", "/migration/send", json!({ "destination": listen }));
+    assert!(m.contains("a migration is running"), "{m}");
+    src.expect("PUT", "/migration/cancel", json!({}), 204);
+    wait_ended(&src, Duration::from_secs(10));
+    // A destination nobody listens at fails the migration, and the guest runs on.
+    src.expect(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": format!("unix:{}", dir.path().join("nobody.sock").display()) }),
+        204,
+    );
+    let s = wait_ended(&src, Duration::from_secs(10));
+    assert_eq!(s["state"], "failed", "{s}");
+    assert!(
+        s["error"].as_str().unwrap_or("").contains("cannot connect"),
+        "{s}"
+    );
+}
+
+#[test]
+fn test_a_guest_rewriting_96_mib_at_full_speed_switches_over_within_max_rounds() {
+    let dir = TempDir::new("mig-fast");
+    let cfg = config("workload=verify start=16M size=96M", 2, 256, json!({}));
+    let mut src = Vm::boot(&dir, "src", &cfg);
+    src.ferry.expect_line("pass 3 ok", BOOT);
+    let mut dst = Vm::fresh(&dir, "dst");
+    let listen = format!("tcp:127.0.0.1:{}", free_port());
+    receive(&dst, &listen);
+    src.expect(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": listen, "verify": true, "max_rounds": 5, "downtime_limit_ms": 1 }),
+        204,
+    );
+    let round = watch_source(&src, Duration::from_secs(60));
+    assert!(round <= 6, "pre-copy went on for {round} rounds");
+    let s = assert_moved(src, &mut dst, Duration::from_secs(5));
+    assert!(s["downtime_ms"].as_f64() > Some(0.0), "{s}");
+}
