@@ -327,10 +327,7 @@ fn follow_migration(sock: &std::path::Path, dest: Option<&std::path::Path>) -> E
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
     let mut last = json!({});
-    loop {
-        let Some(status) = migration_status(sock) else {
-            break;
-        };
+    while let Some(status) = migration_status(sock) {
         let mib = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
         bar.set_prefix(status["round"].to_string());
         bar.set_message(format!(
