@@ -257,3 +257,79 @@ pub struct MigrationStatus {
     /// From the request to completion (or to now).
     pub total_ms: f64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_endpoints_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            Endpoint::parse("destination", "tcp:10.0.0.2:7000").expect("tcp"),
+            Endpoint::Tcp("10.0.0.2:7000".into())
+        );
+        assert_eq!(
+            Endpoint::parse("destination", "tcp:[::1]:7000").expect("v6"),
+            Endpoint::Tcp("[::1]:7000".into())
+        );
+        assert_eq!(
+            Endpoint::parse("listen", "unix:/run/m.sock").expect("unix"),
+            Endpoint::Unix("/run/m.sock".into())
+        );
+        for bad in [
+            "tcp:10.0.0.2",
+            "tcp:host:99999",
+            "tcp::7000",
+            "unix:",
+            "udp:1.2.3.4:5",
+            "",
+        ] {
+            let e = Endpoint::parse("destination", bad)
+                .expect_err(bad)
+                .to_string();
+            assert!(e.starts_with("destination: "), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn test_send_params_default_and_check_each_other() {
+        let p: MigrationSendParams =
+            serde_json::from_str(r#"{"destination": "unix:/m"}"#).expect("parse");
+        assert_eq!(p.mode, MigrationMode::Precopy);
+        assert_eq!(p.downtime_limit_ms, 50);
+        assert_eq!(p.max_rounds, 30);
+        assert_eq!(p.tracking, MigrationTracking::UffdAsync);
+        assert!(!p.local && !p.verify && p.max_bandwidth_mib_s.is_none());
+        let with = |json: &str| serde_json::from_str::<MigrationSendParams>(json).expect(json);
+        let e = with(r#"{"destination": "tcp:h:1", "local": true}"#)
+            .validate()
+            .expect_err("local over tcp")
+            .to_string();
+        assert!(e.starts_with("local: "), "{e}");
+        for (json, field) in [
+            (
+                r#"{"destination": "unix:/m", "max_rounds": 0}"#,
+                "max_rounds",
+            ),
+            (
+                r#"{"destination": "unix:/m", "max_rounds": 1001}"#,
+                "max_rounds",
+            ),
+            (
+                r#"{"destination": "unix:/m", "max_bandwidth_mib_s": 0}"#,
+                "max_bandwidth_mib_s",
+            ),
+            (
+                r#"{"destination": "unix:/m", "downtime_limit_ms": 60001}"#,
+                "downtime_limit_ms",
+            ),
+        ] {
+            let e = with(json).validate().expect_err(json).to_string();
+            assert!(e.starts_with(&format!("{field}: ")), "{json}: {e}");
+        }
+        assert!(serde_json::from_str::<MigrationSendParams>(
+            r#"{"destination": "unix:/m", "tracking": "kvm-dirty-log-hot"}"#
+        )
+        .is_err());
+    }
+}

@@ -401,6 +401,45 @@ mod tests {
     }
 
     #[test]
+    fn test_migration_bodies_parse_and_name_their_fields() {
+        let ok = parse(
+            "PUT",
+            "/migration/send",
+            br#"{"destination": "tcp:127.0.0.1:7000", "tracking": "uffd-sync", "verify": true}"#,
+        );
+        assert!(
+            matches!(ok, Ok(Parsed::Vmm(VmmAction::MigrationSend(_, _)))),
+            "{ok:?}"
+        );
+        let e = err("PUT", "/migration/send", r#"{"destination": "ftp:x"}"#);
+        assert!(e.message.starts_with("destination: "), "{}", e.message);
+        let e = err(
+            "PUT",
+            "/migration/send",
+            r#"{"destination": "unix:/m", "mode": "postcopy"}"#,
+        );
+        assert!(
+            e.message.contains("mode: unknown variant `postcopy`"),
+            "{}",
+            e.message
+        );
+        let e = err(
+            "PUT",
+            "/migration/receive",
+            r#"{"listen": "unix:/m", "port": 1}"#,
+        );
+        assert!(e.message.contains("unknown field `port`"), "{}", e.message);
+        assert_eq!(
+            parse("GET", "/migration", b""),
+            Ok(Parsed::Vmm(VmmAction::GetMigration))
+        );
+        assert_eq!(
+            parse("PUT", "/migration/cancel", b""),
+            Ok(Parsed::Vmm(VmmAction::MigrationCancel))
+        );
+    }
+
+    #[test]
     fn test_drive_id_must_match_path() {
         let e = err(
             "PUT",

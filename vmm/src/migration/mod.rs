@@ -270,3 +270,66 @@ pub fn unix_ns() -> u64 {
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cancel and the source's commit race on both cores: exactly one wins every
+    /// time, and the cancel flag is set exactly when the cancel won. Two threads that
+    /// live for the whole test meet at a spinning barrier before each round, so both
+    /// calls start within nanoseconds of each other.
+    #[test]
+    fn test_commit_and_cancel_never_both_win() {
+        use std::sync::atomic::AtomicUsize;
+        const ROUNDS: usize = 300_000;
+        let progress: Vec<Arc<Progress>> = (0..ROUNDS)
+            .map(|_| Progress::new(MigrationStatus::default()))
+            .collect();
+        let progress = Arc::new(progress);
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let spin_until = |arrived: &AtomicUsize, round: usize| {
+            arrived.fetch_add(1, Ordering::AcqRel);
+            while arrived.load(Ordering::Acquire) < 2 * (round + 1) {
+                std::hint::spin_loop();
+            }
+        };
+        let (p2, a2) = (progress.clone(), arrived.clone());
+        let canceller = std::thread::spawn(move || {
+            (0..ROUNDS)
+                .map(|i| {
+                    spin_until(&a2, i);
+                    p2[i].cancel().is_ok()
+                })
+                .collect::<Vec<bool>>()
+        });
+        let committed: Vec<bool> = (0..ROUNDS)
+            .map(|i| {
+                spin_until(&arrived, i);
+                progress[i].commit()
+            })
+            .collect();
+        let cancelled = canceller.join().expect("thread");
+        for i in 0..ROUNDS {
+            assert!(
+                committed[i] != cancelled[i],
+                "round {i}: committed {}, cancelled {}",
+                committed[i],
+                cancelled[i]
+            );
+            assert_eq!(progress[i].cancel.load(Ordering::Acquire), cancelled[i]);
+        }
+        // Both sides won some rounds, so the race was real.
+        assert!(committed.iter().any(|c| *c) && cancelled.iter().any(|c| *c));
+    }
+
+    #[test]
+    fn test_a_finished_migration_cannot_be_cancelled() {
+        let p = Progress::new(MigrationStatus::default());
+        p.end(&Err(MigrationError::Closed));
+        assert_eq!(p.cancel(), Err("no migration is running"));
+        let s = p.status();
+        assert_eq!(s.state, MigrationState::Failed);
+        assert_eq!(s.error.as_deref(), Some("the peer closed the connection"));
+    }
+}
