@@ -516,6 +516,11 @@ impl Controller {
                 vmm.state()
             )));
         }
+        // The MSRs a save reads are probed once per process on a scratch VM, which
+        // takes milliseconds: now, not while the guest is paused at switch-over.
+        if let Ok(host) = crate::vm::host() {
+            crate::vcpu::state::saved_msrs(host);
+        }
         let tracker = if params.local {
             None
         } else {

@@ -51,6 +51,11 @@ fn refused(msg: impl Into<String>) -> MigrationError {
 }
 
 fn run(job: ReceiveJob, link: &ControlLink, progress: &Progress) -> Result<(), MigrationError> {
+    // Probed once per process on a scratch VM (milliseconds): while nobody waits,
+    // not while the guest is paused at switch-over.
+    if let Ok(host) = crate::vm::host() {
+        crate::vcpu::state::saved_msrs(host);
+    }
     let stream = job.listener.accept(&progress.cancel)?;
     // One migration per request: nobody else may connect.
     drop(job.listener);
@@ -234,6 +239,7 @@ fn receive(
             }
         }
     };
+    let t = std::time::Instant::now();
     progress.update(|s| s.round = switch.rounds);
     if hello.verify {
         let source = hashes.ok_or_else(|| {
@@ -241,6 +247,7 @@ fn receive(
         })?;
         verify::compare(&ram, &source).map_err(MigrationError::Verify)?;
     }
+    tracing::debug!("switch-over: state in, verified after {:?}", t.elapsed());
     crate::snapshot::check_memory(&switch.state, &ram).map_err(|e| refused(e.to_string()))?;
     let mut vmm = crate::builder::restore(&config, &switch.state, ram, None)
         .map_err(|e| refused(format!("cannot build the VM from the source's state: {e}")))?;
@@ -248,10 +255,12 @@ fn receive(
         vmm.track_for_snapshots(config.machine_config.dirty_tracking.as_deref())
             .map_err(|e| refused(e.to_string()))?;
     }
+    tracing::debug!("switch-over: VM built after {:?}", t.elapsed());
     link.ask(|tx| Control::Install(Box::new(vmm), Box::new(config), tx))?;
     *installed = true;
     conn.send(Kind::Ready, &[])?;
     conn.recv_empty(Kind::Go)?;
+    tracing::debug!("switch-over: installed, Go after {:?}", t.elapsed());
     if !progress.commit() {
         return Err(MigrationError::Cancelled);
     }

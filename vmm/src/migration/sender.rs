@@ -275,7 +275,9 @@ fn exchange(
     }
 
     // Switch-over: from here the guest is paused until one side runs it.
+    let t = Instant::now();
     let (state, paused_at_ns) = link.ask(Control::Switchover).map_err(before)?;
+    tracing::debug!("switch-over: paused and saved in {:?}", t.elapsed());
     if let Some(tracker) = tracker.as_mut() {
         let mut last = tracker
             .collect()
@@ -288,10 +290,6 @@ fn exchange(
         let count = last.count() as u64;
         progress_round(pages.progress, count, 0.0);
         pages.send_bitmap(&last).map_err(before)?;
-    }
-    // Nothing the paused guest does needs tracking any more.
-    if let Some(mut tracker) = tracker.take() {
-        let _ = tracker.stop();
     }
     if job.params.verify && !job.params.local {
         let hashes =
@@ -312,7 +310,14 @@ fn exchange(
             },
         )
         .map_err(before)?;
+    tracing::debug!("switch-over: state sent after {:?}", t.elapsed());
+    // The paused guest needs no tracking any more; unregistering overlaps with the
+    // destination building the VM.
+    if let Some(mut tracker) = tracker.take() {
+        let _ = tracker.stop();
+    }
     pages.conn.recv_empty(Kind::Ready).map_err(before)?;
+    tracing::debug!("switch-over: Ready after {:?}", t.elapsed());
     if !pages.progress.commit() {
         return Err(before(MigrationError::Cancelled));
     }
