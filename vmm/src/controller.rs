@@ -593,8 +593,12 @@ impl Controller {
                 Control::Switchover(reply) => {
                     let _ = reply.send(self.switchover());
                 }
-                Control::Abort => {
-                    if std::mem::take(&mut self.migration_paused) {
+                Control::Abort(which) => {
+                    let current = self
+                        .migration
+                        .as_ref()
+                        .is_some_and(|m| Arc::ptr_eq(m, &which));
+                    if current && std::mem::take(&mut self.migration_paused) {
                         if let Some(vmm) = self.vmm.as_mut() {
                             if let Err(e) = vmm.resume() {
                                 tracing::error!("cannot resume after the failed migration: {e}");
@@ -614,6 +618,20 @@ impl Controller {
                         Ok(())
                     };
                     let _ = reply.send(result);
+                }
+                Control::Discard => {
+                    if let Some(vmm) = self.vmm.take() {
+                        for (fd, edge) in vmm.devices().virtio.fds() {
+                            let _ = ops.remove(Events::new_raw(fd, event_set(edge)));
+                        }
+                        let stdin = self.stdin.then_some(libc::STDIN_FILENO);
+                        for fd in vmm.exit_fds().into_iter().chain(stdin) {
+                            let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
+                        }
+                        drop(vmm);
+                    }
+                    self.resources = Resources::default();
+                    self.configured = false;
                 }
                 Control::Resume(reply) => {
                     let result = match self.vmm.as_mut() {

@@ -85,6 +85,18 @@ pub enum MigrationError {
 }
 
 impl MigrationError {
+    /// Whether the peer should be told: not when it gave up itself, nor when the link
+    /// is broken or stalled (a message could only wait there).
+    fn worth_telling(&self) -> bool {
+        !matches!(
+            self,
+            MigrationError::Peer(_)
+                | MigrationError::Closed
+                | MigrationError::Stalled(_)
+                | MigrationError::Io { .. }
+        )
+    }
+
     fn io(what: &str, source: std::io::Error) -> Self {
         MigrationError::Io {
             what: what.to_string(),
@@ -154,8 +166,9 @@ impl Progress {
         }
     }
 
-    /// The source commits: from here on it never runs the guest again. False if a
-    /// cancel came first.
+    /// The source commits: from here on it never runs the guest again. The
+    /// destination commits before it takes the VM: from here on it runs the guest when
+    /// the source says Go. False if a cancel came first.
     fn commit(&self) -> bool {
         self.phase
             .compare_exchange(ACTIVE, COMMITTED, Ordering::AcqRel, Ordering::Acquire)
@@ -192,13 +205,16 @@ pub enum Control {
     /// Source: pause the VM (if it runs) and return its state with the time of the
     /// pause in ns since the Unix epoch.
     Switchover(Sender<Result<(MachineState, u64), String>>),
-    /// Source: the migration ended before the commit: run the guest again, if the
+    /// Source: this migration ended before the commit: run the guest again, if the
     /// migration paused it.
-    Abort,
+    Abort(Arc<Progress>),
     /// Source: the destination runs the guest: end this process.
     Finished,
     /// Destination: take this VM, built and paused, with the configuration it runs.
     Install(Box<Vmm>, Box<VmConfig>, Sender<Result<(), String>>),
+    /// Destination: drop the VM installed for a migration that the source gave up
+    /// before its commit (it said so), so that this ferry can receive again.
+    Discard,
     /// Destination: run it; answers with the time its vCPUs were let go, in ns since
     /// the Unix epoch.
     Resume(Sender<Result<u64, String>>),

@@ -143,10 +143,15 @@ impl Conn {
             len += p.len() as u64;
         }
         let header = Header::encode(kind, len, crc.finalize());
+        // A cancel is taken between frames: one that stops a frame half-way would
+        // leave the peer reading the rest of it from whatever follows.
+        self.check_cancel()?;
+        self.torn = true;
         self.write_all(&header)?;
         for p in parts {
             self.write_all(p)?;
         }
+        self.torn = false;
         Ok(())
     }
 
@@ -159,6 +164,8 @@ impl Conn {
 
     /// Reads the next frame header.
     pub fn recv_header(&mut self) -> Result<Header, MigrationError> {
+        // A peer that keeps sending never lets a read wait: look between frames too.
+        self.check_cancel()?;
         let mut h = [0u8; HEADER_LEN];
         self.read_all(&mut h)?;
         let header = Header::decode(&h)?;
@@ -218,6 +225,10 @@ impl Conn {
 
     /// Tells the peer why this side gives up. Best effort: the link may be gone.
     pub fn send_failure(&mut self, error: &str) {
+        if self.torn {
+            // Inside a half-written frame the peer could not read it as a frame.
+            return;
+        }
         self.closing();
         let _ = self.send_json(
             Kind::Error,
@@ -408,10 +419,12 @@ pub fn read_batch(
                 "a page batch names {len:#x} bytes at {addr:#x}: ranges must be whole pages"
             )));
         }
-        total = total.saturating_add(len);
+        total = total
+            .checked_add(len)
+            .ok_or_else(|| protocol("a page batch's ranges add up past 2^64 bytes"))?;
         ranges.push((addr, len));
     }
-    if header.len != 8 + ranges_len as u64 + total {
+    if Some(header.len) != total.checked_add(8 + ranges_len as u64) {
         return Err(protocol(format!(
             "a page batch of {} bytes names {total} bytes of pages in {count} ranges",
             header.len

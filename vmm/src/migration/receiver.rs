@@ -63,15 +63,20 @@ fn run(job: ReceiveJob, link: &ControlLink, progress: &Progress) -> Result<(), M
     let mut installed = false;
     let result = receive(&mut conn, &job.params, link, progress, &mut installed);
     let result = result.map_err(|e| {
-        if !matches!(e, MigrationError::Peer(_) | MigrationError::Closed) {
+        if e.worth_telling() {
             conn.send_failure(&e.to_string());
         }
-        if installed && !matches!(e, MigrationError::Cancelled) {
-            MigrationError::Vm(format!(
+        match (&e, installed) {
+            (_, false) => e,
+            // The source said it gave up, so it did not commit: it runs the guest.
+            (MigrationError::Peer(_), true) => {
+                let _ = link.send(Control::Discard);
+                e
+            }
+            // Nobody can tell here whether the source committed.
+            (_, true) => MigrationError::Vm(format!(
                 "{e}; the VM is complete here and stays paused: resume it (PATCH /vm) only if the source does not run it"
-            ))
-        } else {
-            e
+            )),
         }
     });
     conn.shutdown();
@@ -256,14 +261,15 @@ fn receive(
             .map_err(|e| refused(e.to_string()))?;
     }
     tracing::debug!("switch-over: VM built after {:?}", t.elapsed());
+    // From here a cancel here is refused: the VM is ready to run on the source's Go.
+    if !progress.commit() {
+        return Err(MigrationError::Cancelled);
+    }
     link.ask(|tx| Control::Install(Box::new(vmm), Box::new(config), tx))?;
     *installed = true;
     conn.send(Kind::Ready, &[])?;
     conn.recv_empty(Kind::Go)?;
     tracing::debug!("switch-over: installed, Go after {:?}", t.elapsed());
-    if !progress.commit() {
-        return Err(MigrationError::Cancelled);
-    }
     let resumed_at = link.ask(Control::Resume)?;
     let downtime_ms = resumed_at.saturating_sub(switch.paused_at_ns) as f64 / 1e6;
     progress.update(|s| s.downtime_ms = Some(downtime_ms));

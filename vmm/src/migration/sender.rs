@@ -61,17 +61,20 @@ pub fn spawn(
             if let Err(e) = &result {
                 tracing::warn!("migration failed: {e}");
             }
-            progress.end(&result.as_ref().map(drop).map_err(|e| e.error()));
-            match result {
+            // The VMM thread hears of the end before the API may start another
+            // migration (`end` reopens it), so this Abort is always taken before any
+            // request of the next one: the channel is in order.
+            match &result {
                 Ok(()) => {
                     let _ = link.send(Control::Finished);
                 }
                 Err(Failed::BeforeCommit(_)) => {
-                    let _ = link.send(Control::Abort);
+                    let _ = link.send(Control::Abort(progress.clone()));
                 }
                 // The destination may run the guest: this side must not.
                 Err(Failed::AfterCommit(_)) => {}
             }
+            progress.end(&result.as_ref().map(drop).map_err(|e| e.error()));
         })
 }
 
@@ -224,8 +227,7 @@ fn run(mut job: SendJob, link: &ControlLink, progress: &Progress) -> Result<(), 
         }
     }
     if let Err(Failed::BeforeCommit(e)) = &result {
-        // Tell the destination why, unless it is the one that gave up.
-        if !matches!(e, MigrationError::Peer(_)) {
+        if e.worth_telling() {
             pages.conn.send_failure(&e.to_string());
         }
     }

@@ -18,7 +18,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::MigrationError;
 
 /// How long a peer may make no progress before the migration fails.
-pub const STALL_TIMEOUT: Duration = Duration::from_secs(5);
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a blocked read or write looks at the cancel flag.
 const POLL: Duration = Duration::from_millis(POLL_MS as u64);
 const POLL_MS: libc::c_int = 50;
@@ -100,6 +100,8 @@ pub struct Conn {
     pub bytes: u64,
     /// Saying why this side gives up: a cancel must not stop that message.
     closing: bool,
+    /// A frame was only partly written: no other frame may follow it.
+    pub(super) torn: bool,
 }
 
 fn is_wait(e: &std::io::Error) -> bool {
@@ -120,7 +122,17 @@ impl Conn {
             cancel,
             bytes: 0,
             closing: false,
+            torn: false,
         })
+    }
+
+    /// Fails if a cancel was asked for: looked at between frames, and while waiting
+    /// on the peer.
+    pub fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        Ok(())
     }
 
     /// Whether a cancel was asked for.
@@ -148,11 +160,6 @@ impl Conn {
 
     /// Reads exactly `buf.len()` bytes.
     pub fn read_all(&mut self, buf: &mut [u8]) -> Result<(), MigrationError> {
-        // Looked at on every call too: a peer that keeps sending never lets a read
-        // time out.
-        if self.cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
         let mut done = 0;
         let mut progress = Instant::now();
         while done < buf.len() {
@@ -172,9 +179,6 @@ impl Conn {
 
     /// Writes all of `buf`.
     pub fn write_all(&mut self, buf: &[u8]) -> Result<(), MigrationError> {
-        if self.cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
         let mut done = 0;
         let mut progress = Instant::now();
         while done < buf.len() {
