@@ -314,6 +314,28 @@ impl GuestRam {
             .map_err(|e| RamError::Access(e.to_string()))
     }
 
+    /// Writes whole pages at `addr` into the memfd with `pwrite(2)`, not through the
+    /// mapping: filling RAM that the guest has not touched this way allocates each page
+    /// in the kernel without a page fault, several times faster here than a copy
+    /// through the mapping (an incoming migration). The pages are marked for every
+    /// running dirty tracker, which `pwrite` itself would bypass.
+    pub fn fill(&self, data: &[u8], addr: GuestAddress) -> Result<(), RamError> {
+        let (first, count) = self.pages_of(addr, data.len() as u64)?;
+        if !addr.0.is_multiple_of(PAGE_SIZE) || !(data.len() as u64).is_multiple_of(PAGE_SIZE) {
+            return Err(RamError::Access(format!(
+                "fill of {:#x} bytes at {:#x} is not whole pages",
+                data.len(),
+                addr.0
+            )));
+        }
+        use std::os::unix::fs::FileExt;
+        self.file
+            .write_all_at(data, first as u64 * PAGE_SIZE)
+            .map_err(|e| RamError::Access(format!("pwrite into guest RAM: {e}")))?;
+        self.writes.mark(first, count);
+        Ok(())
+    }
+
     /// Discards whole pages: their contents become zero and their memory is freed. The
     /// kernel reports a punched page as not written, so ferry marks it dirty itself.
     pub fn discard(&self, addr: GuestAddress, len: u64) -> Result<(), RamError> {

@@ -314,7 +314,7 @@ fn main() -> std::process::ExitCode {
                         s.clone(),
                         size,
                         "workload=idle".into(),
-                        "workload idle",
+                        "ferry-guest: idle",
                         s == "local",
                     ));
                 }

@@ -208,7 +208,7 @@ fn receive(
                     // Bounded by the batch, which `read_batch` checked against its size.
                     let len = usize::try_from(len)
                         .map_err(|_| MigrationError::Protocol("a page range is too long".into()))?;
-                    ram.write(&data[at..at + len], GuestAddress(addr))
+                    ram.fill(&data[at..at + len], GuestAddress(addr))
                         .map_err(|e| MigrationError::Vm(e.to_string()))?;
                     at += len;
                 }

@@ -120,6 +120,8 @@ struct Pages<'a> {
     sent: u64,
     /// Time spent sending them.
     busy: Duration,
+    /// Of which copying them out of guest RAM.
+    copying: Duration,
     /// Bytes per second at most.
     limit: Option<u64>,
     since: Instant,
@@ -139,6 +141,7 @@ impl Pages<'_> {
                 }
                 let guest = GuestAddress(addr.0 + at);
                 let memory = self.ram.memory();
+                let copy_start = Instant::now();
                 // Copied out of guest RAM first: the guest may write the page while it
                 // is being sent, and the checksum must cover the bytes that travel.
                 // (A later round sends the newer contents.)
@@ -149,6 +152,9 @@ impl Pages<'_> {
                     slice.copy_to(buf);
                     Ok(())
                 })?;
+                let took = copy_start.elapsed();
+                self.copying += took;
+                self.busy += took;
                 at += piece as u64;
             }
         }
@@ -212,6 +218,7 @@ fn run(mut job: SendJob, link: &ControlLink, progress: &Progress) -> Result<(), 
         batch: PageBatch::new(),
         sent: 0,
         busy: Duration::ZERO,
+        copying: Duration::ZERO,
         limit: job
             .params
             .max_bandwidth_mib_s
@@ -357,6 +364,13 @@ fn precopy(
         pages.send_range(offset, len)?;
     }
     pages.flush()?;
+    tracing::debug!(
+        "round 0: {} MiB in {:?} ({:?} copying out of guest RAM), {:?} since the start",
+        pages.sent >> 20,
+        pages.busy,
+        pages.copying,
+        pages.since.elapsed()
+    );
     let limit_ms = job.params.downtime_limit_ms as f64;
     let mut smallest = u64::MAX;
     let mut stale = 0;

@@ -22,8 +22,6 @@ pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a blocked read or write looks at the cancel flag.
 const POLL: Duration = Duration::from_millis(POLL_MS as u64);
 const POLL_MS: libc::c_int = 50;
-/// Socket buffers large enough for a whole page batch in flight.
-const SOCKET_BUFFER: libc::c_int = 4 << 20;
 
 /// A connected stream of either family.
 pub enum Stream {
@@ -52,19 +50,6 @@ impl Stream {
                 s.set_read_timeout(Some(POLL))?;
                 s.set_write_timeout(Some(POLL))?;
             }
-        }
-        for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-            // SAFETY: setsockopt reads one int from the pointer given, with its size.
-            unsafe {
-                libc::setsockopt(
-                    self.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    &SOCKET_BUFFER as *const libc::c_int as *const libc::c_void,
-                    // An int's size fits any socklen_t.
-                    libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
-                )
-            };
         }
         Ok(())
     }
