@@ -287,9 +287,9 @@ impl GuestRam {
             regions: self.regions.clone(),
             writes: self.writes.clone(),
             mapping: self.memory.clone(),
+            memfd: self.file.clone(),
         }
     }
-
     /// The memfd pages of `addr..addr+len` as (first, count), checked to lie in one
     /// RAM region.
     pub fn pages_of(&self, addr: GuestAddress, len: u64) -> Result<(usize, usize), RamError> {

@@ -175,6 +175,11 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
 /// holds allocated pages, found with `SEEK_DATA`/`SEEK_HOLE` (what neither std nor
 /// libc's safe wrappers offer). Holes read as zero and are never listed.
 pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    // The walk moves the file position, which every handle on guest RAM's memfd
+    // shares (a tracker's collect, a snapshot, a migration's first round): one walk at
+    // a time in this process.
+    static WALK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _walk = WALK.lock().unwrap_or_else(|e| e.into_inner());
     let seek = |from: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
         let from =
             libc::off_t::try_from(from).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;

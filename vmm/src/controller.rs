@@ -177,6 +177,7 @@ impl Controller {
 
     fn watch_vm(&self, ops: &mut EventOps) {
         let Some(vmm) = &self.vmm else { return };
+        prepare_saves();
         let stdin = self.stdin.then_some(libc::STDIN_FILENO);
         watch(ops, vmm.exit_fds().into_iter().chain(stdin));
         for (fd, edge) in vmm.devices().virtio.fds() {
@@ -524,10 +525,13 @@ impl Controller {
         let tracker = if params.local {
             None
         } else {
+            // Hot pages stay writable where the mechanism allows it: pre-copy sends
+            // them once, at switch-over, so the guest need not fault on them every
+            // round.
             let mode = match params.tracking {
-                MigrationTracking::UffdAsync => TrackingMode::UffdAsync,
+                MigrationTracking::UffdAsync => TrackingMode::UffdAsyncHot,
                 MigrationTracking::UffdSync => TrackingMode::UffdSync,
-                MigrationTracking::KvmDirtyLog => TrackingMode::KvmDirtyLog,
+                MigrationTracking::KvmDirtyLog => TrackingMode::KvmDirtyLogHot,
             };
             let start = |mode| -> Result<_, memory::dirty::DirtyError> {
                 let mut t = vmm.dirty_tracker(mode)?;
@@ -696,6 +700,25 @@ impl Controller {
             }
         }
     }
+}
+
+/// Probes, once per process and on a thread of its own, the MSRs that saving a vCPU
+/// reads (a scratch VM, about 13 ms here), so that no snapshot or migration switch-over
+/// pays for it while the guest is paused, nor a migration request while it waits.
+fn prepare_saves() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("msr-probe".into())
+            .spawn(|| {
+                if let Ok(host) = crate::vm::host() {
+                    crate::vcpu::state::saved_msrs(host);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the MSR probe: {e}");
+        }
+    });
 }
 
 /// Refuses at once a machine this host cannot run (too much memory for the address

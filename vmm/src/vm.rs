@@ -366,6 +366,9 @@ impl Vm {
     pub fn bench_tracker(&self, mode: TrackingMode) -> Result<Box<dyn BenchTracker>, DirtyError> {
         Ok(match mode {
             TrackingMode::UffdAsync => Box::new(UffdAsync::new(self.ram.tracked())?),
+            TrackingMode::UffdAsyncHot => {
+                Box::new(UffdAsync::new(self.ram.tracked())?.retain_hot(true))
+            }
             TrackingMode::UffdSync => Box::new(UffdSync::new(self.ram.tracked())),
             TrackingMode::KvmDirtyLog => {
                 Box::new(KvmDirtyLog::new(self.ram.tracked(), self.fd.clone()))

@@ -57,7 +57,10 @@ fn in_range(b: &DirtyBitmap, start: u64, size: u64) -> Vec<u64> {
 /// The host starts each round through the mailbox; after the guest says it is done,
 /// `collect` must report exactly that round's pages of the range, and the mailbox.
 fn exact_rounds(mode: TrackingMode, mem_mib: u64, start: u64, size: u64) {
-    let hot_mode = mode == TrackingMode::KvmDirtyLogHot;
+    let hot_mode = matches!(
+        mode,
+        TrackingMode::KvmDirtyLogHot | TrackingMode::UffdAsyncHot
+    );
     let mut previous: Vec<u64> = Vec::new();
     let mut hot: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
     let dir = TempDir::new("dirty-exact");
@@ -137,6 +140,11 @@ fn test_hot_retention_reports_written_and_hot_pages_exactly() {
 }
 
 #[test]
+fn test_uffd_async_hot_retention_reports_written_and_hot_pages_exactly() {
+    exact_rounds(TrackingMode::UffdAsyncHot, 256, 0x100_0000, 16 << 20);
+}
+
+#[test]
 fn test_collect_covers_ram_above_4g() {
     for mode in TrackingMode::ALL {
         exact_rounds(mode, 5 * 1024, 1 << 32, 8 << 20);
@@ -150,10 +158,10 @@ fn test_collect_covers_ram_above_4g() {
 fn test_no_write_missed_over_1000_rounds_at_full_speed() {
     const START: u64 = 0x100_0000;
     const SIZE: usize = 8 << 20;
-    // The hot-page variant reports a superset, which this test allows.
+    // The hot-page variants report a superset, which this test allows.
     for mode in TrackingMode::ALL
         .into_iter()
-        .chain([TrackingMode::KvmDirtyLogHot])
+        .chain([TrackingMode::KvmDirtyLogHot, TrackingMode::UffdAsyncHot])
     {
         let dir = TempDir::new("dirty-miss");
         let console = dir.path().join("console.log");
@@ -361,7 +369,7 @@ fn device_writes_are_tracked(modes: &[TrackingMode]) {
 fn test_device_writes_reach_every_mode() {
     for mode in TrackingMode::ALL
         .into_iter()
-        .chain([TrackingMode::KvmDirtyLogHot])
+        .chain([TrackingMode::KvmDirtyLogHot, TrackingMode::UffdAsyncHot])
     {
         device_writes_are_tracked(&[mode]);
     }

@@ -72,6 +72,38 @@ impl DirtyBitmap {
         }
     }
 
+    /// Marks every page `other` marks (bitmaps over the same regions).
+    pub fn union_with(&mut self, other: &DirtyBitmap) {
+        self.merge_words(other.words.iter().copied());
+    }
+
+    /// Unmarks every page `other` marks.
+    pub fn remove(&mut self, other: &DirtyBitmap) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w &= !o;
+        }
+    }
+
+    /// The pages both mark.
+    pub fn and(&self, other: &DirtyBitmap) -> DirtyBitmap {
+        DirtyBitmap {
+            words: self
+                .words
+                .iter()
+                .zip(other.words.iter().chain(std::iter::repeat(&0)))
+                .map(|(a, b)| a & b)
+                .collect(),
+            regions: self.regions.clone(),
+        }
+    }
+
+    /// Whether page `page` is marked.
+    pub fn get(&self, page: usize) -> bool {
+        self.words
+            .get(page / 64)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
     /// Number of marked pages.
     pub fn count(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
@@ -265,6 +297,21 @@ mod tests {
         assert_eq!(b.count(), 6);
         assert_eq!(b.runs(), vec![(1, 3), (64, 2), (200, 1)]);
         assert_eq!(b.guest_pages().next(), Some(GuestAddress(4096)));
+    }
+
+    #[test]
+    fn test_set_operations() {
+        let mut a = DirtyBitmap::new(&regions());
+        let mut b = DirtyBitmap::new(&regions());
+        a.set_run(0, 70);
+        b.set_run(60, 20);
+        assert_eq!(a.and(&b).runs(), vec![(60, 10)]);
+        let mut u = a.clone();
+        u.union_with(&b);
+        assert_eq!(u.runs(), vec![(0, 80)]);
+        u.remove(&b);
+        assert_eq!(u.runs(), vec![(0, 60)]);
+        assert!(a.get(69) && !a.get(70));
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub enum TrackingMode {
     /// KVM's dirty log, leaving pages dirty two rounds in a row writable: `collect`
     /// reports a superset of the writes (the hot pages every round).
     KvmDirtyLogHot,
+    /// uffd-wp async, leaving pages written two rounds in a row un-protected: a
+    /// superset, as `KvmDirtyLogHot`.
+    UffdAsyncHot,
 }
 
 impl TrackingMode {
@@ -68,6 +71,7 @@ impl TrackingMode {
             TrackingMode::UffdSync => "uffd-sync",
             TrackingMode::KvmDirtyLog => "kvm-dirty-log",
             TrackingMode::KvmDirtyLogHot => "kvm-dirty-log-hot",
+            TrackingMode::UffdAsyncHot => "uffd-async-hot",
         }
     }
 }
@@ -78,10 +82,10 @@ impl std::str::FromStr for TrackingMode {
     fn from_str(s: &str) -> Result<Self, String> {
         TrackingMode::ALL
             .into_iter()
-            .chain([TrackingMode::KvmDirtyLogHot])
+            .chain([TrackingMode::KvmDirtyLogHot, TrackingMode::UffdAsyncHot])
             .find(|m| m.name() == s)
             .ok_or_else(|| {
-                format!("unknown tracking mode {s:?}: use uffd-async, uffd-sync, kvm-dirty-log or kvm-dirty-log-hot")
+                format!("unknown tracking mode {s:?}: use uffd-async, uffd-sync, kvm-dirty-log, kvm-dirty-log-hot or uffd-async-hot")
             })
     }
 }
@@ -153,6 +157,24 @@ pub struct TrackedRam {
     /// host addresses to the kernel (unregister, memory slots), which must still be
     /// guest RAM then, not unmapped or reused.
     pub mapping: GuestMemoryMmap,
+    /// The memfd, for which pages hold data: a page the guest never wrote cannot be
+    /// dirty.
+    pub memfd: Arc<std::fs::File>,
+}
+
+impl TrackedRam {
+    /// The memfd ranges that hold pages, as (first page, pages).
+    pub fn data_pages(&self) -> std::io::Result<Vec<(usize, usize)>> {
+        let size = self.regions.iter().map(|r| r.size).sum();
+        Ok(crate::sys::data_extents(&self.memfd, size)?
+            .into_iter()
+            .map(|(offset, len)| {
+                let first = crate::page_index(offset / crate::PAGE_SIZE);
+                let end = crate::page_index((offset + len).div_ceil(crate::PAGE_SIZE));
+                (first, end - first)
+            })
+            .collect())
+    }
 }
 
 #[cfg(test)]

@@ -159,14 +159,19 @@ fn receive(
     host.check_vcpus(u8::try_from(machine.vcpu_count).unwrap_or(u8::MAX))
         .and_then(|()| host.check_memory(machine.mem_size_mib))
         .map_err(|e| refused(format!("this host cannot run the source's VM: {e}")))?;
+    // Guest RAM (the source's memfd when local), and the VM created on it: both take
+    // time that the switch-over need not wait for.
     let ram = if hello.local {
-        None
+        conn.recv_empty(Kind::Memfd)?;
+        let file = conn.recv_fd()?;
+        GuestRam::from_memfd(file, machine.mem_size_mib, host.phys_bits)
+            .map_err(|e| refused(format!("the memfd handed over: {e}")))?
     } else {
-        let ram = GuestRam::new(machine.mem_size_mib, host.phys_bits)
-            .map_err(|e| refused(e.to_string()))?;
-        check_map(&ram, &hello.memory)?;
-        Some(ram)
+        GuestRam::new(machine.mem_size_mib, host.phys_bits).map_err(|e| refused(e.to_string()))?
     };
+    check_map(&ram, &hello.memory)?;
+    let vm = crate::vm::Vm::new(host, ram.clone())
+        .map_err(|e| refused(format!("cannot create the VM: {e}")))?;
     progress.update(|s| s.local = hello.local);
     conn.send_json(
         Kind::HelloAck,
@@ -174,17 +179,6 @@ fn receive(
             version: protocol::VERSION,
         },
     )?;
-    let ram = match ram {
-        Some(ram) => ram,
-        None => {
-            conn.recv_empty(Kind::Memfd)?;
-            let file = conn.recv_fd()?;
-            let ram = GuestRam::from_memfd(file, machine.mem_size_mib, host.phys_bits)
-                .map_err(|e| refused(format!("the memfd handed over: {e}")))?;
-            check_map(&ram, &hello.memory)?;
-            ram
-        }
-    };
 
     let total_pages = ram.size() / PAGE_SIZE;
     let mut data = Vec::with_capacity(protocol::BATCH_BYTES);
@@ -254,7 +248,8 @@ fn receive(
     }
     tracing::debug!("switch-over: state in, verified after {:?}", t.elapsed());
     crate::snapshot::check_memory(&switch.state, &ram).map_err(|e| refused(e.to_string()))?;
-    let mut vmm = crate::builder::restore(&config, &switch.state, ram, None)
+    drop(ram);
+    let mut vmm = crate::builder::restore_on(vm, &config, &switch.state, None)
         .map_err(|e| refused(format!("cannot build the VM from the source's state: {e}")))?;
     if config.machine_config.track_dirty_pages {
         vmm.track_for_snapshots(config.machine_config.dirty_tracking.as_deref())

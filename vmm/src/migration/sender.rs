@@ -33,6 +33,8 @@ use super::{verify, Control, ControlLink, MigrationError, Progress};
 /// Rounds in a row without a new smallest dirty set before pre-copy gives up
 /// converging and switches over.
 const STALE_ROUNDS: u32 = 5;
+/// A switch-over that sends pages for less than this is not worth another round.
+const SMALL_DOWNTIME_MS: f64 = 1.0;
 
 /// What the source's thread needs.
 pub struct SendJob {
@@ -266,6 +268,11 @@ fn exchange(
         verify: job.params.verify && !job.params.local,
     };
     pages.conn.send_json(Kind::Hello, &hello).map_err(before)?;
+    if job.params.local {
+        pages.conn.send(Kind::Memfd, &[]).map_err(before)?;
+        pages.conn.send_fd(job.ram.file()).map_err(before)?;
+    }
+    // The destination answers once guest RAM and the VM exist there.
     let ack: HelloAck = pages.conn.recv_json(Kind::HelloAck).map_err(before)?;
     if ack.version != protocol::VERSION {
         return Err(before(MigrationError::Protocol(format!(
@@ -276,10 +283,7 @@ fn exchange(
     }
 
     let mut carry = None;
-    if job.params.local {
-        pages.conn.send(Kind::Memfd, &[]).map_err(before)?;
-        pages.conn.send_fd(job.ram.file()).map_err(before)?;
-    } else {
+    if !job.params.local {
         carry = Some(precopy(job, tracker, pages).map_err(before)?);
     }
 
@@ -320,11 +324,7 @@ fn exchange(
         )
         .map_err(before)?;
     tracing::debug!("switch-over: state sent after {:?}", t.elapsed());
-    // The paused guest needs no tracking any more; unregistering overlaps with the
-    // destination building the VM.
-    if let Some(mut tracker) = tracker.take() {
-        let _ = tracker.stop();
-    }
+
     pages.conn.recv_empty(Kind::Ready).map_err(before)?;
     tracing::debug!("switch-over: Ready after {:?}", t.elapsed());
     if !pages.progress.commit() {
@@ -332,6 +332,12 @@ fn exchange(
     }
     let after = |e| Failed::AfterCommit(e);
     pages.conn.send(Kind::Go, &[]).map_err(after)?;
+    // Unregistering guest RAM takes milliseconds for a large guest: not before the
+    // destination runs it. (On a failure, the thread's end drops the tracker before
+    // the guest resumes here.)
+    if let Some(mut tracker) = tracker.take() {
+        let _ = tracker.stop();
+    }
     let done: Done = pages.conn.recv_json(Kind::Done).map_err(after)?;
     pages
         .progress
@@ -372,6 +378,10 @@ fn precopy(
         pages.since.elapsed()
     );
     let limit_ms = job.params.downtime_limit_ms as f64;
+    // Pages written and not sent since: what a switch-over now would send.
+    let mut unsent = DirtyBitmap::new(job.ram.regions());
+    let mut previous: Option<DirtyBitmap> = None;
+    let mut last_pending = pages.sent / PAGE_SIZE;
     let mut smallest = u64::MAX;
     let mut stale = 0;
     let mut round = 0u32;
@@ -380,27 +390,41 @@ fn precopy(
         let dirty = tracker
             .collect()
             .map_err(|e| MigrationError::Vm(format!("dirty tracking: {e}")))?;
-        let count = dirty.count() as u64;
+        unsent.union_with(&dirty);
+        let pending = unsent.count() as u64;
         let rate = pages.rate();
-        let expected_ms = (count * PAGE_SIZE) as f64 / rate * 1e3;
+        let expected_ms = (pending * PAGE_SIZE) as f64 / rate * 1e3;
         pages.progress.update(|s| {
             s.round = round;
-            s.remaining_dirty_pages = count;
+            s.remaining_dirty_pages = pending;
             s.expected_downtime_ms = expected_ms;
             s.throughput_mib_s = rate / (1 << 20) as f64;
         });
-        if count < smallest {
-            smallest = count;
+        if pending < smallest {
+            smallest = pending;
             stale = 0;
         } else {
             stale += 1;
         }
-        if expected_ms <= limit_ms || stale >= STALE_ROUNDS || round > job.params.max_rounds {
+        // Within the limit, one more round is still worth it while rounds halve what
+        // is left: a slow writer then stops for well under a millisecond of pages.
+        let halving = pending * 2 <= last_pending;
+        let fits = expected_ms <= limit_ms && (!halving || expected_ms <= SMALL_DOWNTIME_MS);
+        if fits || stale >= STALE_ROUNDS || round > job.params.max_rounds {
             tracing::info!(
-                "pre-copy: switching over after round {round}: {count} pages left, about {expected_ms:.1} ms"
+                "pre-copy: switching over after round {round}: {pending} pages left, about {expected_ms:.1} ms"
             );
-            return Ok(dirty);
+            return Ok(unsent);
         }
-        pages.send_bitmap(&dirty)?;
+        last_pending = pending;
+        // A page written in this round and the last is hot: it is sent once, at the
+        // switch-over, not every round.
+        let mut send = unsent.clone();
+        if let Some(previous) = &previous {
+            send.remove(&dirty.and(previous));
+        }
+        pages.send_bitmap(&send)?;
+        unsent.remove(&send);
+        previous = Some(dirty);
     }
 }
