@@ -141,3 +141,55 @@ fn test_ferryctl_snapshot_create_and_load() {
     assert!(!line.contains("corrupt"), "{line}");
     ferry.expect_line(" ok", Duration::from_secs(20));
 }
+
+#[test]
+fn test_ferryctl_receives_and_migrates_with_a_summary() {
+    let dir = TempDir::new("ferryctl-mig");
+    let (src, dst) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
+    let cfg = dir.write(
+        "vm.json",
+        common::guest_config(1, 128, "workload=verify start=16M size=16M"),
+    );
+    let mut source = Ferry::spawn_args(&[
+        "--api-sock".as_ref(),
+        src.as_os_str(),
+        "--config-file".as_ref(),
+        cfg.as_os_str(),
+    ]);
+    let mut dest = Ferry::spawn_args(&["--api-sock".as_ref(), dst.as_os_str()]);
+    wait_for_socket(&src);
+    wait_for_socket(&dst);
+    source.expect_line("pass 2 ok", Duration::from_secs(20));
+    let listen = format!("unix:{}", dir.path().join("mig.sock").display());
+    ok(&dst, &["receive", "--listen", &listen]);
+    let out = Command::new(ferryctl_bin())
+        .arg("--sock")
+        .arg(&src)
+        .args(["migrate", "--to", &listen, "--verify", "--dest-sock"])
+        .arg(&dst)
+        .output()
+        .expect("run ferryctl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = stdout.lines().last().unwrap_or_default();
+    assert!(
+        summary.starts_with("migrated: ")
+            && summary.contains(" ms, downtime ")
+            && summary.ends_with(" rounds"),
+        "{summary}"
+    );
+    assert!(!summary.contains("unknown"), "{summary}");
+    let (status, _, _) = source.wait(Duration::from_secs(10));
+    assert!(status.success());
+    dest.expect_line("pass ", Duration::from_secs(10));
+    assert_eq!(ok(&dst, &["migration"])["state"], "completed");
+    // Nothing runs any more on the source's socket; on the destination, a cancel is
+    // refused with the server's message.
+    let (code, _, stderr) = ferryctl(&dst, &["cancel"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no migration is running"), "{stderr}");
+}

@@ -617,6 +617,33 @@ fn test_receiver_refuses_bad_streams_and_receives_again() {
     }
 }
 
+/// A source that says Hello and then nothing: the destination gives up after its stall
+/// timeout (10 s) with a message that says so, and can receive again.
+#[test]
+fn test_a_stalled_stream_fails_the_receiver() {
+    let dir = TempDir::new("mig-stall");
+    let dst = Vm::fresh(&dir, "dst");
+    let port = free_port();
+    receive(&dst, &format!("tcp:127.0.0.1:{port}"));
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.write_all(&hello()).expect("hello");
+    let mut ack = [0u8; 24];
+    s.read_exact(&mut ack).expect("ack");
+    let started = Instant::now();
+    let st = wait_ended(&dst, Duration::from_secs(30));
+    assert_eq!(st["state"], "failed", "{st}");
+    assert!(
+        st["error"].as_str().unwrap_or("").contains("stalled"),
+        "{st}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "gave up too early"
+    );
+    receive(&dst, &format!("tcp:127.0.0.1:{}", free_port()));
+    drop(s);
+}
+
 #[test]
 fn test_migration_requests_in_the_wrong_state_are_refused() {
     let dir = TempDir::new("mig-states");
