@@ -66,6 +66,14 @@ impl GuestRam {
         Ok(written)
     }
 
+    /// Writes every page of guest RAM to `file`, holes too, reading through the
+    /// mapping (for RAM whose holes are pages an external handler has yet to serve).
+    /// Returns the bytes written.
+    pub fn save_all(&self, file: &mut File) -> Result<u64, RamError> {
+        self.write_range(file, 0, self.size())?;
+        Ok(self.size())
+    }
+
     /// Writes the pages of `pages` (memfd page numbers) to `file` at their offsets.
     /// Returns the bytes written.
     pub fn save_pages(&self, file: &mut File, pages: &DirtyBitmap) -> Result<u64, RamError> {

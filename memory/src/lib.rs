@@ -7,6 +7,7 @@
 //! another process.
 
 pub mod dirty;
+pub mod fault;
 mod image;
 pub mod layout;
 mod ram;

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::cpuid::{self, CpuidParams, Topology};
 use crate::arch::{boot, mptable, regs};
-use crate::snapshot::{MachineState, UffdBackend};
+use crate::snapshot::{MachineState, MemoryBackend};
 use crate::vcpu::state::saved_msrs;
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuMetrics};
 use crate::virtio::{self, VirtioDevices, VirtioError};
@@ -156,7 +156,7 @@ pub fn restore(
     config: &VmConfig,
     state: &MachineState,
     ram: GuestRam,
-    backend: Option<UffdBackend>,
+    backend: Option<MemoryBackend>,
 ) -> Result<Vmm, BuildError> {
     let host = crate::vm::host()?;
     restore_on(Vm::new(host, ram)?, config, state, backend)
@@ -169,7 +169,7 @@ pub fn restore_on(
     vm: Vm,
     config: &VmConfig,
     state: &MachineState,
-    backend: Option<UffdBackend>,
+    backend: Option<MemoryBackend>,
 ) -> Result<Vmm, BuildError> {
     let host = crate::vm::host()?;
     let vcpu_count = u8::try_from(state.vcpus.len()).unwrap_or(u8::MAX);

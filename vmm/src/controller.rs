@@ -517,6 +517,8 @@ impl Controller {
                 vmm.state()
             )));
         }
+        vmm.memory_settled()
+            .map_err(|e| ApiError::bad_request(format!("cannot migrate: {e}")))?;
         // The MSRs a save reads are probed once per process on a scratch VM, which
         // takes milliseconds: now, not while the guest is paused at switch-over.
         if let Ok(host) = crate::vm::host() {
@@ -553,6 +555,7 @@ impl Controller {
             ram: vmm.ram().clone(),
             tracker,
             config,
+            whole: vmm.memory_from_handler(),
         };
         migration::spawn_sender(job, self.control.link(), progress.clone()).map_err(|e| {
             ApiError::bad_request(format!("cannot start the migration thread: {e}"))

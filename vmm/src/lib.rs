@@ -119,9 +119,9 @@ pub struct Vmm {
     vcpu_metrics: Arc<vcpu::VcpuMetrics>,
     paused_since: Option<Instant>,
     paused_total: Duration,
-    /// The userfaultfd page-fault handler that serves guest RAM, for a VM loaded with
-    /// the Uffd backend: kept for as long as the VM lives.
-    backend: Option<snapshot::UffdBackend>,
+    /// What serves guest RAM for a VM loaded from a snapshot: kept for as long as the
+    /// VM lives.
+    backend: Option<snapshot::MemoryBackend>,
     /// Tracks pages written since the last snapshot, when `track_dirty_pages` is on.
     dirty: Option<Box<dyn memory::dirty::DirtyTracker>>,
     /// Pages a failed snapshot did not save, for the next Diff.

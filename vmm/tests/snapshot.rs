@@ -385,18 +385,7 @@ fn test_uffd_backend_is_served_by_a_firecracker_style_handler() {
     let dir = TempDir::new("snap-uffd-bin");
     let (state, mem, last) = good_snapshot(&dir);
     let handler_sock = dir.path().join("uffd.sock");
-    let bin = Path::new(env!("CARGO_BIN_EXE_ferry")).with_file_name("ferry-uffd-handler");
-    let handler = std::process::Command::new(&bin)
-        .arg(&handler_sock)
-        .arg(&mem)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !handler_sock.exists() {
-        assert!(Instant::now() < deadline, "the handler never listened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let handler = spawn_handler(&handler_sock, &mem);
     let mut vm = Vm::fresh(&dir, "dst");
     vm.expect(
         "PUT",
@@ -420,6 +409,70 @@ fn test_uffd_backend_is_served_by_a_firecracker_style_handler() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("handler said {text:?}"));
     assert!(served >= 8192, "{served} faults served");
+}
+
+/// Starts `ferry-uffd-handler` serving `mem` on `sock`.
+fn spawn_handler(sock: &Path, mem: &Path) -> std::process::Child {
+    let bin = Path::new(env!("CARGO_BIN_EXE_ferry")).with_file_name("ferry-uffd-handler");
+    let handler = std::process::Command::new(&bin)
+        .arg(sock)
+        .arg(mem)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "the handler never listened");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    handler
+}
+
+/// A snapshot of a VM loaded a moment ago, before its memory has all arrived (the File
+/// backend loads on first touch and in the background; an external handler serves
+/// only what is touched), must still hold all of memory: loaded again, the guest goes
+/// on verifying.
+#[test]
+fn test_a_snapshot_of_a_just_loaded_vm_holds_all_of_its_memory() {
+    let dir = TempDir::new("snap-reload");
+    let (state, mem, last) = good_snapshot(&dir);
+    for backend in ["File", "Uffd"] {
+        let handler_sock = dir.path().join(format!("{backend}.sock"));
+        let handler = (backend == "Uffd").then(|| spawn_handler(&handler_sock, &mem));
+        let path = if backend == "Uffd" {
+            &handler_sock
+        } else {
+            &mem
+        };
+        let vm = Vm::fresh(&dir, &format!("mid-{backend}"));
+        vm.expect(
+            "PUT",
+            "/snapshot/load",
+            json!({
+                "snapshot_path": state,
+                "mem_backend": { "backend_type": backend, "backend_path": path },
+            }),
+            204,
+        );
+        let (state2, mem2) = (
+            dir.path().join(format!("{backend}2.state")),
+            dir.path().join(format!("{backend}2.mem")),
+        );
+        vm.expect(
+            "PUT",
+            "/snapshot/create",
+            json!({ "snapshot_path": state2, "mem_file_path": mem2 }),
+            204,
+        );
+        drop(vm);
+        if let Some(mut h) = handler {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+        let mut again = Vm::fresh(&dir, &format!("again-{backend}"));
+        again.load_file(&state2, &mem2);
+        assert_continues(&mut again, last, Duration::from_secs(2));
+    }
 }
 
 #[test]

@@ -89,7 +89,7 @@ impl WriteSinks {
         if flag.swap(true, Ordering::AcqRel) {
             return Err(DirtyError::Busy(match mechanism {
                 Mechanism::Userfaultfd => {
-                    "guest RAM is already registered with another userfaultfd (a uffd tracker, a live snapshot or post-copy)"
+                    "guest RAM is already registered with another userfaultfd (a uffd tracker, or a snapshot's memory being loaded or served)"
                 }
                 Mechanism::KvmDirtyLog => "KVM's dirty log already serves another tracker",
             }));

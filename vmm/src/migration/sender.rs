@@ -48,6 +48,10 @@ pub struct SendJob {
     pub tracker: Option<Box<dyn DirtyTracker>>,
     /// The configuration the VM runs.
     pub config: VmConfig,
+    /// Round 0 sends all of guest RAM, not only the memfd's data: its holes are pages
+    /// an external page-fault handler has yet to serve (read through the mapping, they
+    /// are served).
+    pub whole: bool,
 }
 
 /// Starts the source's thread.
@@ -362,10 +366,13 @@ fn precopy(
     let tracker = tracker
         .as_mut()
         .ok_or_else(|| MigrationError::Vm("pre-copy needs dirty tracking".into()))?;
-    let extents = job
-        .ram
-        .data_extents()
-        .map_err(|e| MigrationError::Vm(e.to_string()))?;
+    let extents = if job.whole {
+        vec![(0, job.ram.size())]
+    } else {
+        job.ram
+            .data_extents()
+            .map_err(|e| MigrationError::Vm(e.to_string()))?
+    };
     for (offset, len) in extents {
         pages.send_range(offset, len)?;
     }

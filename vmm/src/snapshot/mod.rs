@@ -26,6 +26,16 @@ use serde::{Deserialize, Serialize};
 pub use file::{FORMAT_VERSION, HEADER_LEN, MAGIC};
 pub use uffd::UffdBackend;
 
+use memory::fault::{FileSource, LazyLoad};
+
+/// Where a loaded VM's memory comes from, for as long as the VM lives.
+pub enum MemoryBackend {
+    /// The memory file, page by page on first touch and in the background.
+    File(LazyLoad),
+    /// An external page-fault handler (Firecracker's Uffd backend).
+    Uffd(UffdBackend),
+}
+
 use crate::builder::BuildError;
 use crate::vcpu::state::VcpuState;
 use crate::vcpu::VcpuError;
@@ -143,6 +153,9 @@ pub enum SnapshotError {
     /// Dirty tracking failed.
     #[error(transparent)]
     Dirty(#[from] DirtyError),
+    /// The snapshot this VM was loaded from could not be loaded whole.
+    #[error("guest memory: {0}")]
+    Loading(String),
 }
 
 /// One region of guest RAM: where the guest sees it, and where it sits in the memory
@@ -217,15 +230,15 @@ fn regions(ram: &GuestRam) -> Vec<SavedRegion> {
 }
 
 /// The tracking mechanism for Diff snapshots: userfaultfd write-protect unless guest
-/// RAM is already registered with another userfaultfd (the Uffd backend), where KVM's
-/// dirty log is used. `requested` is machine-config's `dirty_tracking`.
+/// RAM is already registered with another userfaultfd (a loaded snapshot's backend),
+/// where KVM's dirty log is used. `requested` is machine-config's `dirty_tracking`.
 fn diff_tracking(requested: Option<&str>, uffd_backend: bool) -> Result<TrackingMode, String> {
     match requested {
         Some(name) => {
             let mode: TrackingMode = name.parse()?;
             if uffd_backend && mode != TrackingMode::KvmDirtyLog {
                 return Err(format!(
-                    "dirty_tracking {name} cannot be used with the Uffd memory backend: its userfaultfd belongs to the page-fault handler; use kvm-dirty-log"
+                    "dirty_tracking {name} cannot be used on a VM loaded from a snapshot: guest RAM's userfaultfd serves the memory backend; use kvm-dirty-log"
                 ));
             }
             Ok(mode)
@@ -244,6 +257,28 @@ impl Vmm {
         tracker.start()?;
         self.dirty = Some(tracker);
         Ok(())
+    }
+
+    /// Waits (at most a minute) until a snapshot's memory being loaded on first touch
+    /// is all in guest RAM: until then the memfd's holes are not all zero pages.
+    pub fn memory_settled(&self) -> Result<(), SnapshotError> {
+        if let Some(MemoryBackend::File(load)) = &self.backend {
+            if !load.wait(std::time::Duration::from_secs(60)) {
+                return Err(SnapshotError::Loading(
+                    "the snapshot's memory is still loading after a minute".into(),
+                ));
+            }
+            if let Some(e) = load.stats().error {
+                return Err(SnapshotError::Loading(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether guest RAM is served by an external page-fault handler (the Uffd
+    /// backend): its holes are pages not served yet, not zero pages.
+    pub fn memory_from_handler(&self) -> bool {
+        matches!(self.backend, Some(MemoryBackend::Uffd(_)))
     }
 
     /// The state of every component. The VM must be paused, so that the state is final.
@@ -299,6 +334,7 @@ impl Vmm {
         params: &SnapshotCreateParams,
     ) -> Result<CreateStats, SnapshotError> {
         let started = Instant::now();
+        self.memory_settled()?;
         let state = self.machine_state(config)?;
         let pages = self.dirty_since_snapshot()?;
         let kind = params.snapshot_type.unwrap_or(SnapshotType::Full);
@@ -339,6 +375,10 @@ impl Vmm {
             file.set_len(ram.size()).map_err(io(&mem_tmp))?;
             let written = match (kind, pages) {
                 (SnapshotType::Diff, Some(pages)) => ram.save_pages(&mut file, pages)?,
+                // Pages an external handler has not served yet are holes in the memfd
+                // but not zero: read all of guest RAM through the mapping, which
+                // faults each in from the handler (as Firecracker does).
+                _ if self.memory_from_handler() => ram.save_all(&mut file)?,
                 _ => ram.save_full(&mut file)?,
             };
             file::write(&state_tmp, state)?;
@@ -403,7 +443,7 @@ pub fn load(params: &SnapshotLoadParams) -> Result<(Vmm, VmConfig), SnapshotErro
     let (backend_type, backend_path) = params.backend();
     let backend = match backend_type {
         MemBackendType::File => {
-            let mut file = File::open(backend_path).map_err(io(backend_path))?;
+            let file = File::open(backend_path).map_err(io(backend_path))?;
             let len = file.metadata().map_err(io(backend_path))?.len();
             if len != ram.size() {
                 return Err(SnapshotError::MemorySize {
@@ -412,12 +452,19 @@ pub fn load(params: &SnapshotLoadParams) -> Result<(Vmm, VmConfig), SnapshotErro
                     got: len,
                 });
             }
-            ram.load_from(&mut file)?;
-            None
+            // Pages arrive on first touch and in the background: the load does not
+            // wait for the file (see "Snapshots" in the README for both measured).
+            let source = Box::new(FileSource::new(file, len));
+            MemoryBackend::File(LazyLoad::start(&ram, source).map_err(|e| {
+                SnapshotError::Handler {
+                    path: backend_path.to_path_buf(),
+                    reason: e.to_string(),
+                }
+            })?)
         }
-        MemBackendType::Uffd => Some(uffd::connect(&ram, backend_path)?),
+        MemBackendType::Uffd => MemoryBackend::Uffd(uffd::connect(&ram, backend_path)?),
     };
-    let mut vmm = crate::builder::restore(&config, &state, ram, backend)?;
+    let mut vmm = crate::builder::restore(&config, &state, ram, Some(backend))?;
     if config.machine_config.track_dirty_pages {
         vmm.track_for_snapshots(config.machine_config.dirty_tracking.as_deref())?;
     }

@@ -1,0 +1,394 @@
+//! Guest RAM filled on first touch: every region is registered with a userfaultfd for
+//! missing pages, a handler thread serves each fault from a `PageSource` with
+//! `UFFDIO_COPY`, and a prefetch thread copies every page that holds data in the
+//! meantime, so that all of memory arrives soon whether the guest touches it or not.
+//! Once the prefetch is through, the userfaultfd lets go of guest RAM: pages still
+//! missing are holes, which the kernel fills with zeros by itself.
+//!
+//! Snapshots load their memory file this way (the File backend), so that a load does
+//! not wait for the whole file.
+//!
+//! Who writes what: the handler and the prefetcher both place pages, and the kernel
+//! makes each placement atomic: a page placed by one makes the other's `UFFDIO_COPY`
+//! fail with `EEXIST`, which each takes as done (the handler then wakes the faulting
+//! thread, in case the prefetcher's copy came before the fault was queued). Neither
+//! touches guest RAM through the mapping, which would fault on itself.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use userfaultfd::{Event, Uffd, UffdBuilder};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::dirty::{Claim, Mechanism, TrackedRam};
+use crate::{GuestRam, RamRegion, PAGE_BYTES, PAGE_SIZE};
+
+/// Where the pages come from.
+pub trait PageSource: Send + Sync {
+    /// Fills `buf` with guest RAM's bytes at memfd offset `offset` (holes are zero).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// The memfd ranges that hold data, as (offset, length), in order.
+    fn extents(&self) -> std::io::Result<Vec<(u64, u64)>>;
+}
+
+/// A snapshot's memory file: guest RAM laid out as the memfd is.
+pub struct FileSource {
+    file: File,
+    size: u64,
+}
+
+impl FileSource {
+    /// `file`, which must be `size` bytes.
+    pub fn new(file: File, size: u64) -> FileSource {
+        FileSource { file, size }
+    }
+}
+
+impl PageSource for FileSource {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn extents(&self) -> std::io::Result<Vec<(u64, u64)>> {
+        crate::sys::data_extents(&self.file, self.size)
+    }
+}
+
+/// Why lazy loading could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FaultError {
+    /// A userfaultfd call failed.
+    #[error("userfaultfd {what} failed: {reason}")]
+    Uffd {
+        /// Which call.
+        what: &'static str,
+        /// The error.
+        reason: String,
+    },
+    /// Another userfaultfd holds guest RAM.
+    #[error(transparent)]
+    Busy(#[from] crate::dirty::DirtyError),
+    /// A thread or an eventfd could not be made.
+    #[error("cannot start the page-fault service: {0}")]
+    Setup(#[source] std::io::Error),
+}
+
+struct Shared {
+    uffd: Uffd,
+    ram: TrackedRam,
+    source: Box<dyn PageSource>,
+    /// Set once the prefetch is through and guest RAM is unregistered.
+    done: AtomicBool,
+    /// Faults served by reading the source.
+    faults: AtomicU64,
+    /// The first error reading the source or placing a page.
+    error: Mutex<Option<String>>,
+    /// Holds the userfaultfd mechanism while guest RAM is registered.
+    claim: Mutex<Option<Claim>>,
+}
+
+/// What lazy loading did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FaultStats {
+    /// Every page holding data is in guest RAM.
+    pub done: bool,
+    /// Faults served on demand.
+    pub faults: u64,
+    /// The first error, if any.
+    pub error: Option<String>,
+}
+
+/// Guest RAM being filled on first touch; see the module doc.
+pub struct LazyLoad {
+    shared: Arc<Shared>,
+    stop: EventFd,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn uffd_err(what: &'static str) -> impl Fn(userfaultfd::Error) -> FaultError {
+    move |e| FaultError::Uffd {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+/// Pages read around a fault, in one `UFFDIO_COPY`: neighbours are likely next.
+const FAULT_CLUSTER: u64 = 16;
+/// Bytes the prefetcher places per `UFFDIO_COPY`.
+const PREFETCH_CHUNK: usize = 1 << 20;
+
+impl LazyLoad {
+    /// Registers all of `ram` for missing faults and starts serving them from
+    /// `source`. Guest RAM must be untouched (a fresh memfd).
+    pub fn start(ram: &GuestRam, source: Box<dyn PageSource>) -> Result<LazyLoad, FaultError> {
+        let tracked = ram.tracked();
+        let claim = tracked.writes.claim(Mechanism::Userfaultfd)?;
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            // KVM's faults come from kernel mode (ENVIRONMENT.md).
+            .user_mode_only(false)
+            .create()
+            .map_err(uffd_err("UFFDIO_API"))?;
+        for r in &tracked.regions {
+            let len = usize::try_from(r.size).map_err(|_| FaultError::Uffd {
+                what: "UFFDIO_REGISTER",
+                reason: "region too large".into(),
+            })?;
+            uffd.register(r.host_addr as *mut libc::c_void, len)
+                .map_err(uffd_err("UFFDIO_REGISTER"))?;
+        }
+        let shared = Arc::new(Shared {
+            uffd,
+            ram: tracked,
+            source,
+            done: AtomicBool::new(false),
+            faults: AtomicU64::new(0),
+            error: Mutex::new(None),
+            claim: Mutex::new(Some(claim)),
+        });
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(FaultError::Setup)?;
+        let mut load = LazyLoad {
+            shared: shared.clone(),
+            stop,
+            threads: Vec::new(),
+        };
+        let handler_stop = load.stop.try_clone().map_err(FaultError::Setup)?;
+        let s = shared.clone();
+        load.threads.push(
+            std::thread::Builder::new()
+                .name("page-faults".into())
+                .spawn(move || serve_faults(&s, &handler_stop))
+                .map_err(FaultError::Setup)?,
+        );
+        let s = shared;
+        load.threads.push(
+            std::thread::Builder::new()
+                .name("page-prefetch".into())
+                .spawn(move || prefetch(&s))
+                .map_err(FaultError::Setup)?,
+        );
+        Ok(load)
+    }
+
+    /// How far it got.
+    pub fn stats(&self) -> FaultStats {
+        FaultStats {
+            done: self.shared.done.load(Ordering::Acquire),
+            faults: self.shared.faults.load(Ordering::Relaxed),
+            error: self.shared.error.lock().expect("poisoned").clone(),
+        }
+    }
+
+    /// Waits until every page holding data is in guest RAM (for tests and
+    /// benchmarks), at most `timeout`. Returns whether it is.
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.shared.done.load(Ordering::Acquire) {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
+    }
+}
+
+impl Drop for LazyLoad {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        self.shared.done.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        release(&self.shared);
+    }
+}
+
+impl Shared {
+    fn fail(&self, msg: String) {
+        tracing::error!("lazy load: {msg}");
+        self.error.lock().expect("poisoned").get_or_insert(msg);
+    }
+
+    /// The region holding host address `addr`.
+    fn region_of(&self, addr: u64) -> Option<&RamRegion> {
+        self.ram
+            .regions
+            .iter()
+            .find(|r| addr >= r.host_addr && addr < r.host_addr + r.size)
+    }
+
+    /// Places `buf` at host address `dst`; pages already there are skipped. Returns
+    /// false when the kernel refused for another reason (recorded).
+    fn place(&self, buf: &[u8], dst: u64, wake: bool) -> bool {
+        // SAFETY: `buf` is a live buffer of `buf.len()` bytes; `dst` lies in guest RAM
+        // registered with this userfaultfd, where the kernel places the copy itself.
+        let whole = unsafe {
+            self.uffd.copy(
+                buf.as_ptr().cast(),
+                dst as *mut libc::c_void,
+                buf.len(),
+                wake,
+            )
+        };
+        match whole {
+            Ok(_) => true,
+            // Some page of the range is there already: place the rest page by page.
+            Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => {
+                for (i, page) in buf.chunks(PAGE_BYTES).enumerate() {
+                    let at = dst + (i * PAGE_BYTES) as u64;
+                    // SAFETY: as above, for one page of `buf`.
+                    let one = unsafe {
+                        self.uffd.copy(
+                            page.as_ptr().cast(),
+                            at as *mut libc::c_void,
+                            page.len(),
+                            wake,
+                        )
+                    };
+                    match one {
+                        Ok(_) => {}
+                        Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+                            if wake {
+                                let _ = self.uffd.wake(at as *mut libc::c_void, PAGE_BYTES);
+                            }
+                        }
+                        Err(e) => {
+                            self.fail(format!("cannot place the page at {at:#x}: {e}"));
+                            return false;
+                        }
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                self.fail(format!("cannot place {} bytes at {dst:#x}: {e}", buf.len()));
+                false
+            }
+        }
+    }
+}
+
+/// Gives guest RAM back to the kernel: faults still waiting retry and find zeros.
+fn release(shared: &Shared) {
+    if shared.claim.lock().expect("poisoned").take().is_none() {
+        return;
+    }
+    for r in &shared.ram.regions {
+        if let Ok(len) = usize::try_from(r.size) {
+            let _ = shared
+                .uffd
+                .unregister(r.host_addr as *mut libc::c_void, len);
+        }
+    }
+}
+
+fn serve_faults(shared: &Shared, stop: &EventFd) {
+    let mut buf = vec![0u8; PAGE_BYTES * FAULT_CLUSTER as usize];
+    let mut fds = [
+        libc::pollfd {
+            fd: shared.uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfds that lives across the call.
+        let ret = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if ret < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            shared.fail(format!("poll: {}", std::io::Error::last_os_error()));
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        loop {
+            match shared.uffd.read_event() {
+                Ok(Some(Event::Pagefault { addr, .. })) => serve_one(shared, addr as u64, &mut buf),
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    shared.fail(format!("reading faults: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Serves the fault at host address `addr`, with the pages after it in its region.
+fn serve_one(shared: &Shared, addr: u64, buf: &mut [u8]) {
+    let Some(r) = shared.region_of(addr) else {
+        return;
+    };
+    let page = addr & !(PAGE_SIZE - 1);
+    let in_region = page - r.host_addr;
+    let pages = FAULT_CLUSTER.min((r.size - in_region) / PAGE_SIZE);
+    let len = (pages * PAGE_SIZE) as usize;
+    let offset = r.file_offset + in_region;
+    if let Err(e) = shared.source.read_at(offset, &mut buf[..len]) {
+        shared.fail(format!(
+            "cannot read guest RAM at memfd offset {offset:#x}: {e}"
+        ));
+        return;
+    }
+    shared.faults.fetch_add(1, Ordering::Relaxed);
+    shared.place(&buf[..len], page, true);
+}
+
+fn prefetch(shared: &Shared) {
+    let extents = match shared.source.extents() {
+        Ok(e) => e,
+        Err(e) => {
+            shared.fail(format!("cannot list the source's data: {e}"));
+            return;
+        }
+    };
+    let mut buf = vec![0u8; PREFETCH_CHUNK];
+    for (offset, len) in extents {
+        let mut at = offset;
+        while at < offset + len {
+            if shared.done.load(Ordering::Acquire) {
+                return;
+            }
+            let n = usize::try_from(offset + len - at)
+                .unwrap_or(PREFETCH_CHUNK)
+                .min(PREFETCH_CHUNK);
+            if let Err(e) = shared.source.read_at(at, &mut buf[..n]) {
+                shared.fail(format!(
+                    "cannot read guest RAM at memfd offset {at:#x}: {e}"
+                ));
+                return;
+            }
+            // The chunk may span two regions (the memfd runs on past the MMIO hole).
+            for r in &shared.ram.regions {
+                let (from, to) = (
+                    at.max(r.file_offset),
+                    (at + n as u64).min(r.file_offset + r.size),
+                );
+                if from < to {
+                    let slice = &buf[(from - at) as usize..(to - at) as usize];
+                    if !shared.place(slice, r.host_addr + (from - r.file_offset), true) {
+                        return;
+                    }
+                }
+            }
+            at += n as u64;
+        }
+    }
+    release(shared);
+    shared.done.store(true, Ordering::Release);
+}
