@@ -117,7 +117,7 @@ fn uffd_err(what: &'static str) -> impl Fn(userfaultfd::Error) -> FaultError {
 }
 
 /// Pages read around a fault, in one `UFFDIO_COPY`: neighbours are likely next.
-const FAULT_CLUSTER: u64 = 16;
+const FAULT_CLUSTER: usize = 16;
 /// Bytes the prefetcher places per `UFFDIO_COPY`.
 const PREFETCH_CHUNK: usize = 1 << 20;
 
@@ -289,7 +289,7 @@ fn release(shared: &Shared) {
 }
 
 fn serve_faults(shared: &Shared, stop: &EventFd) {
-    let mut buf = vec![0u8; PAGE_BYTES * FAULT_CLUSTER as usize];
+    let mut buf = vec![0u8; PAGE_BYTES * FAULT_CLUSTER];
     let mut fds = [
         libc::pollfd {
             fd: shared.uffd.as_raw_fd(),
@@ -336,8 +336,8 @@ fn serve_one(shared: &Shared, addr: u64, buf: &mut [u8]) {
     };
     let page = addr & !(PAGE_SIZE - 1);
     let in_region = page - r.host_addr;
-    let pages = FAULT_CLUSTER.min((r.size - in_region) / PAGE_SIZE);
-    let len = (pages * PAGE_SIZE) as usize;
+    let left = usize::try_from((r.size - in_region) / PAGE_SIZE).unwrap_or(usize::MAX);
+    let len = FAULT_CLUSTER.min(left) * PAGE_BYTES;
     let offset = r.file_offset + in_region;
     if let Err(e) = shared.source.read_at(offset, &mut buf[..len]) {
         shared.fail(format!(
@@ -380,7 +380,10 @@ fn prefetch(shared: &Shared) {
                     (at + n as u64).min(r.file_offset + r.size),
                 );
                 if from < to {
-                    let slice = &buf[(from - at) as usize..(to - at) as usize];
+                    // Both within this chunk of at most PREFETCH_CHUNK bytes.
+                    let a = usize::try_from(from - at).unwrap_or(0);
+                    let b = usize::try_from(to - at).unwrap_or(0).min(n);
+                    let slice = &buf[a..b];
                     if !shared.place(slice, r.host_addr + (from - r.file_offset), true) {
                         return;
                     }
