@@ -89,6 +89,9 @@ struct Shared {
     error: Mutex<Option<String>>,
     /// Holds the userfaultfd mechanism while guest RAM is registered.
     claim: Mutex<Option<Claim>>,
+    /// Set just before guest RAM is unregistered: a copy that fails after it failed
+    /// because the kernel took the range back, and the fault is the kernel's again.
+    released: AtomicBool,
 }
 
 /// What lazy loading did.
@@ -150,6 +153,7 @@ impl LazyLoad {
             faults: AtomicU64::new(0),
             error: Mutex::new(None),
             claim: Mutex::new(Some(claim)),
+            released: AtomicBool::new(false),
         });
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(FaultError::Setup)?;
         let mut load = LazyLoad {
@@ -211,6 +215,9 @@ impl Drop for LazyLoad {
 
 impl Shared {
     fn fail(&self, msg: String) {
+        if self.released.load(Ordering::Acquire) {
+            return;
+        }
         tracing::error!("lazy load: {msg}");
         self.error.lock().expect("poisoned").get_or_insert(msg);
     }
@@ -226,59 +233,75 @@ impl Shared {
     /// Places `buf` at host address `dst`; pages already there are skipped. Returns
     /// false when the kernel refused for another reason (recorded).
     fn place(&self, buf: &[u8], dst: u64, wake: bool) -> bool {
-        // SAFETY: `buf` is a live buffer of `buf.len()` bytes; `dst` lies in guest RAM
-        // registered with this userfaultfd, where the kernel places the copy itself.
-        let whole = unsafe {
-            self.uffd.copy(
-                buf.as_ptr().cast(),
-                dst as *mut libc::c_void,
-                buf.len(),
-                wake,
-            )
-        };
-        match whole {
-            Ok(_) => true,
-            // Some page of the range is there already: place the rest page by page.
-            Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => {
-                for (i, page) in buf.chunks(PAGE_BYTES).enumerate() {
-                    let at = dst + (i * PAGE_BYTES) as u64;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &buf[done..];
+            let at = dst + done as u64;
+            // SAFETY: `rest` is a live buffer of `rest.len()` bytes; `at` lies in guest
+            // RAM registered with this userfaultfd, where the kernel places the copy.
+            let copied = unsafe {
+                self.uffd.copy(
+                    rest.as_ptr().cast(),
+                    at as *mut libc::c_void,
+                    rest.len(),
+                    wake,
+                )
+            };
+            match copied {
+                Ok(n) if n > 0 => done += n,
+                // Stopped at a page that is there already (the kernel copies up to it).
+                Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 => done += n,
+                // This page is there already: placed by the other thread, or the
+                // guest's own since. Wake whoever waits on it, and go on after it.
+                Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+                    if wake {
+                        let _ = self.uffd.wake(at as *mut libc::c_void, PAGE_BYTES);
+                    }
+                    done += PAGE_BYTES;
+                }
+                Ok(_) | Err(userfaultfd::Error::PartiallyCopied(_)) => {
+                    // Nothing placed and no reason given (the mapping is changing):
+                    // one page at a time decides.
+                    let one = &rest[..PAGE_BYTES.min(rest.len())];
                     // SAFETY: as above, for one page of `buf`.
-                    let one = unsafe {
+                    let r = unsafe {
                         self.uffd.copy(
-                            page.as_ptr().cast(),
+                            one.as_ptr().cast(),
                             at as *mut libc::c_void,
-                            page.len(),
+                            one.len(),
                             wake,
                         )
                     };
-                    match one {
+                    match r {
                         Ok(_) => {}
-                        Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
-                            if wake {
-                                let _ = self.uffd.wake(at as *mut libc::c_void, PAGE_BYTES);
-                            }
-                        }
+                        Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {}
                         Err(e) => {
-                            self.fail(format!("cannot place the page at {at:#x}: {e}"));
+                            self.fail(format!("cannot place the page at {at:#x}: {e:?}"));
                             return false;
                         }
                     }
+                    done += one.len();
                 }
-                true
-            }
-            Err(e) => {
-                self.fail(format!("cannot place {} bytes at {dst:#x}: {e}", buf.len()));
-                false
+                Err(e) => {
+                    self.fail(format!(
+                        "cannot place {} bytes at {at:#x}: {e:?}",
+                        rest.len()
+                    ));
+                    return false;
+                }
             }
         }
+        true
     }
 }
 
 /// Gives guest RAM back to the kernel: faults still waiting retry and find zeros.
 fn release(shared: &Shared) {
-    if shared.claim.lock().expect("poisoned").take().is_none() {
+    let mut claim = shared.claim.lock().expect("poisoned");
+    if claim.is_none() {
         return;
     }
+    shared.released.store(true, Ordering::Release);
     for r in &shared.ram.regions {
         if let Ok(len) = usize::try_from(r.size) {
             let _ = shared
@@ -286,6 +309,8 @@ fn release(shared: &Shared) {
                 .unregister(r.host_addr as *mut libc::c_void, len);
         }
     }
+    // Only now may another userfaultfd take guest RAM.
+    claim.take();
 }
 
 fn serve_faults(shared: &Shared, stop: &EventFd) {
@@ -394,4 +419,98 @@ fn prefetch(shared: &Shared) {
     }
     release(shared);
     shared.done.store(true, Ordering::Release);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    /// A memory file for 64 MiB of RAM: every 3rd page holds its number, the rest are
+    /// holes.
+    fn memory_file() -> (File, u64) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("ferry-fault-test-{}-{n}", std::process::id()));
+        let mut file = File::create(&path).expect("create");
+        let size = 64u64 << 20;
+        file.set_len(size).expect("size");
+        for page in (0..size / PAGE_SIZE).step_by(3) {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&(page + 1).to_le_bytes());
+            file.write_all_at(&bytes, page * PAGE_SIZE).expect("write");
+        }
+        file.flush().expect("flush");
+        let file = File::open(&path).expect("open");
+        let _ = std::fs::remove_file(&path);
+        (file, size)
+    }
+
+    /// Two threads read every page at once while the prefetcher runs: each sees the
+    /// file's contents, holes read zero, and loading completes.
+    #[test]
+    fn test_pages_arrive_on_touch_and_in_the_background() {
+        let ram = GuestRam::new(64, 46).expect("ram");
+        let (file, size) = memory_file();
+        let load = LazyLoad::start(&ram, Box::new(FileSource::new(file, size))).expect("start");
+        let pages = size / PAGE_SIZE;
+        std::thread::scope(|s| {
+            for t in 0..2u64 {
+                let ram = &ram;
+                s.spawn(move || {
+                    // One thread from the top, one from the bottom: they meet, and race
+                    // the prefetcher and each other for the same pages.
+                    for i in 0..pages {
+                        let page = if t == 0 { i } else { pages - 1 - i };
+                        let got: u64 = ram
+                            .memory()
+                            .read_obj(GuestAddress(page * PAGE_SIZE))
+                            .expect("read");
+                        let want = if page % 3 == 0 { page + 1 } else { 0 };
+                        assert_eq!(got, want, "page {page}");
+                    }
+                });
+            }
+        });
+        assert!(
+            load.wait(std::time::Duration::from_secs(20)),
+            "loading never finished"
+        );
+        let stats = load.stats();
+        assert!(stats.done && stats.error.is_none(), "{stats:?}");
+        // Guest RAM is the kernel's again: a new page in a hole just works.
+        ram.memory()
+            .write_obj(7u64, GuestAddress(PAGE_SIZE))
+            .expect("write a hole");
+        drop(load);
+        assert_eq!(
+            ram.memory()
+                .read_obj::<u64>(GuestAddress(PAGE_SIZE))
+                .expect("read"),
+            7
+        );
+    }
+
+    /// While it loads, guest RAM's userfaultfd is taken: a uffd tracker is refused.
+    #[test]
+    fn test_a_uffd_tracker_is_refused_while_loading() {
+        let ram = GuestRam::new(64, 46).expect("ram");
+        let (file, size) = memory_file();
+        let load = LazyLoad::start(&ram, Box::new(FileSource::new(file, size))).expect("start");
+        let claim = ram.tracked().writes.claim(Mechanism::Userfaultfd);
+        if !load.stats().done {
+            assert!(claim.is_err(), "refused while loading");
+        }
+        drop(claim);
+        assert!(load.wait(std::time::Duration::from_secs(20)));
+        drop(load);
+        ram.tracked()
+            .writes
+            .claim(Mechanism::Userfaultfd)
+            .expect("free once loaded");
+    }
 }
