@@ -66,33 +66,14 @@ impl UffdSync {
 }
 
 fn handle_faults(shared: &Shared, stop: &EventFd) {
-    let mut fds = [
-        libc::pollfd {
-            fd: shared.uffd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
     loop {
-        // SAFETY: `fds` is a valid array of two pollfds that lives across the call.
-        let ret = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if ret < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
+        match crate::sys::wait_readable(shared.uffd.as_raw_fd(), stop.as_raw_fd()) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::error!("uffd-wp sync: poll failed: {e}");
+                return;
             }
-            tracing::error!(
-                "uffd-wp sync: poll failed: {}",
-                std::io::Error::last_os_error()
-            );
-            return;
-        }
-        if fds[1].revents != 0 {
-            return;
         }
         loop {
             match shared.uffd.read_event() {

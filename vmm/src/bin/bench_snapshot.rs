@@ -89,6 +89,28 @@ fn next_pass(console: &Path, from: usize, timeout: Duration) -> Option<Instant> 
     None
 }
 
+/// Loads a snapshot with `backend` in this process and runs it: returns the VM, when
+/// the load started, how long it took, and when the guest's next verified pass came.
+fn load_and_run(
+    console: &Path,
+    state: &Path,
+    backend: &str,
+    backend_path: &Path,
+) -> Result<(vmm::Vmm, Instant, Duration, Instant), String> {
+    let from = std::fs::metadata(console).map_or(0, |m| usize::try_from(m.len()).unwrap_or(0));
+    let load: SnapshotLoadParams = serde_json::from_value(serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": { "backend_type": backend, "backend_path": backend_path },
+    }))
+    .map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let (mut vm, _) = vmm::snapshot::load(&load).map_err(|e| e.to_string())?;
+    let loaded = start.elapsed();
+    vm.resume().map_err(|e| e.to_string())?;
+    let pass = next_pass(console, from, Duration::from_secs(30)).ok_or("no pass after load")?;
+    Ok((vm, start, loaded, pass))
+}
+
 fn run(args: &Args, guest: &Path, size: u64) -> Result<(), String> {
     let dir = args
         .dir
@@ -154,17 +176,8 @@ fn run(args: &Args, guest: &Path, size: u64) -> Result<(), String> {
     );
     drop(vm);
 
-    let from = std::fs::metadata(&console).map_or(0, |m| usize::try_from(m.len()).unwrap_or(0));
-    let load: SnapshotLoadParams = serde_json::from_value(serde_json::json!({
-        "snapshot_path": full.snapshot_path,
-        "mem_backend": { "backend_type": "File", "backend_path": full.mem_file_path },
-    }))
-    .map_err(|e| e.to_string())?;
-    let start = Instant::now();
-    let (mut vm, _) = vmm::snapshot::load(&load).map_err(|e| e.to_string())?;
-    let loaded = start.elapsed();
-    vm.resume().map_err(|e| e.to_string())?;
-    let pass = next_pass(&console, from, Duration::from_secs(30)).ok_or("no pass after load")?;
+    let (vm, start, loaded, pass) =
+        load_and_run(&console, &full.snapshot_path, "File", &full.mem_file_path)?;
     vm.memory_settled().map_err(|e| e.to_string())?;
     let settled = start.elapsed();
     println!(
@@ -205,17 +218,8 @@ fn run(args: &Args, guest: &Path, size: u64) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    let from = std::fs::metadata(&console).map_or(0, |m| usize::try_from(m.len()).unwrap_or(0));
-    let load: SnapshotLoadParams = serde_json::from_value(serde_json::json!({
-        "snapshot_path": full.snapshot_path,
-        "mem_backend": { "backend_type": "Uffd", "backend_path": handler_sock },
-    }))
-    .map_err(|e| e.to_string())?;
-    let start = Instant::now();
-    let (mut vm, _) = vmm::snapshot::load(&load).map_err(|e| e.to_string())?;
-    let loaded = start.elapsed();
-    vm.resume().map_err(|e| e.to_string())?;
-    let pass = next_pass(&console, from, Duration::from_secs(30)).ok_or("no pass after load")?;
+    let (vm, start, loaded, pass) =
+        load_and_run(&console, &full.snapshot_path, "Uffd", &handler_sock)?;
     println!(
         "{size:>5} MiB  load Uffd    {:>8.1} ms  to the next verified pass {:>8.1} ms",
         ms(loaded),

@@ -82,7 +82,15 @@ pub fn connect(ram: &GuestRam, socket: &Path) -> Result<UffdBackend, SnapshotErr
     })?;
     stream
         .send_with_fd(&message[..], uffd.as_raw_fd())
-        .map_err(|e| handler_err(socket, format!("cannot send the userfaultfd: {e}")))?;
+        .map_err(|e| match e.errno() {
+            // The handler hung up before the message went out: the same fault as one
+            // that hangs up right after (`wait_taken`), and said the same way.
+            libc::EPIPE | libc::ECONNRESET => handler_err(
+                socket,
+                "the page-fault handler closed the connection before serving guest memory",
+            ),
+            _ => handler_err(socket, format!("cannot send the userfaultfd: {e}")),
+        })?;
     wait_taken(&stream, socket)?;
     Ok(UffdBackend {
         _uffd: uffd,
