@@ -170,7 +170,12 @@ fn receive(
         GuestRam::new(machine.mem_size_mib, host.phys_bits).map_err(|e| refused(e.to_string()))?
     };
     check_map(&ram, &hello.memory)?;
-    let vm = crate::vm::Vm::new(host, ram.clone())
+    // Registering guest RAM with KVM takes milliseconds: on a thread of its own, while
+    // the pages arrive.
+    let vm_ram = ram.clone();
+    let creating = std::thread::Builder::new()
+        .name("migration-vm".into())
+        .spawn(move || crate::vm::Vm::new(host, vm_ram))
         .map_err(|e| refused(format!("cannot create the VM: {e}")))?;
     progress.update(|s| s.local = hello.local);
     conn.send_json(
@@ -249,6 +254,10 @@ fn receive(
     tracing::debug!("switch-over: state in, verified after {:?}", t.elapsed());
     crate::snapshot::check_memory(&switch.state, &ram).map_err(|e| refused(e.to_string()))?;
     drop(ram);
+    let vm = creating
+        .join()
+        .map_err(|_| refused("creating the VM panicked"))?
+        .map_err(|e| refused(format!("cannot create the VM: {e}")))?;
     let mut vmm = crate::builder::restore_on(vm, &config, &switch.state, None)
         .map_err(|e| refused(format!("cannot build the VM from the source's state: {e}")))?;
     if config.machine_config.track_dirty_pages {

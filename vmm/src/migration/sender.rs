@@ -128,6 +128,8 @@ struct Pages<'a> {
     busy: Duration,
     /// Of which copying them out of guest RAM.
     copying: Duration,
+    /// Read guest RAM through the mapping rather than the memfd (see `send_range`).
+    through_mapping: bool,
     /// Bytes per second at most.
     limit: Option<u64>,
     since: Instant,
@@ -136,6 +138,8 @@ struct Pages<'a> {
 impl Pages<'_> {
     /// Queues memfd bytes `offset..offset+len`, sending full batches as they fill.
     fn send_range(&mut self, offset: u64, len: u64) -> Result<(), MigrationError> {
+        // The pieces come in memfd order, one after the other.
+        let mut memfd_at = offset;
         for (addr, n) in self.ram.guest_ranges(offset, len) {
             let mut at = 0u64;
             while at < n {
@@ -146,22 +150,33 @@ impl Pages<'_> {
                     self.flush()?;
                 }
                 let guest = GuestAddress(addr.0 + at);
-                let memory = self.ram.memory();
+                let (ram, through_mapping) = (self.ram, self.through_mapping);
                 let copy_start = Instant::now();
                 // Copied out of guest RAM first: the guest may write the page while it
                 // is being sent, and the checksum must cover the bytes that travel.
-                // (A later round sends the newer contents.)
+                // (A later round sends the newer contents.) `pread` on the memfd
+                // copies in the kernel without faulting on this process's mapping; a
+                // page an external handler has yet to serve reads as a hole that way,
+                // so such RAM is read through the mapping, which faults it in.
                 self.batch.push(guest.0, piece, |buf| {
-                    let slice = memory.get_slice(guest, piece).map_err(|e| {
-                        MigrationError::Vm(format!("guest RAM at {:#x}: {e}", guest.0))
-                    })?;
-                    slice.copy_to(buf);
-                    Ok(())
+                    if through_mapping {
+                        let slice = ram.memory().get_slice(guest, piece).map_err(|e| {
+                            MigrationError::Vm(format!("guest RAM at {:#x}: {e}", guest.0))
+                        })?;
+                        slice.copy_to(buf);
+                        Ok(())
+                    } else {
+                        use std::os::unix::fs::FileExt;
+                        ram.file().read_exact_at(buf, memfd_at).map_err(|e| {
+                            MigrationError::Vm(format!("guest RAM at {:#x}: {e}", guest.0))
+                        })
+                    }
                 })?;
                 let took = copy_start.elapsed();
                 self.copying += took;
                 self.busy += took;
                 at += piece as u64;
+                memfd_at += piece as u64;
             }
         }
         Ok(())
@@ -225,6 +240,7 @@ fn run(mut job: SendJob, link: &ControlLink, progress: &Progress) -> Result<(), 
         sent: 0,
         busy: Duration::ZERO,
         copying: Duration::ZERO,
+        through_mapping: job.whole,
         limit: job
             .params
             .max_bandwidth_mib_s
