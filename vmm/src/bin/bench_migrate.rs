@@ -361,16 +361,23 @@ fn main() -> std::process::ExitCode {
         let guest_ratio = runs[0]
             .guest_ratio
             .map(|_| m(|f| f.guest_ratio.unwrap_or(f64::NAN)));
+        // Under 1 MiB sent, the rate is the sender's starting guess, not a measure.
+        let no_rate = local || m(|f| f.mib) < 1.0;
+        let shown_rate = if no_rate {
+            "-".to_string()
+        } else {
+            format!("{rate:.0}")
+        };
         println!(
-            "{:<8} {:>6} {:>10.1} {:>10.2} {:>7} {:>9.1} {:>9.0} {:>7} {:>7}",
+            "{:<8} {:>6} {:>10.1} {:>10.2} {:>7} {:>9.1} {:>9} {:>7} {:>7}",
             name,
             size,
             m(|f| f.total_ms),
             m(|f| f.downtime_ms),
             m(|f| f.rounds as f64),
             m(|f| f.mib),
-            rate,
-            if local || rate == 0.0 {
+            shown_rate,
+            if no_rate {
                 "-".to_string()
             } else {
                 format!("{:.2}", rate / tcp)
