@@ -138,6 +138,9 @@ impl Controller {
         // Read what KVM offers now, not in the first request that needs it. An error
         // here is reported by the request.
         let _ = crate::vm::host();
+        // A ferry started without a VM may be a migration's destination or a
+        // snapshot's: it will restore vCPUs, which needs the probed MSRs.
+        prepare_saves();
         Self::new(Resources::default(), None, Some(api), stdin)
     }
 
@@ -579,6 +582,9 @@ impl Controller {
         }
         let listener = migration::Listener::bind(&endpoint)
             .map_err(|e| ApiError::bad_request(format!("cannot receive a migration: {e}")))?;
+        // Restoring vCPUs needs the probed MSRs: probe them now, beside the pre-copy,
+        // not while the source's guest is paused at switch-over.
+        prepare_saves();
         let progress = Progress::new(api::migration::MigrationStatus {
             role: Some("receive".into()),
             ..Default::default()

@@ -158,9 +158,10 @@ fn migrate(
         "serial": { "serial_out_path": console },
     });
     let src = Ferry::spawn(bin, &dir, "src", Some(&cfg))?;
+    let dst = Ferry::spawn(bin, &dir, "dst", None)?;
     wait_for(&console, ready)?;
-    // A VM that has run a moment, as one a user migrates: ferry's one-time work after
-    // boot (the MSR probe) is done.
+    // A VM that has run a moment, and a destination that has waited a moment, as a
+    // user's are: ferry's one-time work after start (the MSR probe) is done.
     std::thread::sleep(Duration::from_millis(300));
     // The guest's own pace before the migration, over a second.
     // `verify` prints every pass; `dirty` at most once a second, too seldom to count.
@@ -172,7 +173,6 @@ fn migrate(
     } else {
         None
     };
-    let dst = Ferry::spawn(bin, &dir, "dst", None)?;
     let listen = if local {
         format!("unix:{}", dir.join("mig.sock").display())
     } else {

@@ -51,11 +51,6 @@ fn refused(msg: impl Into<String>) -> MigrationError {
 }
 
 fn run(job: ReceiveJob, link: &ControlLink, progress: &Progress) -> Result<(), MigrationError> {
-    // Probed once per process on a scratch VM (milliseconds): while nobody waits,
-    // not while the guest is paused at switch-over.
-    if let Ok(host) = crate::vm::host() {
-        crate::vcpu::state::saved_msrs(host);
-    }
     let stream = job.listener.accept(&progress.cancel)?;
     // One migration per request: nobody else may connect.
     drop(job.listener);
