@@ -431,6 +431,21 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// Puts each override's tap in place of its interface's (a snapshot load, an
+    /// incoming migration). Fails with the `iface_id` of an override that names no
+    /// interface of this configuration.
+    pub fn override_taps(&mut self, overrides: &[NetworkOverride]) -> Result<(), String> {
+        for o in overrides {
+            let iface = self
+                .network_interfaces
+                .iter_mut()
+                .find(|n| n.iface_id == o.iface_id)
+                .ok_or_else(|| o.iface_id.clone())?;
+            iface.host_dev_name = o.host_dev_name.clone();
+        }
+        Ok(())
+    }
+
     /// A configuration from its sections (as assembled through the API).
     pub fn new(
         boot_source: BootSource,

@@ -183,10 +183,16 @@ impl Controller {
         prepare_saves();
         let stdin = self.stdin.then_some(libc::STDIN_FILENO);
         watch(ops, vmm.exit_fds().into_iter().chain(stdin));
-        for (fd, edge) in vmm.devices().virtio.fds() {
-            if let Err(e) = ops.add(Events::new_raw(fd, event_set(edge))) {
-                tracing::error!("cannot watch device fd {fd}: {e:?}");
-            }
+        watch_devices(vmm, ops);
+    }
+
+    /// Stops watching every fd of a VM that is going away; before its fds close, as
+    /// new ones may get the same numbers.
+    fn unwatch_vm(&self, vmm: &Vmm, ops: &mut EventOps) {
+        unwatch_devices(vmm, ops);
+        let stdin = self.stdin.then_some(libc::STDIN_FILENO);
+        for fd in vmm.exit_fds().into_iter().chain(stdin) {
+            let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
         }
     }
 
@@ -363,15 +369,9 @@ impl Controller {
                     .ok_or_else(|| ApiError::bad_request("the microVM is not started"))?;
                 // The old taps close as their devices go: stop watching them first, as a
                 // new tap may get the same fd number.
-                for (fd, edge) in vmm.devices().virtio.fds() {
-                    let _ = ops.remove(Events::new_raw(fd, event_set(edge)));
-                }
+                unwatch_devices(vmm, ops);
                 let result = vmm.restore_devices(saved);
-                for (fd, edge) in vmm.devices().virtio.fds() {
-                    if let Err(e) = ops.add(Events::new_raw(fd, event_set(edge))) {
-                        tracing::error!("cannot watch device fd {fd}: {e:?}");
-                    }
-                }
+                watch_devices(vmm, ops);
                 result.map_err(|e| ApiError::bad_request(e.to_string()))?;
                 Ok(VmmData::Empty)
             }
@@ -634,14 +634,7 @@ impl Controller {
                 }
                 Control::Discard => {
                     if let Some(vmm) = self.vmm.take() {
-                        for (fd, edge) in vmm.devices().virtio.fds() {
-                            let _ = ops.remove(Events::new_raw(fd, event_set(edge)));
-                        }
-                        let stdin = self.stdin.then_some(libc::STDIN_FILENO);
-                        for fd in vmm.exit_fds().into_iter().chain(stdin) {
-                            let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
-                        }
-                        drop(vmm);
+                        self.unwatch_vm(&vmm, ops);
                     }
                     self.resources = Resources::default();
                     self.configured = false;
@@ -747,6 +740,22 @@ fn event_set(edge: bool) -> EventSet {
         EventSet::IN | EventSet::EDGE_TRIGGERED
     } else {
         EventSet::IN
+    }
+}
+
+/// Watches every device fd of `vmm` (queues and backends).
+fn watch_devices(vmm: &Vmm, ops: &mut EventOps) {
+    for (fd, edge) in vmm.devices().virtio.fds() {
+        if let Err(e) = ops.add(Events::new_raw(fd, event_set(edge))) {
+            tracing::error!("cannot watch device fd {fd}: {e:?}");
+        }
+    }
+}
+
+/// Stops watching every device fd of `vmm`.
+fn unwatch_devices(vmm: &Vmm, ops: &mut EventOps) {
+    for (fd, edge) in vmm.devices().virtio.fds() {
+        let _ = ops.remove(Events::new_raw(fd, event_set(edge)));
     }
 }
 

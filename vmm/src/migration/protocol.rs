@@ -265,6 +265,17 @@ pub struct Region {
     pub size: u64,
 }
 
+/// Guest RAM's regions as the protocol names them.
+pub fn regions_of(ram: &memory::GuestRam) -> Vec<Region> {
+    ram.regions()
+        .iter()
+        .map(|r| Region {
+            guest_addr: r.guest_addr.0,
+            size: r.size,
+        })
+        .collect()
+}
+
 /// The source introduces the VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

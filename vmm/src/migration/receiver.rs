@@ -96,19 +96,13 @@ fn with_overrides(
             })?;
         drive.path_on_host = Some(o.path_on_host.clone());
     }
-    for o in params.network_overrides.iter().flatten() {
-        let iface = config
-            .network_interfaces
-            .iter_mut()
-            .find(|n| n.iface_id == o.iface_id)
-            .ok_or_else(|| {
-                refused(format!(
-                    "network_overrides: the source has no network interface \"{}\"",
-                    o.iface_id
-                ))
-            })?;
-        iface.host_dev_name = o.host_dev_name.clone();
-    }
+    config
+        .override_taps(params.network_overrides.as_deref().unwrap_or_default())
+        .map_err(|id| {
+            refused(format!(
+                "network_overrides: the source has no network interface \"{id}\""
+            ))
+        })?;
     config
         .validate()
         .map_err(|e| refused(format!("this host cannot run the source's VM: {e}")))?;
@@ -117,14 +111,7 @@ fn with_overrides(
 
 /// Checks that `ram` is laid out as the source's.
 fn check_map(ram: &GuestRam, source: &[Region]) -> Result<(), MigrationError> {
-    let here: Vec<Region> = ram
-        .regions()
-        .iter()
-        .map(|r| Region {
-            guest_addr: r.guest_addr.0,
-            size: r.size,
-        })
-        .collect();
+    let here = protocol::regions_of(ram);
     if here != source {
         return Err(refused(format!(
             "the source's memory map {source:?} differs from this side's {here:?}"

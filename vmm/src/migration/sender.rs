@@ -26,7 +26,7 @@ use memory::dirty::{DirtyBitmap, DirtyTracker};
 use memory::{GuestRam, PAGE_SIZE};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use super::protocol::{self, Done, Hello, HelloAck, Kind, PageBatch, Region, Switch};
+use super::protocol::{self, Done, Hello, HelloAck, Kind, PageBatch, Switch};
 use super::transport::{self, Conn};
 use super::{verify, Control, ControlLink, MigrationError, Progress};
 
@@ -64,9 +64,6 @@ pub fn spawn(
         .name("migration-send".into())
         .spawn(move || {
             let result = run(job, &link, &progress);
-            if let Err(e) = &result {
-                tracing::warn!("migration failed: {e}");
-            }
             // The VMM thread hears of the end before the API may start another
             // migration (`end` reopens it), so this Abort is always taken before any
             // request of the next one: the channel is in order.
@@ -80,7 +77,11 @@ pub fn spawn(
                 // The destination may run the guest: this side must not.
                 Err(Failed::AfterCommit(_)) => {}
             }
-            progress.end(&result.as_ref().map(drop).map_err(|e| e.error()));
+            let result = result.map_err(Failed::into_error);
+            if let Err(e) = &result {
+                tracing::warn!("migration failed: {e}");
+            }
+            progress.end(&result);
         })
 }
 
@@ -92,27 +93,14 @@ enum Failed {
 }
 
 impl Failed {
-    fn error(&self) -> MigrationError {
-        let e = match self {
-            Failed::BeforeCommit(e) => return clone_error(e),
-            Failed::AfterCommit(e) => e,
-        };
-        MigrationError::Vm(format!(
-            "{e}, after the source told the destination to run the guest: the source stays paused; the guest runs on the destination, or waits there complete and paused (resume exactly one of them)"
-        ))
-    }
-}
-
-impl std::fmt::Display for Failed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.error())
-    }
-}
-
-fn clone_error(e: &MigrationError) -> MigrationError {
-    match e {
-        MigrationError::Cancelled => MigrationError::Cancelled,
-        other => MigrationError::Vm(other.to_string()),
+    /// The error to report; after the commit it says where the guest is.
+    fn into_error(self) -> MigrationError {
+        match self {
+            Failed::BeforeCommit(e) => e,
+            Failed::AfterCommit(e) => MigrationError::Vm(format!(
+                "{e}, after the source told the destination to run the guest: the source stays paused; the guest runs on the destination, or waits there complete and paused (resume exactly one of them)"
+            )),
+        }
     }
 }
 
@@ -189,10 +177,8 @@ impl Pages<'_> {
         self.flush()
     }
 
+    /// Sends the batch (a cancel is taken there, between frames).
     fn flush(&mut self) -> Result<(), MigrationError> {
-        if self.conn.cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
         let bytes = self.batch.data_len() as u64;
         let started = Instant::now();
         self.batch.flush(&mut self.conn)?;
@@ -275,15 +261,7 @@ fn exchange(
         version: protocol::VERSION,
         ferry_version: env!("CARGO_PKG_VERSION").into(),
         config: job.config.clone(),
-        memory: job
-            .ram
-            .regions()
-            .iter()
-            .map(|r| Region {
-                guest_addr: r.guest_addr.0,
-                size: r.size,
-            })
-            .collect(),
+        memory: protocol::regions_of(&job.ram),
         local: job.params.local,
         verify: job.params.verify && !job.params.local,
     };
@@ -292,7 +270,7 @@ fn exchange(
         pages.conn.send(Kind::Memfd, &[]).map_err(before)?;
         pages.conn.send_fd(job.ram.file()).map_err(before)?;
     }
-    // The destination answers once guest RAM and the VM exist there.
+    // The destination answers once it has checked the VM and made guest RAM.
     let ack: HelloAck = pages.conn.recv_json(Kind::HelloAck).map_err(before)?;
     if ack.version != protocol::VERSION {
         return Err(before(MigrationError::Protocol(format!(

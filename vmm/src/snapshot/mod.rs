@@ -412,14 +412,9 @@ pub(crate) fn check_memory(state: &MachineState, ram: &GuestRam) -> Result<(), S
 pub fn load(params: &SnapshotLoadParams) -> Result<(Vmm, VmConfig), SnapshotError> {
     let state = file::read(&params.snapshot_path)?;
     let mut config = state.config.clone();
-    for o in params.network_overrides.iter().flatten() {
-        let iface = config
-            .network_interfaces
-            .iter_mut()
-            .find(|n| n.iface_id == o.iface_id)
-            .ok_or_else(|| SnapshotError::Override(o.iface_id.clone()))?;
-        iface.host_dev_name = o.host_dev_name.clone();
-    }
+    config
+        .override_taps(params.network_overrides.as_deref().unwrap_or_default())
+        .map_err(SnapshotError::Override)?;
     config.machine_config.track_dirty_pages = params.dirty_tracking_wanted();
     config.validate().map_err(|e| SnapshotError::Corrupt {
         path: params.snapshot_path.clone(),
