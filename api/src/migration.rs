@@ -65,6 +65,22 @@ impl std::fmt::Display for Endpoint {
 pub enum MigrationMode {
     /// Rounds of dirty pages while the guest runs, then a short stop.
     Precopy,
+    /// The guest runs on the destination at once; its memory follows, each page it
+    /// touches first fetched on demand.
+    Postcopy,
+    /// `precopy_rounds` pre-copy rounds, then post-copy for the rest.
+    Hybrid,
+}
+
+impl MigrationMode {
+    /// The name used in the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationMode::Precopy => "precopy",
+            MigrationMode::Postcopy => "postcopy",
+            MigrationMode::Hybrid => "hybrid",
+        }
+    }
 }
 
 /// The dirty-page tracking a pre-copy uses.
@@ -101,9 +117,17 @@ pub const MAX_ROUNDS: u32 = 1000;
 pub struct MigrationSendParams {
     /// `tcp:ADDR:PORT` or `unix:PATH`.
     pub destination: String,
-    /// Only `precopy` for now.
+    /// `precopy` (the default), `postcopy` or `hybrid`.
     #[serde(default = "default_mode")]
     pub mode: MigrationMode,
+    /// Hybrid: the pre-copy rounds before the switch to post-copy, the first pass over
+    /// memory included (default 1: one pass, then post-copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopy_rounds: Option<u32>,
+    /// Pre-copy: switch to post-copy instead of stopping the guest for long when
+    /// rounds stop converging or `max_rounds` is reached.
+    #[serde(default)]
+    pub postcopy_fallback: bool,
     /// The longest the guest may stop at switch-over, by estimate.
     #[serde(default = "default_downtime")]
     pub downtime_limit_ms: u64,
@@ -146,6 +170,40 @@ impl MigrationSendParams {
             return Err(invalid(
                 "local",
                 "a local migration hands over guest memory's fd, which needs a unix: destination",
+            ));
+        }
+        let postcopy = self.mode != MigrationMode::Precopy || self.postcopy_fallback;
+        if self.local && postcopy {
+            return Err(invalid(
+                "mode",
+                "a local migration hands over all of guest memory at once: post-copy has nothing to move",
+            ));
+        }
+        if self.verify && postcopy {
+            return Err(invalid(
+                "verify",
+                "verify compares memory at the switch-over, and post-copy moves memory after it",
+            ));
+        }
+        match (self.mode, self.precopy_rounds) {
+            (MigrationMode::Hybrid, Some(n)) if n == 0 || n > MAX_ROUNDS => {
+                return Err(invalid(
+                    "precopy_rounds",
+                    format!("{n} is out of range: it must be 1 to {MAX_ROUNDS}"),
+                ))
+            }
+            (MigrationMode::Precopy | MigrationMode::Postcopy, Some(_)) => {
+                return Err(invalid(
+                    "precopy_rounds",
+                    "only a hybrid migration has them",
+                ))
+            }
+            _ => {}
+        }
+        if self.postcopy_fallback && self.mode != MigrationMode::Precopy {
+            return Err(invalid(
+                "postcopy_fallback",
+                "only a pre-copy migration falls back to post-copy",
             ));
         }
         if self.max_rounds == 0 || self.max_rounds > MAX_ROUNDS {
@@ -256,6 +314,36 @@ pub struct MigrationStatus {
     pub downtime_ms: Option<f64>,
     /// From the request to completion (or to now).
     pub total_ms: f64,
+    /// Whether the guest runs on the destination while its memory still moves.
+    #[serde(default)]
+    pub postcopy: bool,
+    /// Post-copy: guest accesses (vCPUs and devices) to pages not yet here (destination),
+    /// or page requests answered (source).
+    #[serde(default)]
+    pub postcopy_faults: u64,
+    /// Post-copy: from a fault to its page in place, on the destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault_latency_us: Option<FaultLatency>,
+    /// Post-copy: pages sent (source) or received (destination) because a fault asked.
+    #[serde(default)]
+    pub pages_requested: u64,
+    /// Post-copy: pages sent or received in the background.
+    #[serde(default)]
+    pub pages_pushed: u64,
+    /// Post-copy: pages the destination still lacks.
+    #[serde(default)]
+    pub remaining_pages: u64,
+}
+
+/// Fault latencies in µs, over every fault served by a page request.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct FaultLatency {
+    /// The median.
+    pub p50: f64,
+    /// The 99th percentile.
+    pub p99: f64,
+    /// The longest.
+    pub max: f64,
 }
 
 #[cfg(test)]

@@ -124,27 +124,45 @@ const FAULT_CLUSTER: usize = 16;
 /// Bytes the prefetcher places per `UFFDIO_COPY`.
 const PREFETCH_CHUNK: usize = 1 << 20;
 
+/// Registers every region of `ram` with a new userfaultfd for missing pages, holding
+/// guest RAM's userfaultfd mechanism (no tracker can take it meanwhile). Faults then
+/// wait until a page is placed (`place`, `zero`) or the range is unregistered.
+pub fn register_missing(ram: &TrackedRam) -> Result<(Uffd, Claim), FaultError> {
+    let claim = ram.writes.claim(Mechanism::Userfaultfd)?;
+    let uffd = UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        // KVM's faults come from kernel mode (ENVIRONMENT.md).
+        .user_mode_only(false)
+        .create()
+        .map_err(uffd_err("UFFDIO_API"))?;
+    for r in &ram.regions {
+        let len = usize::try_from(r.size).map_err(|_| FaultError::Uffd {
+            what: "UFFDIO_REGISTER",
+            reason: "region too large".into(),
+        })?;
+        uffd.register(r.host_addr as *mut libc::c_void, len)
+            .map_err(uffd_err("UFFDIO_REGISTER"))?;
+    }
+    Ok((uffd, claim))
+}
+
+/// Unregisters what `register_missing` registered: faults still waiting retry, and the
+/// kernel serves them (holes read as zeros).
+pub fn unregister_missing(uffd: &Uffd, ram: &TrackedRam) {
+    for r in &ram.regions {
+        if let Ok(len) = usize::try_from(r.size) {
+            let _ = uffd.unregister(r.host_addr as *mut libc::c_void, len);
+        }
+    }
+}
+
 impl LazyLoad {
     /// Registers all of `ram` for missing faults and starts serving them from
     /// `source`. Guest RAM must be untouched (a fresh memfd).
     pub fn start(ram: &GuestRam, source: Box<dyn PageSource>) -> Result<LazyLoad, FaultError> {
         let tracked = ram.tracked();
-        let claim = tracked.writes.claim(Mechanism::Userfaultfd)?;
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            // KVM's faults come from kernel mode (ENVIRONMENT.md).
-            .user_mode_only(false)
-            .create()
-            .map_err(uffd_err("UFFDIO_API"))?;
-        for r in &tracked.regions {
-            let len = usize::try_from(r.size).map_err(|_| FaultError::Uffd {
-                what: "UFFDIO_REGISTER",
-                reason: "region too large".into(),
-            })?;
-            uffd.register(r.host_addr as *mut libc::c_void, len)
-                .map_err(uffd_err("UFFDIO_REGISTER"))?;
-        }
+        let (uffd, claim) = register_missing(&tracked)?;
         let shared = Arc::new(Shared {
             uffd,
             ram: tracked,
@@ -230,68 +248,96 @@ impl Shared {
             .find(|r| addr >= r.host_addr && addr < r.host_addr + r.size)
     }
 
-    /// Places `buf` at host address `dst`; pages already there are skipped. Returns
-    /// false when the kernel refused for another reason (recorded).
+    /// Places `buf` at host address `dst` (see `place`); false when the kernel
+    /// refused (recorded).
     fn place(&self, buf: &[u8], dst: u64, wake: bool) -> bool {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let rest = &buf[done..];
-            let at = dst + done as u64;
-            // SAFETY: `rest` is a live buffer of `rest.len()` bytes; `at` lies in guest
-            // RAM registered with this userfaultfd, where the kernel places the copy.
-            let copied = unsafe {
-                self.uffd.copy(
-                    rest.as_ptr().cast(),
-                    at as *mut libc::c_void,
-                    rest.len(),
-                    wake,
-                )
-            };
-            match copied {
-                Ok(n) if n > 0 => done += n,
-                // Stopped at a page that is there already (the kernel copies up to it).
-                Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 => done += n,
-                // This page is there already: placed by the other thread, or the
-                // guest's own since. Wake whoever waits on it, and go on after it.
-                Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
-                    if wake {
-                        let _ = self.uffd.wake(at as *mut libc::c_void, PAGE_BYTES);
-                    }
-                    done += PAGE_BYTES;
-                }
-                Ok(_) | Err(userfaultfd::Error::PartiallyCopied(_)) => {
-                    // Nothing placed and no reason given (the mapping is changing):
-                    // one page at a time decides.
-                    let one = &rest[..PAGE_BYTES.min(rest.len())];
-                    // SAFETY: as above, for one page of `buf`.
-                    let r = unsafe {
-                        self.uffd.copy(
-                            one.as_ptr().cast(),
-                            at as *mut libc::c_void,
-                            one.len(),
-                            wake,
-                        )
-                    };
-                    match r {
-                        Ok(_) => {}
-                        Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {}
-                        Err(e) => {
-                            self.fail(format!("cannot place the page at {at:#x}: {e:?}"));
-                            return false;
-                        }
-                    }
-                    done += one.len();
-                }
-                Err(e) => {
-                    self.fail(format!(
-                        "cannot place {} bytes at {at:#x}: {e:?}",
-                        rest.len()
-                    ));
-                    return false;
-                }
+        match place(&self.uffd, buf, dst, wake) {
+            Ok(()) => true,
+            Err(msg) => {
+                self.fail(msg);
+                false
             }
         }
-        true
+    }
+}
+
+/// Places `buf` at host address `dst`, in guest RAM registered with `uffd` for missing
+/// pages, and wakes the threads waiting on it (`wake`). Pages already there are skipped:
+/// placed by another thread, whose copy is the same. Fails when the kernel refuses for
+/// another reason.
+pub fn place(uffd: &Uffd, buf: &[u8], dst: u64, wake: bool) -> Result<(), String> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        let at = dst + done as u64;
+        // SAFETY: `rest` is a live buffer of `rest.len()` bytes; `at` lies in guest RAM
+        // registered with this userfaultfd, where the kernel places the copy.
+        let copied = unsafe {
+            uffd.copy(
+                rest.as_ptr().cast(),
+                at as *mut libc::c_void,
+                rest.len(),
+                wake,
+            )
+        };
+        match copied {
+            Ok(n) if n > 0 => done += n,
+            // Stopped at a page that is there already (the kernel copies up to it).
+            Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 => done += n,
+            // This page is there already: placed by another thread, or the guest's own
+            // since. Wake whoever waits on it, and go on after it.
+            Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+                if wake {
+                    let _ = uffd.wake(at as *mut libc::c_void, PAGE_BYTES);
+                }
+                done += PAGE_BYTES;
+            }
+            Ok(_) | Err(userfaultfd::Error::PartiallyCopied(_)) => {
+                // Nothing placed and no reason given (the mapping is changing): one
+                // page at a time decides.
+                let one = &rest[..PAGE_BYTES.min(rest.len())];
+                // SAFETY: as above, for one page of `buf`.
+                let r = unsafe {
+                    uffd.copy(
+                        one.as_ptr().cast(),
+                        at as *mut libc::c_void,
+                        one.len(),
+                        wake,
+                    )
+                };
+                match r {
+                    Ok(_) => {}
+                    Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+                        if wake {
+                            let _ = uffd.wake(at as *mut libc::c_void, PAGE_BYTES);
+                        }
+                    }
+                    Err(e) => return Err(format!("cannot place the page at {at:#x}: {e:?}")),
+                }
+                done += one.len();
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot place {} bytes at {at:#x}: {e:?}",
+                    rest.len()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Places a zero page at host address `dst` (page-aligned) and wakes its waiters; a
+/// page already there is only woken.
+pub fn zero(uffd: &Uffd, dst: u64) -> Result<(), String> {
+    // SAFETY: `dst` is one page of guest RAM registered with this userfaultfd; the
+    // kernel fills it with zeros, or fails with EEXIST when a page is there.
+    match unsafe { uffd.zeropage(dst as *mut libc::c_void, PAGE_BYTES, true) } {
+        Ok(_) => Ok(()),
+        Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => uffd
+            .wake(dst as *mut libc::c_void, PAGE_BYTES)
+            .map_err(|e| format!("cannot wake the fault at {dst:#x}: {e:?}")),
+        Err(e) => Err(format!("cannot place a zero page at {dst:#x}: {e:?}")),
     }
 }
 
@@ -302,13 +348,7 @@ fn release(shared: &Shared) {
         return;
     }
     shared.released.store(true, Ordering::Release);
-    for r in &shared.ram.regions {
-        if let Ok(len) = usize::try_from(r.size) {
-            let _ = shared
-                .uffd
-                .unregister(r.host_addr as *mut libc::c_void, len);
-        }
-    }
+    unregister_missing(&shared.uffd, &shared.ram);
     // Only now may another userfaultfd take guest RAM.
     claim.take();
 }

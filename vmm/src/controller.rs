@@ -130,6 +130,9 @@ pub struct Controller {
     migration: Option<Arc<Progress>>,
     /// The running migration paused the VM (for its switch-over), so an abort resumes it.
     migration_paused: bool,
+    /// A post-copy into this ferry failed: guest RAM still misses pages, kept missing
+    /// (never zeros) by this registration, and the guest must not run here.
+    incomplete: Option<migration::postcopy::Incoming>,
 }
 
 impl Controller {
@@ -167,6 +170,7 @@ impl Controller {
             control,
             migration: None,
             migration_paused: false,
+            incomplete: None,
             resources,
             vmm,
             api,
@@ -253,6 +257,16 @@ impl Controller {
         {
             return Err(ApiError::bad_request(
                 "a migration is running: wait for it, or PUT /migration/cancel",
+            ));
+        }
+        if self.incomplete.is_some()
+            && matches!(
+                action,
+                VmmAction::Resume | VmmAction::CreateSnapshot(_) | VmmAction::MigrationSend(..)
+            )
+        {
+            return Err(ApiError::bad_request(
+                "the guest's memory is incomplete here: a post-copy migration into this ferry failed (see GET /migration), and the source holds the guest",
             ));
         }
         if matches!(
@@ -514,7 +528,15 @@ impl Controller {
             .as_ref()
             .ok_or_else(|| ApiError::bad_request("cannot migrate: the microVM is not started"))?;
         let config = self.resources.to_config()?;
-        if vmm.state() != VmState::Running {
+        // A guest paused by a post-copy that failed may be sent again.
+        let resend = vmm.state() == VmState::Paused
+            && self.migration.as_ref().is_some_and(|m| {
+                let s = m.status();
+                s.postcopy
+                    && s.state == api::migration::MigrationState::Failed
+                    && s.role.as_deref() == Some("send")
+            });
+        if vmm.state() != VmState::Running && !resend {
             return Err(ApiError::bad_request(format!(
                 "cannot migrate: the microVM is {:?}; only a running microVM migrates",
                 vmm.state()
@@ -527,7 +549,7 @@ impl Controller {
         if let Ok(host) = crate::vm::host() {
             crate::vcpu::state::saved_msrs(host);
         }
-        let tracker = if params.local {
+        let tracker = if params.local || params.mode == api::migration::MigrationMode::Postcopy {
             None
         } else {
             // Hot pages stay writable where the mechanism allows it: pre-copy sends
@@ -638,6 +660,26 @@ impl Controller {
                     }
                     self.resources = Resources::default();
                     self.configured = false;
+                }
+                Control::PostcopyFailed(incoming) => {
+                    if let Some(vmm) = self.vmm.as_mut() {
+                        if vmm.state() == VmState::Running {
+                            if let Err(e) = vmm.pause() {
+                                tracing::error!(
+                                    "cannot pause the guest after the failed post-copy: {e}"
+                                );
+                            }
+                        }
+                    }
+                    self.incomplete = Some(*incoming);
+                }
+                Control::PostcopyDone => {
+                    let machine = &self.resources.machine;
+                    if let (true, Some(vmm)) = (machine.track_dirty_pages, self.vmm.as_mut()) {
+                        if let Err(e) = vmm.track_for_snapshots(machine.dirty_tracking.as_deref()) {
+                            tracing::error!("cannot track dirty pages after the post-copy: {e}");
+                        }
+                    }
                 }
                 Control::Resume(reply) => {
                     let result = match self.vmm.as_mut() {

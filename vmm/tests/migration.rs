@@ -737,3 +737,41 @@ fn test_a_guest_rewriting_96_mib_at_full_speed_switches_over_within_max_rounds()
     let s = assert_moved(src, &mut dst, Duration::from_secs(5));
     assert!(s["downtime_ms"].as_f64() > Some(0.0), "{s}");
 }
+
+/// A post-copy or hybrid migration of the verify guest over loopback TCP: the guest
+/// goes on from its pass on the destination while its memory arrives, and every pass
+/// there is `ok`.
+fn postcopy(name: &str, body: Value, mem_mib: u64, size: &str) -> Value {
+    let dir = TempDir::new(name);
+    let cfg = config(
+        &format!("workload=verify start=16M size={size}"),
+        2,
+        mem_mib,
+        json!({}),
+    );
+    let mut src = Vm::boot(&dir, "src", &cfg);
+    src.ferry.expect_line("pass 3 ok", BOOT);
+    let mut dst = Vm::fresh(&dir, "dst");
+    let listen = format!("tcp:127.0.0.1:{}", free_port());
+    receive(&dst, &listen);
+    let mut body = body;
+    body["destination"] = json!(listen);
+    src.expect("PUT", "/migration/send", body, 204);
+    let s = assert_moved(src, &mut dst, Duration::from_secs(5));
+    eprintln!("destination: {s}");
+    assert_eq!(s["postcopy"], true, "{s}");
+    assert_eq!(s["remaining_pages"], 0, "{s}");
+    assert!(
+        s["pages_requested"].as_u64().unwrap_or(0) + s["pages_pushed"].as_u64().unwrap_or(0) > 0,
+        "{s}"
+    );
+    s
+}
+
+#[test]
+fn test_postcopy_over_tcp() {
+    let s = postcopy("pc-tcp", json!({ "mode": "postcopy" }), 256, "32M");
+    // The guest touched pages before they were pushed: faults were served.
+    assert!(s["postcopy_faults"].as_u64() > Some(0), "{s}");
+    assert!(s["fault_latency_us"]["p50"].as_f64() > Some(0.0), "{s}");
+}

@@ -85,6 +85,15 @@ enum Verb {
         /// Hash every page on both sides at switch-over.
         #[arg(long)]
         verify: bool,
+        /// precopy (default), postcopy or hybrid.
+        #[arg(long)]
+        mode: Option<String>,
+        /// Hybrid: pre-copy rounds before post-copy (default 1).
+        #[arg(long)]
+        precopy_rounds: Option<u32>,
+        /// Pre-copy: switch to post-copy when rounds stop converging.
+        #[arg(long)]
+        postcopy_fallback: bool,
         /// uffd-async (default), uffd-sync or kvm-dirty-log.
         #[arg(long)]
         tracking: Option<String>,
@@ -272,6 +281,9 @@ fn request(verb: Verb) -> (String, String, Option<String>) {
             to,
             local,
             verify,
+            mode,
+            precopy_rounds,
+            postcopy_fallback,
             tracking,
             downtime_ms,
             max_rounds,
@@ -279,6 +291,15 @@ fn request(verb: Verb) -> (String, String, Option<String>) {
             ..
         } => {
             let mut body = json!({ "destination": to, "local": local, "verify": verify });
+            if let Some(m) = mode {
+                body["mode"] = json!(m);
+            }
+            if let Some(n) = precopy_rounds {
+                body["precopy_rounds"] = json!(n);
+            }
+            if postcopy_fallback {
+                body["postcopy_fallback"] = json!(true);
+            }
             if let Some(t) = tracking {
                 body["tracking"] = json!(t);
             }
@@ -330,13 +351,24 @@ fn follow_migration(sock: &std::path::Path, dest: Option<&std::path::Path>) -> E
     while let Some(status) = migration_status(sock) {
         let mib = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
         bar.set_prefix(status["round"].to_string());
-        bar.set_message(format!(
-            "{:.1} MiB sent, {:.0} MiB/s, {} dirty pages left, about {:.1} ms of downtime",
-            mib(&status["transferred_bytes"]),
-            status["throughput_mib_s"].as_f64().unwrap_or(0.0),
-            status["remaining_dirty_pages"],
-            status["expected_downtime_ms"].as_f64().unwrap_or(0.0),
-        ));
+        if status["postcopy"] == true {
+            bar.set_message(format!(
+                "post-copy: {:.1} MiB sent, {} pages left, {} faults, {} pages requested, {} pushed",
+                mib(&status["transferred_bytes"]),
+                status["remaining_pages"],
+                status["postcopy_faults"],
+                status["pages_requested"],
+                status["pages_pushed"],
+            ));
+        } else {
+            bar.set_message(format!(
+                "{:.1} MiB sent, {:.0} MiB/s, {} dirty pages left, about {:.1} ms of downtime",
+                mib(&status["transferred_bytes"]),
+                status["throughput_mib_s"].as_f64().unwrap_or(0.0),
+                status["remaining_dirty_pages"],
+                status["expected_downtime_ms"].as_f64().unwrap_or(0.0),
+            ));
+        }
         bar.tick();
         let active = status["state"] == "active";
         last = status;
@@ -348,16 +380,25 @@ fn follow_migration(sock: &std::path::Path, dest: Option<&std::path::Path>) -> E
     bar.finish_and_clear();
     let state = last["state"].as_str().unwrap_or("");
     if matches!(state, "failed" | "cancelled") {
-        eprintln!(
-            "ferryctl: migration {state}: {}; the guest runs on here",
-            last["error"].as_str().unwrap_or("")
-        );
+        let error = last["error"].as_str().unwrap_or("");
+        if last["postcopy"] == true {
+            eprintln!("ferryctl: migration {state}: {error}");
+        } else {
+            eprintln!("ferryctl: migration {state}: {error}; the guest runs on here");
+        }
         return ExitCode::from(1);
     }
     // The source exits once the destination runs the guest.
     let end = dest.and_then(migration_status).unwrap_or(last);
+    let faults = match &end["fault_latency_us"] {
+        serde_json::Value::Object(l) => format!(
+            ", {} post-copy faults (p50 {} µs, p99 {} µs, max {} µs)",
+            end["postcopy_faults"], l["p50"], l["p99"], l["max"]
+        ),
+        _ => String::new(),
+    };
     println!(
-        "migrated: {:.1} MiB in {:.1} ms, downtime {}, {} rounds",
+        "migrated: {:.1} MiB in {:.1} ms, downtime {}, {} rounds{faults}",
         end["transferred_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
         end["total_ms"].as_f64().unwrap_or(0.0),
         end["downtime_ms"]

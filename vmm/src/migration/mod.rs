@@ -8,6 +8,9 @@
 //! - `receiver`: the destination's thread (checks, pages into RAM, the VM built from
 //!   the state, resume on commit).
 //! - `verify`: page hashes that both sides compare at switch-over.
+//! - `postcopy`: the destination runs the guest first and fetches its memory on
+//!   demand; fault serving on one side, page answers and the background push on the
+//!   other.
 //!
 //! The migration threads never touch the VM itself: what needs the VMM thread (pausing
 //! and saving the VM, resuming it, installing a received one) goes to it as a `Control`
@@ -23,6 +26,7 @@
 //!   wins: a cancel after the commit is refused, and a commit after a cancel never
 //!   happens. The `cancel` flag that connections watch is set with `CANCELLED`.
 
+pub mod postcopy;
 mod protocol;
 pub mod receiver;
 pub mod sender;
@@ -218,6 +222,11 @@ pub enum Control {
     /// Destination: run it; answers with the time its vCPUs were let go, in ns since
     /// the Unix epoch.
     Resume(Sender<Result<u64, String>>),
+    /// Destination: post-copy failed: pause the guest for good, and hold guest RAM's
+    /// registration so that its missing pages are never read as zeros.
+    PostcopyFailed(Box<postcopy::Incoming>),
+    /// Destination: all of memory arrived after a post-copy.
+    PostcopyDone,
 }
 
 /// The VMM thread's end of the migration threads' requests.

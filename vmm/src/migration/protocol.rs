@@ -24,13 +24,15 @@ use super::MigrationError;
 /// The first bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FRYM";
 /// The protocol version both sides must speak.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 24;
 /// Most page data in one batch.
 pub const BATCH_BYTES: usize = 1 << 20;
 /// Most ranges in one batch (a batch of scattered single pages).
 pub const MAX_RANGES: usize = BATCH_BYTES / memory::PAGE_BYTES;
+/// Most pages one `Request` asks for.
+pub const MAX_REQUEST: usize = 512;
 /// Largest JSON payload: machine state is tens of KiB per vCPU.
 const MAX_JSON: u64 = 64 << 20;
 
@@ -58,13 +60,43 @@ pub enum Kind {
     Error = 9,
     /// Source → destination: guest RAM's memfd, as SCM_RIGHTS (local migration; empty).
     Memfd = 10,
+    /// Source → destination, first on the fault stream: which migration it joins
+    /// (JSON `Channel`).
+    Channel = 11,
+    /// Source → destination after a post-copy `State`: the pages the destination
+    /// lacks (binary, see `encode_ranges`).
+    Missing = 12,
+    /// Destination → source, fault stream: pages a fault needs (binary, u64
+    /// guest-physical page addresses).
+    Request = 13,
+    /// Source → destination: every page the destination lacks has been sent (empty).
+    PushDone = 14,
+    /// Destination → source: every page is here (empty).
+    Complete = 15,
+    /// Source → destination: the source saw `Complete` and ends (empty).
+    CompleteAck = 16,
 }
 
 impl Kind {
     fn from_u16(v: u16) -> Option<Kind> {
         use Kind::*;
         [
-            Hello, HelloAck, Pages, State, Hashes, Ready, Go, Done, Error, Memfd,
+            Hello,
+            HelloAck,
+            Pages,
+            State,
+            Hashes,
+            Ready,
+            Go,
+            Done,
+            Error,
+            Memfd,
+            Channel,
+            Missing,
+            Request,
+            PushDone,
+            Complete,
+            CompleteAck,
         ]
         .into_iter()
         .find(|k| *k as u16 == v)
@@ -77,7 +109,15 @@ impl Kind {
             // A page number and its hash for every page of the largest guest ferry
             // makes (the memory map bounds it again on receipt).
             Kind::Hashes => 16 << 30,
-            Kind::Ready | Kind::Go | Kind::Memfd => 0,
+            // A range per page at worst (bounded by the memory map again on receipt).
+            Kind::Missing => 16 << 30,
+            Kind::Request => (8 * MAX_REQUEST) as u64,
+            Kind::Ready
+            | Kind::Go
+            | Kind::Memfd
+            | Kind::PushDone
+            | Kind::Complete
+            | Kind::CompleteAck => 0,
             _ => MAX_JSON,
         }
     }
@@ -293,6 +333,17 @@ pub struct Hello {
     pub local: bool,
     /// Whether hashes of every page follow the last pages.
     pub verify: bool,
+    /// Whether the source opens a second stream, for post-copy page requests, after
+    /// `HelloAck`; it presents this token there.
+    pub fault_channel: Option<u64>,
+}
+
+/// The first message on the fault stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Channel {
+    /// `Hello::fault_channel`.
+    pub token: u64,
 }
 
 /// The destination's answer to `Hello`.
@@ -313,6 +364,78 @@ pub struct Switch {
     pub paused_at_ns: u64,
     /// Pre-copy rounds before the switch-over.
     pub rounds: u32,
+    /// Whether the guest runs on the destination before all of its memory is there:
+    /// `Missing` follows.
+    pub postcopy: bool,
+}
+
+/// Guest-physical ranges as (address, length), whole pages, in the binary layout of
+/// `Missing`: u64 count, then count × (u64 address, u64 length), little-endian.
+pub fn encode_ranges(ranges: &[(u64, u64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 16 * ranges.len());
+    out.extend_from_slice(&(ranges.len() as u64).to_le_bytes());
+    for &(addr, len) in ranges {
+        out.extend_from_slice(&addr.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    out
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// Parses `encode_ranges`' layout; each range must be whole pages, and the count must
+/// match the length. The caller checks them against its memory map.
+pub fn decode_ranges(body: &[u8]) -> Result<Vec<(u64, u64)>, MigrationError> {
+    if body.len() < 8 {
+        return Err(protocol("a range list is shorter than its count"));
+    }
+    let count = le_u64(body);
+    if Some(body.len() as u64) != count.checked_mul(16).and_then(|n| n.checked_add(8)) {
+        return Err(protocol(format!(
+            "a range list of {} bytes says it holds {count} ranges",
+            body.len()
+        )));
+    }
+    body[8..]
+        .chunks_exact(16)
+        .map(|r| {
+            let (addr, len) = (le_u64(r), le_u64(&r[8..]));
+            if len == 0
+                || !addr.is_multiple_of(memory::PAGE_SIZE)
+                || !len.is_multiple_of(memory::PAGE_SIZE)
+            {
+                return Err(protocol(format!(
+                    "a range list names {len:#x} bytes at {addr:#x}: ranges must be whole pages"
+                )));
+            }
+            Ok((addr, len))
+        })
+        .collect()
+}
+
+/// Parses a `Request`: whole-page guest-physical addresses, 1 to `MAX_REQUEST`.
+pub fn decode_request(body: &[u8]) -> Result<Vec<u64>, MigrationError> {
+    if body.is_empty() || !body.len().is_multiple_of(8) || body.len() > 8 * MAX_REQUEST {
+        return Err(protocol(format!(
+            "a page request of {} bytes: it must be 1 to {MAX_REQUEST} addresses of 8 bytes",
+            body.len()
+        )));
+    }
+    body.chunks_exact(8)
+        .map(|a| {
+            let addr = le_u64(a);
+            if !addr.is_multiple_of(memory::PAGE_SIZE) {
+                return Err(protocol(format!(
+                    "a page request names {addr:#x}, which is not a page's start"
+                )));
+            }
+            Ok(addr)
+        })
+        .collect()
 }
 
 /// The destination runs the guest.

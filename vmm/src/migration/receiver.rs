@@ -17,8 +17,11 @@ use api::VmConfig;
 use memory::{GuestRam, PAGE_SIZE};
 use vm_memory::GuestAddress;
 
-use super::protocol::{self, Done, Hello, HelloAck, Kind, Region, Switch};
-use super::transport::{Conn, Listener};
+use std::sync::Arc;
+
+use super::postcopy::{self, Incoming};
+use super::protocol::{self, Channel, Done, Hello, HelloAck, Kind, Region, Switch};
+use super::transport::{Conn, Listener, STALL_TIMEOUT};
 use super::{verify, Control, ControlLink, MigrationError, Progress};
 
 /// What the destination's thread needs.
@@ -50,26 +53,47 @@ fn refused(msg: impl Into<String>) -> MigrationError {
     MigrationError::Refused(msg.into())
 }
 
-fn run(job: ReceiveJob, link: &ControlLink, progress: &Progress) -> Result<(), MigrationError> {
-    let stream = job.listener.accept(&progress.cancel)?;
-    // One migration per request: nobody else may connect.
-    drop(job.listener);
+fn run(
+    job: ReceiveJob,
+    link: &ControlLink,
+    progress: &Arc<Progress>,
+) -> Result<(), MigrationError> {
+    let stream = job.listener.accept(&progress.cancel, None)?;
     let mut conn = Conn::new(stream, progress.cancel.clone())?;
     let mut installed = false;
-    let result = receive(&mut conn, &job.params, link, progress, &mut installed);
+    let mut incoming = None;
+    let result = receive(
+        &mut conn,
+        job.listener,
+        &job.params,
+        link,
+        progress,
+        &mut installed,
+        &mut incoming,
+    );
     let result = result.map_err(|e| {
         if e.worth_telling() {
             conn.send_failure(&e.to_string());
         }
-        match (&e, installed) {
-            (_, false) => e,
-            // The source said it gave up, so it did not commit: it runs the guest.
-            (MigrationError::Peer(_), true) => {
+        match (&e, installed, incoming) {
+            // The source said it gave up before its Go: it runs the guest.
+            (MigrationError::Peer(_), true, _) if progress.status().downtime_ms.is_none() => {
                 let _ = link.send(Control::Discard);
                 e
             }
+            // Post-copy cannot go on: the guest stops here, and its missing pages stay
+            // missing (never zeros) for as long as this VM exists.
+            (_, true, Some(incoming)) => {
+                let missing = incoming.remaining();
+                incoming.publish(progress);
+                let _ = link.send(Control::PostcopyFailed(Box::new(incoming.hold())));
+                MigrationError::Vm(format!(
+                    "{e}; post-copy cannot go on: the guest is paused here with {missing} pages still missing and must not run here; the source keeps it paused with all of its memory: resume it there (PATCH /vm) or send it again"
+                ))
+            }
+            (_, false, _) => e,
             // Nobody can tell here whether the source committed.
-            (_, true) => MigrationError::Vm(format!(
+            (_, true, None) => MigrationError::Vm(format!(
                 "{e}; the VM is complete here and stays paused: resume it (PATCH /vm) only if the source does not run it"
             )),
         }
@@ -122,10 +146,12 @@ fn check_map(ram: &GuestRam, source: &[Region]) -> Result<(), MigrationError> {
 
 fn receive(
     conn: &mut Conn,
+    listener: Listener,
     params: &MigrationReceiveParams,
     link: &ControlLink,
-    progress: &Progress,
+    progress: &Arc<Progress>,
     installed: &mut bool,
+    incoming: &mut Option<Incoming>,
 ) -> Result<(), MigrationError> {
     let hello: Hello = conn.recv_json(Kind::Hello)?;
     if hello.version != protocol::VERSION {
@@ -166,6 +192,24 @@ fn receive(
             version: protocol::VERSION,
         },
     )?;
+    // Post-copy's page requests come on a second stream from the same source.
+    let mut fault_conn = match hello.fault_channel {
+        Some(token) => {
+            let deadline = std::time::Instant::now() + STALL_TIMEOUT;
+            let stream = listener.accept(&progress.cancel, Some(deadline))?;
+            let mut c = Conn::new(stream, progress.cancel.clone())?;
+            let channel: Channel = c.recv_json(Kind::Channel)?;
+            if channel.token != token {
+                return Err(MigrationError::Protocol(
+                    "a second connection came that is not this migration's".into(),
+                ));
+            }
+            Some(c)
+        }
+        None => None,
+    };
+    // One migration per request: nobody else may connect.
+    drop(listener);
 
     let total_pages = ram.size() / PAGE_SIZE;
     let mut data = Vec::with_capacity(protocol::BATCH_BYTES);
@@ -227,6 +271,24 @@ fn receive(
     };
     let t = std::time::Instant::now();
     progress.update(|s| s.round = switch.rounds);
+    let lacks = if switch.postcopy {
+        if hello.verify || fault_conn.is_none() {
+            return Err(MigrationError::Protocol(
+                "a post-copy switch in a migration that did not announce it".into(),
+            ));
+        }
+        let header = conn.expect(Kind::Missing)?;
+        if header.len > 8 + 16 * total_pages {
+            return Err(MigrationError::Protocol(format!(
+                "{} bytes of missing pages for {total_pages} pages",
+                header.len
+            )));
+        }
+        let body = conn.read_payload(&header)?;
+        Some(postcopy::decode_missing(&ram, &body)?)
+    } else {
+        None
+    };
     if hello.verify {
         let source = hashes.ok_or_else(|| {
             MigrationError::Protocol("the state came before the page hashes".into())
@@ -235,17 +297,31 @@ fn receive(
     }
     tracing::debug!("switch-over: state in, verified after {:?}", t.elapsed());
     crate::snapshot::check_memory(&switch.state, &ram).map_err(|e| refused(e.to_string()))?;
-    drop(ram);
     let vm = creating
         .join()
         .map_err(|_| refused("creating the VM panicked"))?
         .map_err(|e| refused(format!("cannot create the VM: {e}")))?;
     let mut vmm = crate::builder::restore_on(vm, &config, &switch.state, None)
         .map_err(|e| refused(format!("cannot build the VM from the source's state: {e}")))?;
-    if config.machine_config.track_dirty_pages {
+    // Post-copy holds guest RAM's userfaultfd until all memory is here: tracking for
+    // snapshots starts then.
+    if config.machine_config.track_dirty_pages && lacks.is_none() {
         vmm.track_for_snapshots(config.machine_config.dirty_tracking.as_deref())
             .map_err(|e| refused(e.to_string()))?;
     }
+    if let (Some(lacks), Some(fault_conn)) = (lacks, fault_conn.take()) {
+        progress.update(|s| {
+            s.postcopy = true;
+            s.remaining_pages = lacks.count() as u64;
+        });
+        *incoming = Some(postcopy::Incoming::start(
+            &ram,
+            lacks,
+            fault_conn,
+            progress.clone(),
+        )?);
+    }
+    drop(ram);
     tracing::debug!("switch-over: VM built after {:?}", t.elapsed());
     // From here a cancel here is refused: the VM is ready to run on the source's Go.
     if !progress.commit() {
@@ -260,6 +336,67 @@ fn receive(
     let downtime_ms = resumed_at.saturating_sub(switch.paused_at_ns) as f64 / 1e6;
     progress.update(|s| s.downtime_ms = Some(downtime_ms));
     // The guest runs here now, whatever becomes of this message.
-    let _ = conn.send_json(Kind::Done, &Done { downtime_ms });
+    let sent = conn.send_json(Kind::Done, &Done { downtime_ms });
+    if let Some(inc) = incoming.as_mut() {
+        sent?;
+        rest_of_memory(conn, inc, progress, received)?;
+        if let Some(inc) = incoming.take() {
+            inc.finish();
+        }
+        let _ = link.send(Control::PostcopyDone);
+    }
+    Ok(())
+}
+
+/// Post-copy after the guest runs here: places the pages the source pushes until it
+/// says it sent them all, waits for the answers still on their way, and ends the
+/// migration with the source.
+fn rest_of_memory(
+    conn: &mut Conn,
+    incoming: &mut Incoming,
+    progress: &Progress,
+    mut received: u64,
+) -> Result<(), MigrationError> {
+    let failed = |incoming: &Incoming| incoming.error().map(MigrationError::Vm);
+    let mut data = Vec::with_capacity(protocol::BATCH_BYTES);
+    loop {
+        let header = conn.recv_header()?;
+        match header.kind {
+            Kind::Pages => {
+                let ranges = protocol::read_batch(conn, &header, &mut data)?;
+                incoming.pushed(&ranges, &data)?;
+                received += data.len() as u64;
+                progress.update(|s| s.transferred_bytes = received);
+                incoming.publish(progress);
+                if let Some(e) = failed(incoming) {
+                    return Err(e);
+                }
+            }
+            Kind::PushDone => break,
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "unexpected {other:?} message during post-copy"
+                )))
+            }
+        }
+    }
+    // Answers to the last requests may still be on the fault stream.
+    let since = std::time::Instant::now();
+    while incoming.remaining() > 0 {
+        if let Some(e) = failed(incoming) {
+            return Err(e);
+        }
+        if since.elapsed() > STALL_TIMEOUT {
+            return Err(MigrationError::Protocol(format!(
+                "the source said it sent every page, but {} are missing",
+                incoming.remaining()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    incoming.stop_serving();
+    incoming.publish(progress);
+    conn.send(Kind::Complete, &[])?;
+    conn.recv_empty(Kind::CompleteAck)?;
     Ok(())
 }

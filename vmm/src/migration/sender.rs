@@ -26,7 +26,12 @@ use memory::dirty::{DirtyBitmap, DirtyTracker};
 use memory::{GuestRam, PAGE_SIZE};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use super::protocol::{self, Done, Hello, HelloAck, Kind, PageBatch, Switch};
+use std::sync::atomic::Ordering;
+
+use api::migration::MigrationMode;
+
+use super::postcopy::Outgoing;
+use super::protocol::{self, Channel, Done, Hello, HelloAck, Kind, PageBatch, Switch};
 use super::transport::{self, Conn};
 use super::{verify, Control, ControlLink, MigrationError, Progress};
 
@@ -74,8 +79,9 @@ pub fn spawn(
                 Err(Failed::BeforeCommit(_)) => {
                     let _ = link.send(Control::Abort(progress.clone()));
                 }
-                // The destination may run the guest: this side must not.
-                Err(Failed::AfterCommit(_)) => {}
+                // The destination may run the guest: this side must not, unless
+                // asked to.
+                Err(Failed::AfterCommit(_) | Failed::Postcopy(_)) => {}
             }
             let result = result.map_err(Failed::into_error);
             if let Err(e) = &result {
@@ -90,6 +96,8 @@ pub fn spawn(
 enum Failed {
     BeforeCommit(MigrationError),
     AfterCommit(MigrationError),
+    /// After the commit, while the destination ran the guest and fetched its memory.
+    Postcopy(MigrationError),
 }
 
 impl Failed {
@@ -100,7 +108,37 @@ impl Failed {
             Failed::AfterCommit(e) => MigrationError::Vm(format!(
                 "{e}, after the source told the destination to run the guest: the source stays paused; the guest runs on the destination, or waits there complete and paused (resume exactly one of them)"
             )),
+            Failed::Postcopy(e) => MigrationError::Vm(format!(
+                "{e}, during post-copy: the guest is paused here with all of its memory as it was at the switch-over, and the destination pauses its copy when its link breaks; resume the guest here (PATCH /vm) or send it again (PUT /migration/send)"
+            )),
         }
+    }
+}
+
+/// Copies guest RAM at `guest` (memfd offset `memfd_at`) into `buf`. `pread` on the
+/// memfd copies in the kernel without faulting on this process's mapping; a page an
+/// external handler has yet to serve reads as a hole that way, so such RAM is read
+/// through the mapping (`through_mapping`), which faults it in.
+pub fn copy_out(
+    ram: &GuestRam,
+    through_mapping: bool,
+    guest: GuestAddress,
+    memfd_at: u64,
+    buf: &mut [u8],
+) -> Result<(), MigrationError> {
+    let bad = |e: String| MigrationError::Vm(format!("guest RAM at {:#x}: {e}", guest.0));
+    if through_mapping {
+        let slice = ram
+            .memory()
+            .get_slice(guest, buf.len())
+            .map_err(|e| bad(e.to_string()))?;
+        slice.copy_to(buf);
+        Ok(())
+    } else {
+        use std::os::unix::fs::FileExt;
+        ram.file()
+            .read_exact_at(buf, memfd_at)
+            .map_err(|e| bad(e.to_string()))
     }
 }
 
@@ -142,23 +180,9 @@ impl Pages<'_> {
                 let copy_start = Instant::now();
                 // Copied out of guest RAM first: the guest may write the page while it
                 // is being sent, and the checksum must cover the bytes that travel.
-                // (A later round sends the newer contents.) `pread` on the memfd
-                // copies in the kernel without faulting on this process's mapping; a
-                // page an external handler has yet to serve reads as a hole that way,
-                // so such RAM is read through the mapping, which faults it in.
+                // (A later round sends the newer contents.)
                 self.batch.push(guest.0, piece, |buf| {
-                    if through_mapping {
-                        let slice = ram.memory().get_slice(guest, piece).map_err(|e| {
-                            MigrationError::Vm(format!("guest RAM at {:#x}: {e}", guest.0))
-                        })?;
-                        slice.copy_to(buf);
-                        Ok(())
-                    } else {
-                        use std::os::unix::fs::FileExt;
-                        ram.file().read_exact_at(buf, memfd_at).map_err(|e| {
-                            MigrationError::Vm(format!("guest RAM at {:#x}: {e}", guest.0))
-                        })
-                    }
+                    copy_out(ram, through_mapping, guest, memfd_at, buf)
                 })?;
                 let took = copy_start.elapsed();
                 self.copying += took;
@@ -234,17 +258,18 @@ fn run(mut job: SendJob, link: &ControlLink, progress: &Progress) -> Result<(), 
         since: Instant::now(),
     };
     let mut result = exchange(&job, &mut tracker, link, &mut pages);
-    if let Err(Failed::BeforeCommit(e)) = &result {
-        if matches!(e, MigrationError::Io { .. } | MigrationError::Closed) {
-            if let Some(reason) = pages.conn.peer_reason() {
-                result = Err(Failed::BeforeCommit(reason));
+    match &mut result {
+        Err(Failed::BeforeCommit(e) | Failed::Postcopy(e)) => {
+            if matches!(e, MigrationError::Io { .. } | MigrationError::Closed) {
+                if let Some(reason) = pages.conn.peer_reason() {
+                    *e = reason;
+                }
+            }
+            if e.worth_telling() {
+                pages.conn.send_failure(&e.to_string());
             }
         }
-    }
-    if let Err(Failed::BeforeCommit(e)) = &result {
-        if e.worth_telling() {
-            pages.conn.send_failure(&e.to_string());
-        }
+        _ => {}
     }
     pages.conn.shutdown();
     result
@@ -257,6 +282,13 @@ fn exchange(
     pages: &mut Pages,
 ) -> Result<(), Failed> {
     let before = |e| Failed::BeforeCommit(e);
+    let postcopy_mode = job.params.mode != MigrationMode::Precopy;
+    let token = (postcopy_mode || job.params.postcopy_fallback).then(|| {
+        use std::hash::{BuildHasher, Hasher};
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    });
     let hello = Hello {
         version: protocol::VERSION,
         ferry_version: env!("CARGO_PKG_VERSION").into(),
@@ -264,6 +296,7 @@ fn exchange(
         memory: protocol::regions_of(&job.ram),
         local: job.params.local,
         verify: job.params.verify && !job.params.local,
+        fault_channel: token,
     };
     pages.conn.send_json(Kind::Hello, &hello).map_err(before)?;
     if job.params.local {
@@ -279,48 +312,114 @@ fn exchange(
             protocol::VERSION
         ))));
     }
+    // Post-copy's page requests get a stream of their own, so that they and their
+    // answers never queue behind bulk pages.
+    let fault_conn = match token {
+        Some(token) => {
+            let stream = transport::connect(&job.endpoint).map_err(before)?;
+            let mut conn = Conn::new(stream, pages.progress.cancel.clone()).map_err(before)?;
+            conn.send_json(Kind::Channel, &Channel { token })
+                .map_err(before)?;
+            Some(conn)
+        }
+        None => None,
+    };
 
     let mut carry = None;
-    if !job.params.local {
-        carry = Some(precopy(job, tracker, pages).map_err(before)?);
+    let mut go_postcopy = job.params.mode == MigrationMode::Postcopy;
+    match job.params.mode {
+        _ if job.params.local => {}
+        MigrationMode::Postcopy => {}
+        MigrationMode::Precopy => {
+            let (unsent, converged) = precopy(job, tracker, pages, None).map_err(before)?;
+            go_postcopy = !converged && job.params.postcopy_fallback;
+            carry = Some(unsent);
+        }
+        MigrationMode::Hybrid => {
+            let rounds = job.params.precopy_rounds.unwrap_or(1);
+            carry = Some(
+                precopy(job, tracker, pages, Some(rounds))
+                    .map_err(before)?
+                    .0,
+            );
+            go_postcopy = true;
+        }
     }
 
     // Switch-over: from here the guest is paused until one side runs it.
     let t = Instant::now();
     let (state, paused_at_ns) = link.ask(Control::Switchover).map_err(before)?;
     tracing::debug!("switch-over: paused and saved in {:?}", t.elapsed());
-    if let Some(tracker) = tracker.as_mut() {
-        let mut last = tracker
-            .collect()
-            .map_err(|e| before(MigrationError::Vm(format!("dirty tracking: {e}"))))?;
-        if let Some(carry) = carry {
-            for p in carry.pages() {
-                last.set(p);
-            }
-        }
-        let count = last.count() as u64;
-        progress_round(pages.progress, count, 0.0);
-        pages.send_bitmap(&last).map_err(before)?;
+    let mut last = match tracker.as_mut() {
+        Some(tracker) => Some(
+            tracker
+                .collect()
+                .map_err(|e| before(MigrationError::Vm(format!("dirty tracking: {e}"))))?,
+        ),
+        None => None,
+    };
+    if let (Some(last), Some(carry)) = (last.as_mut(), carry) {
+        last.union_with(&carry);
     }
-    if job.params.verify && !job.params.local {
-        let hashes =
-            verify::hash_data_pages(&job.ram).map_err(|e| before(MigrationError::Verify(e)))?;
+    let mut lacks = None;
+    if go_postcopy {
+        // The destination lacks what pre-copy left unsent, or every page that holds
+        // data when nothing was sent.
+        let missing = match last {
+            Some(last) => last,
+            None => all_data_pages(job).map_err(before)?,
+        };
+        let count = missing.count() as u64;
+        pages.progress.update(|s| {
+            s.postcopy = true;
+            s.remaining_pages = count;
+        });
+        tracing::info!("post-copy: the destination runs the guest; {count} pages follow");
         pages
             .conn
-            .send(Kind::Hashes, &[&verify::encode(&hashes)])
+            .send_json(
+                Kind::State,
+                &Switch {
+                    state,
+                    paused_at_ns,
+                    rounds: pages.progress.status().round,
+                    postcopy: true,
+                },
+            )
+            .map_err(before)?;
+        let ranges = super::postcopy::guest_ranges(&job.ram, &missing);
+        pages
+            .conn
+            .send(Kind::Missing, &[&protocol::encode_ranges(&ranges)])
+            .map_err(before)?;
+        lacks = Some(missing);
+    } else {
+        if let Some(last) = last {
+            let count = last.count() as u64;
+            progress_round(pages.progress, count, 0.0);
+            pages.send_bitmap(&last).map_err(before)?;
+        }
+        if job.params.verify && !job.params.local {
+            let hashes =
+                verify::hash_data_pages(&job.ram).map_err(|e| before(MigrationError::Verify(e)))?;
+            pages
+                .conn
+                .send(Kind::Hashes, &[&verify::encode(&hashes)])
+                .map_err(before)?;
+        }
+        pages
+            .conn
+            .send_json(
+                Kind::State,
+                &Switch {
+                    state,
+                    paused_at_ns,
+                    rounds: pages.progress.status().round,
+                    postcopy: false,
+                },
+            )
             .map_err(before)?;
     }
-    pages
-        .conn
-        .send_json(
-            Kind::State,
-            &Switch {
-                state,
-                paused_at_ns,
-                rounds: pages.progress.status().round,
-            },
-        )
-        .map_err(before)?;
     tracing::debug!("switch-over: state sent after {:?}", t.elapsed());
 
     pages.conn.recv_empty(Kind::Ready).map_err(before)?;
@@ -329,18 +428,145 @@ fn exchange(
         return Err(before(MigrationError::Cancelled));
     }
     let after = |e| Failed::AfterCommit(e);
-    pages.conn.send(Kind::Go, &[]).map_err(after)?;
+    let during = |e| Failed::Postcopy(e);
+    pages
+        .conn
+        .send(Kind::Go, &[])
+        .map_err(if lacks.is_some() { during } else { after })?;
     // Unregistering guest RAM takes milliseconds for a large guest: not before the
     // destination runs it. (On a failure, the thread's end drops the tracker before
     // the guest resumes here.)
     if let Some(mut tracker) = tracker.take() {
         let _ = tracker.stop();
     }
-    let done: Done = pages.conn.recv_json(Kind::Done).map_err(after)?;
+    let done: Done;
+    match (lacks, fault_conn) {
+        (Some(lacks), Some(fault_conn)) => {
+            done = postcopy(job, pages, lacks, fault_conn).map_err(during)?;
+        }
+        (Some(_), None) => {
+            return Err(during(MigrationError::Vm(
+                "post-copy without a fault stream".into(),
+            )))
+        }
+        (None, _) => done = pages.conn.recv_json(Kind::Done).map_err(after)?,
+    }
     pages
         .progress
         .update(|s| s.downtime_ms = Some(done.downtime_ms));
     Ok(())
+}
+
+/// Every page of guest RAM that holds data (all of it when an external handler
+/// serves it: its holes are pages not yet served).
+fn all_data_pages(job: &SendJob) -> Result<DirtyBitmap, MigrationError> {
+    let mut b = DirtyBitmap::new(job.ram.regions());
+    if job.whole {
+        b.set_run(0, memory::dirty::total_pages(job.ram.regions()));
+        return Ok(b);
+    }
+    let runs = job
+        .ram
+        .tracked()
+        .data_pages()
+        .map_err(|e| MigrationError::Vm(format!("cannot list guest RAM's pages: {e}")))?;
+    for (first, count) in runs {
+        b.set_run(first, count);
+    }
+    Ok(b)
+}
+
+/// After Go: answers page requests on a thread of its own and pushes every other
+/// missing page here, until the destination holds them all. Returns the
+/// destination's `Done`.
+fn postcopy(
+    job: &SendJob,
+    pages: &mut Pages,
+    lacks: DirtyBitmap,
+    fault_conn: Conn,
+) -> Result<Done, MigrationError> {
+    let out = Outgoing::new(&job.ram, job.whole, lacks);
+    let answer_error: std::sync::Mutex<Option<MigrationError>> = std::sync::Mutex::new(None);
+    std::thread::scope(|scope| {
+        let answering = std::thread::Builder::new()
+            .name("postcopy-answer".into())
+            .spawn_scoped(scope, || {
+                if let Err(e) = out.answer(fault_conn) {
+                    tracing::warn!("post-copy: answering page requests: {e}");
+                    *answer_error.lock().expect("poisoned") = Some(e);
+                    // The pusher sees it between batches.
+                    out.stop.store(true, Ordering::Release);
+                }
+            })
+            .map_err(|e| MigrationError::Vm(format!("cannot start a thread: {e}")));
+        let result = answering.and_then(|_| push(&out, pages, &answer_error));
+        out.stop.store(true, Ordering::Release);
+        // The answering thread ends at its next poll.
+        result
+    })
+}
+
+/// The pusher: every page still to send, from the latest request on, then the end
+/// of post-copy on the main stream.
+fn push(
+    out: &Outgoing,
+    pages: &mut Pages,
+    answer_error: &std::sync::Mutex<Option<MigrationError>>,
+) -> Result<Done, MigrationError> {
+    let total = memory::dirty::total_pages(pages.ram.regions());
+    let mut cursor = 0usize;
+    let mut last_hint = usize::MAX;
+    let mut pushed = 0u64;
+    let mut published = Instant::now();
+    loop {
+        if out.stop.load(Ordering::Acquire) {
+            return Err(answer_error
+                .lock()
+                .expect("poisoned")
+                .take()
+                .unwrap_or_else(|| MigrationError::Vm("the page-request thread ended".into())));
+        }
+        let hint = out.hint.load(Ordering::Acquire);
+        if hint != last_hint {
+            last_hint = hint;
+            cursor = hint;
+        }
+        let Some(first) = out.todo.next(cursor) else {
+            break;
+        };
+        let mut count = 0;
+        while count < protocol::MAX_RANGES && first + count < total && out.todo.take(first + count)
+        {
+            count += 1;
+        }
+        cursor = first + count.max(1);
+        if count == 0 {
+            continue;
+        }
+        pages.send_range(first as u64 * PAGE_SIZE, count as u64 * PAGE_SIZE)?;
+        pushed += count as u64;
+        if published.elapsed() >= Duration::from_millis(100) {
+            publish(out, pages.progress, pushed);
+            published = Instant::now();
+        }
+    }
+    pages.flush()?;
+    publish(out, pages.progress, pushed);
+    pages.conn.send(Kind::PushDone, &[])?;
+    let done: Done = pages.conn.recv_json(Kind::Done)?;
+    pages.conn.recv_empty(Kind::Complete)?;
+    pages.conn.send(Kind::CompleteAck, &[])?;
+    publish(out, pages.progress, pushed);
+    Ok(done)
+}
+
+fn publish(out: &Outgoing, progress: &Progress, pushed: u64) {
+    progress.update(|s| {
+        s.pages_pushed = pushed;
+        s.pages_requested = out.requested.load(Ordering::Relaxed);
+        s.postcopy_faults = out.faults.load(Ordering::Relaxed);
+        s.remaining_pages = out.todo.count();
+    });
 }
 
 fn progress_round(progress: &Progress, remaining: u64, expected_ms: f64) {
@@ -350,13 +576,15 @@ fn progress_round(progress: &Progress, remaining: u64, expected_ms: f64) {
     });
 }
 
-/// Round 0 and the rounds after it, until switch-over is due. Returns the dirty pages
-/// collected last and not yet sent.
+/// Round 0 and the rounds after it, until switch-over is due, or after `rounds`
+/// rounds (hybrid). Returns the dirty pages collected last and not yet sent, and
+/// whether they fit the downtime limit.
 fn precopy(
     job: &SendJob,
     tracker: &mut Option<Box<dyn DirtyTracker>>,
     pages: &mut Pages,
-) -> Result<DirtyBitmap, MigrationError> {
+    rounds: Option<u32>,
+) -> Result<(DirtyBitmap, bool), MigrationError> {
     let tracker = tracker
         .as_mut()
         .ok_or_else(|| MigrationError::Vm("pre-copy needs dirty tracking".into()))?;
@@ -411,11 +639,16 @@ fn precopy(
         // is left: a slow writer then stops for well under a millisecond of pages.
         let halving = pending * 2 <= last_pending;
         let fits = expected_ms <= limit_ms && (!halving || expected_ms <= SMALL_DOWNTIME_MS);
-        if fits || stale >= STALE_ROUNDS || round > job.params.max_rounds {
+        if let Some(rounds) = rounds {
+            if round >= rounds {
+                tracing::info!("hybrid: post-copy after {round} rounds, {pending} pages left");
+                return Ok((unsent, false));
+            }
+        } else if fits || stale >= STALE_ROUNDS || round > job.params.max_rounds {
             tracing::info!(
                 "pre-copy: switching over after round {round}: {pending} pages left, about {expected_ms:.1} ms"
             );
-            return Ok(unsent);
+            return Ok((unsent, fits));
         }
         last_pending = pending;
         // A page written in this round and the last is hot: it is sent once, at the

@@ -229,10 +229,39 @@ impl Conn {
     }
 
     /// Ends the connection both ways, so the peer sees it at once.
+    /// The socket, for `poll`.
+    pub fn raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
     pub fn shutdown(&self) {
         // SAFETY: shutdown(2) on a socket fd we own; it only changes the socket's state.
         unsafe { libc::shutdown(self.stream.as_raw_fd(), libc::SHUT_RDWR) };
     }
+}
+
+/// Waits up to `timeout_ms` until some of `fds` are readable (or hung up); returns
+/// which are.
+pub fn poll_readable<const N: usize>(
+    fds: [RawFd; N],
+    timeout_ms: libc::c_int,
+) -> std::io::Result<[bool; N]> {
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // SAFETY: `pfds` is a valid array of N pollfds that lives across the call; poll
+    // only writes their `revents`.
+    let ret = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
+    if ret < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == ErrorKind::Interrupted {
+            return Ok([false; N]);
+        }
+        return Err(e);
+    }
+    Ok(pfds.map(|p| p.revents != 0))
 }
 
 /// Connects to `endpoint`, giving up after `STALL_TIMEOUT`.
@@ -300,8 +329,12 @@ impl Listener {
         Ok(listener)
     }
 
-    /// Waits for one connection, until `cancel` is set.
-    pub fn accept(&self, cancel: &AtomicBool) -> Result<Stream, MigrationError> {
+    /// Waits for one connection, until `cancel` is set or `deadline` passes.
+    pub fn accept(
+        &self,
+        cancel: &AtomicBool,
+        deadline: Option<Instant>,
+    ) -> Result<Stream, MigrationError> {
         loop {
             let got = match self {
                 Listener::Tcp(l) => l.accept().map(|(s, _)| {
@@ -318,6 +351,11 @@ impl Listener {
                 Err(e) if is_wait(&e) => {
                     if cancel.load(Ordering::Acquire) {
                         return Err(MigrationError::Cancelled);
+                    }
+                    if deadline.is_some_and(|d| Instant::now() > d) {
+                        return Err(MigrationError::Stalled(
+                            "the source never opened its second stream".into(),
+                        ));
                     }
                     let mut pfd = libc::pollfd {
                         fd: self.as_raw_fd(),

@@ -1,0 +1,679 @@
+//! Post-copy: the guest runs on the destination before all of its memory is there.
+//!
+//! At the switch the source sends the pages the destination lacks (`Missing`). The
+//! destination punches them out of its memfd, registers guest RAM with a userfaultfd
+//! for missing pages, and runs the guest. Two streams then carry pages:
+//! - the *fault stream*: the destination's fault thread reads each fault, asks the
+//!   source for the page (`Request`), and places the answer (`Pages`) with
+//!   `UFFDIO_COPY`, which wakes the vCPU or device thread that waits on it. A fault on a
+//!   page the source never held is filled with zeros here, with no round trip;
+//! - the *main stream*: the source pushes every other page it still has to send, from
+//!   the page of the latest request on, and the destination's migration thread places
+//!   them as they come.
+//!
+//! When every page is here the destination says `Complete`, the source `CompleteAck`,
+//! and guest RAM is unregistered.
+//!
+//! Shared state, who writes it and who reads it:
+//! - Destination `Incoming::pending` (pages still to arrive): both placing threads clear
+//!   a page's bit after its `UFFDIO_COPY` returned (placed, or `EEXIST`: placed by the
+//!   other). Clearing is an atomic fetch-and, so exactly one of them sees the bit set and
+//!   counts the page; none is counted twice or lost. The fault thread reads it to
+//!   choose between asking the source and placing zeros: a page it finds clear is
+//!   placed, so the zero page fails with `EEXIST` and only wakes the faulting thread.
+//! - Destination counters and `error`: atomics and a mutex, any thread; `error` keeps
+//!   the first.
+//! - Source `Outgoing::todo` (pages not yet sent): the answering thread and the pusher
+//!   claim a page by clearing its bit (atomic fetch-and), so a page is pushed by at most
+//!   one of them. A requested page is answered even when the pusher claimed it first:
+//!   its batch may sit behind megabytes of others. The destination takes the second
+//!   copy as `EEXIST`; both copies hold the same bytes, since the source's guest is
+//!   paused.
+//! - Source `hint`: the answering thread stores the latest requested page, the pusher
+//!   reads it to move its cursor there. A stale read only delays the jump.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use api::migration::FaultLatency;
+use memory::dirty::{guest_to_page, page_to_guest, Claim, DirtyBitmap};
+use memory::{GuestRam, PAGE_BYTES, PAGE_SIZE};
+use userfaultfd::{Event, Uffd};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::protocol::{self, Kind, PageBatch};
+use super::transport::{poll_readable, Conn};
+use super::{MigrationError, Progress};
+
+/// Pages after a requested one that go with its answer, when they are still to send:
+/// a guest that touches a page is likely to touch the next ones.
+const NEIGHBOURS: usize = 15;
+/// How often the threads publish their counters to `GET /migration`.
+const PUBLISH: Duration = Duration::from_millis(100);
+/// Poll timeout of the fault threads, so that they see their stop flag.
+const POLL_MS: libc::c_int = 50;
+
+/// A set of memfd pages that threads take pages out of concurrently.
+///
+/// Hand-written: vm-memory's `AtomicBitmap` marks and reads bits, but has no
+/// test-and-clear that tells exactly one of two racing threads that it took a page.
+pub struct PageSet {
+    words: Vec<AtomicU64>,
+    count: AtomicU64,
+}
+
+impl PageSet {
+    /// The pages set in `bitmap`, of `pages` in all.
+    pub fn from_bitmap(bitmap: &DirtyBitmap, pages: usize) -> PageSet {
+        let words: Vec<AtomicU64> = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let mut count = 0;
+        for p in bitmap.pages().filter(|p| *p < pages) {
+            words[p / 64].fetch_or(1 << (p % 64), Ordering::Relaxed);
+            count += 1;
+        }
+        PageSet {
+            words,
+            count: AtomicU64::new(count),
+        }
+    }
+
+    /// Takes `page` out; true for the one caller that found it in.
+    pub fn take(&self, page: usize) -> bool {
+        let Some(word) = self.words.get(page / 64) else {
+            return false;
+        };
+        let bit = 1u64 << (page % 64);
+        let was = word.fetch_and(!bit, Ordering::AcqRel);
+        if was & bit != 0 {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether `page` is still in.
+    pub fn contains(&self, page: usize) -> bool {
+        self.words
+            .get(page / 64)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+    }
+
+    /// The first page still in at or after `from`, wrapping around once.
+    pub fn next(&self, from: usize) -> Option<usize> {
+        let n = self.words.len();
+        if n == 0 {
+            return None;
+        }
+        let start = (from / 64) % n;
+        for i in 0..=n {
+            let w = (start + i) % n;
+            let mut bits = self.words[w].load(Ordering::Acquire);
+            if i == 0 {
+                // The first word only from `from` on; its lower bits come last.
+                bits &= u64::MAX << (from % 64);
+            }
+            if i == n {
+                bits = self.words[w].load(Ordering::Acquire);
+            }
+            if bits != 0 {
+                return Some(w * 64 + bits.trailing_zeros() as usize);
+            }
+        }
+        None
+    }
+
+    /// Pages still in.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
+/// The memfd pages of guest ranges, checked against the memory map: each range must
+/// lie in RAM (`what` names the message in errors).
+fn pages_of_ranges(
+    ram: &GuestRam,
+    ranges: &[(u64, u64)],
+    what: &str,
+) -> Result<Vec<(usize, usize)>, MigrationError> {
+    ranges
+        .iter()
+        .map(|&(addr, len)| {
+            ram.pages_of(GuestAddress(addr), len).map_err(|_| {
+                MigrationError::Protocol(format!(
+                    "{what} names {len:#x} bytes at guest address {addr:#x}, which is not all guest RAM here"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The pages in `bitmap` as guest-physical (address, length) ranges.
+pub fn guest_ranges(ram: &GuestRam, bitmap: &DirtyBitmap) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for (first, count) in bitmap.runs() {
+        for (addr, len) in ram.guest_ranges(first as u64 * PAGE_SIZE, count as u64 * PAGE_SIZE) {
+            out.push((addr.0, len));
+        }
+    }
+    out
+}
+
+/// Parses and checks a `Missing` body into the set of pages it names.
+pub fn decode_missing(ram: &GuestRam, body: &[u8]) -> Result<DirtyBitmap, MigrationError> {
+    let ranges = protocol::decode_ranges(body)?;
+    let mut lacks = DirtyBitmap::new(ram.regions());
+    for (first, count) in pages_of_ranges(ram, &ranges, "the list of missing pages")? {
+        lacks.set_run(first, count);
+    }
+    Ok(lacks)
+}
+
+// ---------------------------------------------------------------------------------
+// The destination.
+
+struct In {
+    uffd: Uffd,
+    ram: GuestRam,
+    /// The pages missing at the switch; what the source may send.
+    lacks: DirtyBitmap,
+    /// The pages still to arrive.
+    pending: PageSet,
+    faults: AtomicU64,
+    requested: AtomicU64,
+    pushed: AtomicU64,
+    latency: Mutex<Option<FaultLatency>>,
+    error: Mutex<Option<String>>,
+    /// Guest RAM's userfaultfd mechanism, while registered.
+    claim: Mutex<Option<Claim>>,
+}
+
+impl In {
+    fn fail(&self, msg: String) {
+        tracing::error!("post-copy: {msg}");
+        self.error.lock().expect("poisoned").get_or_insert(msg);
+    }
+
+    /// Checks a batch's ranges against the missing pages: the source sends nothing
+    /// else. Returns their memfd pages.
+    fn check(&self, ranges: &[(u64, u64)]) -> Result<Vec<(usize, usize)>, MigrationError> {
+        let pages = pages_of_ranges(&self.ram, ranges, "a post-copy page batch")?;
+        for (&(addr, _), &(first, count)) in ranges.iter().zip(&pages) {
+            if let Some(p) = (first..first + count).find(|p| !self.lacks.get(*p)) {
+                let at = page_to_guest(self.ram.regions(), p).map_or(addr, |a| a.0);
+                return Err(MigrationError::Protocol(format!(
+                    "the source sent the page at guest address {at:#x}, which the destination did not lack"
+                )));
+            }
+        }
+        Ok(pages)
+    }
+
+    /// Places a checked batch and takes its pages out of `pending`; returns how many
+    /// were still pending.
+    fn place(
+        &self,
+        ranges: &[(u64, u64)],
+        pages: &[(usize, usize)],
+        data: &[u8],
+    ) -> Result<u64, MigrationError> {
+        let mut at = 0usize;
+        let mut new = 0u64;
+        for (&(addr, len), &(first, count)) in ranges.iter().zip(pages) {
+            // `read_batch` checked that the ranges add up to `data`.
+            let len = usize::try_from(len)
+                .map_err(|_| MigrationError::Protocol("a page range is too long".into()))?;
+            let host = self
+                .ram
+                .regions()
+                .iter()
+                .find(|r| addr >= r.guest_addr.0 && addr < r.guest_addr.0 + r.size)
+                .map(|r| r.host_addr + (addr - r.guest_addr.0))
+                .ok_or_else(|| MigrationError::Vm(format!("no guest RAM at {addr:#x}")))?;
+            memory::fault::place(&self.uffd, &data[at..at + len], host, true)
+                .map_err(MigrationError::Vm)?;
+            new += (first..first + count)
+                .filter(|p| self.pending.take(*p))
+                .count() as u64;
+            at += len;
+        }
+        Ok(new)
+    }
+
+    fn release(&self) {
+        let mut claim = self.claim.lock().expect("poisoned");
+        if claim.take().is_some() {
+            memory::fault::unregister_missing(&self.uffd, &self.ram.tracked());
+        }
+    }
+}
+
+/// Guest RAM on the destination while post-copy runs; see the module doc.
+pub struct Incoming {
+    shared: Arc<In>,
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Incoming {
+    /// Makes the pages in `lacks` missing in `ram` (a pre-copy may have filled them with
+    /// older contents), registers guest RAM for missing faults, and starts the fault
+    /// thread on `conn`, the fault stream. Nothing may touch guest RAM between the
+    /// holes and the registration: the VM must not run yet.
+    pub fn start(
+        ram: &GuestRam,
+        lacks: DirtyBitmap,
+        conn: Conn,
+        progress: Arc<Progress>,
+    ) -> Result<Incoming, MigrationError> {
+        for (addr, len) in guest_ranges(ram, &lacks) {
+            ram.discard(GuestAddress(addr), len)
+                .map_err(|e| MigrationError::Vm(format!("cannot empty a missing page: {e}")))?;
+        }
+        let (uffd, claim) = memory::fault::register_missing(&ram.tracked())
+            .map_err(|e| MigrationError::Vm(format!("post-copy: {e}")))?;
+        let total = memory::dirty::total_pages(ram.regions());
+        let shared = Arc::new(In {
+            uffd,
+            ram: ram.clone(),
+            pending: PageSet::from_bitmap(&lacks, total),
+            lacks,
+            faults: AtomicU64::new(0),
+            requested: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
+            latency: Mutex::new(None),
+            error: Mutex::new(None),
+            claim: Mutex::new(Some(claim)),
+        });
+        let stop = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| MigrationError::Vm(format!("post-copy: eventfd: {e}")))?;
+        let thread_stop = stop
+            .try_clone()
+            .map_err(|e| MigrationError::Vm(format!("post-copy: eventfd: {e}")))?;
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("postcopy-faults".into())
+            .spawn(move || serve_faults(&s, conn, &thread_stop, &progress))
+            .map_err(|e| MigrationError::Vm(format!("post-copy: cannot start a thread: {e}")))?;
+        Ok(Incoming {
+            shared,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Checks and places a batch the source pushed on the main stream.
+    pub fn pushed(&self, ranges: &[(u64, u64)], data: &[u8]) -> Result<(), MigrationError> {
+        let pages = self.shared.check(ranges)?;
+        let new = self.shared.place(ranges, &pages, data)?;
+        self.shared.pushed.fetch_add(new, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Pages still to arrive.
+    pub fn remaining(&self) -> u64 {
+        self.shared.pending.count()
+    }
+
+    /// The fault thread's error, if it failed.
+    pub fn error(&self) -> Option<String> {
+        self.shared.error.lock().expect("poisoned").clone()
+    }
+
+    /// Copies the counters into `progress`.
+    pub fn publish(&self, progress: &Progress) {
+        publish(&self.shared, progress);
+    }
+
+    /// Stops the fault thread.
+    fn stop_thread(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Stops serving faults (every page is here).
+    pub fn stop_serving(&mut self) {
+        self.stop_thread();
+    }
+
+    /// Every page is here: stops the fault thread and gives guest RAM back to the
+    /// kernel.
+    pub fn finish(mut self) {
+        self.stop_thread();
+        self.shared.release();
+    }
+
+    /// The migration failed: stops serving faults but keeps guest RAM registered, so
+    /// that nothing runs on with a missing page read as zeros. Whoever holds the
+    /// returned value keeps it so; dropping it lets the kernel fill the holes.
+    pub fn hold(mut self) -> Incoming {
+        self.stop_thread();
+        self
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.stop_thread();
+        self.shared.release();
+    }
+}
+
+fn publish(shared: &In, progress: &Progress) {
+    let latency = *shared.latency.lock().expect("poisoned");
+    let remaining = shared.pending.count();
+    progress.update(|s| {
+        s.postcopy_faults = shared.faults.load(Ordering::Relaxed);
+        s.pages_requested = shared.requested.load(Ordering::Relaxed);
+        s.pages_pushed = shared.pushed.load(Ordering::Relaxed);
+        s.remaining_pages = remaining;
+        s.fault_latency_us = latency;
+    });
+}
+
+/// p50, p99 and max of `samples` (µs).
+fn percentiles(samples: &[u32]) -> Option<FaultLatency> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut s = samples.to_vec();
+    s.sort_unstable();
+    let at = |q: f64| f64::from(s[((s.len() - 1) as f64 * q).round() as usize]);
+    Some(FaultLatency {
+        p50: at(0.5),
+        p99: at(0.99),
+        max: at(1.0),
+    })
+}
+
+/// The destination's fault thread: faults to requests, answers into guest RAM.
+fn serve_faults(shared: &In, mut conn: Conn, stop: &EventFd, progress: &Progress) {
+    use std::os::fd::AsRawFd;
+    // Pages asked for and not yet answered, with when their first fault was read.
+    let mut waiting: HashMap<usize, Instant> = HashMap::new();
+    let mut latencies: Vec<u32> = Vec::new();
+    let mut data = Vec::with_capacity(protocol::BATCH_BYTES);
+    let mut published = Instant::now();
+    let fds = [shared.uffd.as_raw_fd(), conn.raw_fd(), stop.as_raw_fd()];
+    loop {
+        let ready = match poll_readable(fds, POLL_MS) {
+            Ok(r) => r,
+            Err(e) => return shared.fail(format!("poll: {e}")),
+        };
+        if ready[2] {
+            break;
+        }
+        if ready[0] {
+            if let Err(e) = take_faults(shared, &mut conn, &mut waiting) {
+                return shared.fail(format!("serving a page fault: {e}"));
+            }
+        }
+        if ready[1] {
+            if let Err(e) = take_answer(shared, &mut conn, &mut data, &mut waiting, &mut latencies)
+            {
+                return shared.fail(format!("the fault stream: {e}"));
+            }
+        }
+        if published.elapsed() >= PUBLISH {
+            *shared.latency.lock().expect("poisoned") = percentiles(&latencies);
+            publish(shared, progress);
+            published = Instant::now();
+        }
+    }
+    *shared.latency.lock().expect("poisoned") = percentiles(&latencies);
+    publish(shared, progress);
+}
+
+/// Reads every queued fault: pages still to come are asked for (once), the others
+/// placed as zeros, or only woken when they arrived meanwhile.
+fn take_faults(
+    shared: &In,
+    conn: &mut Conn,
+    waiting: &mut HashMap<usize, Instant>,
+) -> Result<(), MigrationError> {
+    let mut want: Vec<u8> = Vec::new();
+    loop {
+        let addr = match shared.uffd.read_event() {
+            Ok(Some(Event::Pagefault { addr, .. })) => addr as u64 & !(PAGE_SIZE - 1),
+            Ok(Some(_)) => continue,
+            Ok(None) => break,
+            Err(e) => return Err(MigrationError::Vm(format!("reading faults: {e}"))),
+        };
+        shared.faults.fetch_add(1, Ordering::Relaxed);
+        let region = shared
+            .ram
+            .regions()
+            .iter()
+            .find(|r| addr >= r.host_addr && addr < r.host_addr + r.size)
+            .ok_or_else(|| MigrationError::Vm(format!("a fault outside guest RAM at {addr:#x}")))?;
+        let guest = region.guest_addr.0 + (addr - region.host_addr);
+        let page = guest_to_page(shared.ram.regions(), GuestAddress(guest))
+            .ok_or_else(|| MigrationError::Vm(format!("a fault outside guest RAM at {addr:#x}")))?;
+        if shared.pending.contains(page) {
+            if let std::collections::hash_map::Entry::Vacant(e) = waiting.entry(page) {
+                e.insert(Instant::now());
+                want.extend_from_slice(&guest.to_le_bytes());
+                if want.len() == 8 * protocol::MAX_REQUEST {
+                    conn.send(Kind::Request, &[&want])?;
+                    want.clear();
+                }
+            }
+        } else {
+            // Never held by the source (a zero page), or here by now.
+            memory::fault::zero(&shared.uffd, addr).map_err(MigrationError::Vm)?;
+        }
+    }
+    if !want.is_empty() {
+        conn.send(Kind::Request, &[&want])?;
+    }
+    Ok(())
+}
+
+/// Reads one answer from the fault stream and places it.
+fn take_answer(
+    shared: &In,
+    conn: &mut Conn,
+    data: &mut Vec<u8>,
+    waiting: &mut HashMap<usize, Instant>,
+    latencies: &mut Vec<u32>,
+) -> Result<(), MigrationError> {
+    let header = conn.recv_header()?;
+    if header.kind != Kind::Pages {
+        return Err(MigrationError::Protocol(format!(
+            "unexpected {:?} message on the fault stream",
+            header.kind
+        )));
+    }
+    let ranges = protocol::read_batch(conn, &header, data)?;
+    let pages = shared.check(&ranges)?;
+    let new = shared.place(&ranges, &pages, data)?;
+    shared.requested.fetch_add(new, Ordering::Relaxed);
+    for &(first, count) in &pages {
+        for p in first..first + count {
+            if let Some(since) = waiting.remove(&p) {
+                latencies.push(u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX));
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// The source.
+
+/// What the source's two post-copy threads share; see the module doc.
+pub struct Outgoing {
+    ram: GuestRam,
+    through_mapping: bool,
+    lacks: DirtyBitmap,
+    /// Pages not yet sent.
+    pub todo: PageSet,
+    /// The page of the latest request.
+    pub hint: AtomicUsize,
+    /// Pages requested by faults (one per request).
+    pub faults: AtomicU64,
+    /// Pages sent in answers, neighbours included.
+    pub requested: AtomicU64,
+    /// Set when the answering thread should end.
+    pub stop: AtomicBool,
+}
+
+impl Outgoing {
+    /// The source's side of a post-copy of the pages in `lacks`.
+    pub fn new(ram: &GuestRam, through_mapping: bool, lacks: DirtyBitmap) -> Outgoing {
+        let total = memory::dirty::total_pages(ram.regions());
+        Outgoing {
+            ram: ram.clone(),
+            through_mapping,
+            todo: PageSet::from_bitmap(&lacks, total),
+            lacks,
+            hint: AtomicUsize::new(0),
+            faults: AtomicU64::new(0),
+            requested: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    /// Answers page requests on `conn` until `stop` is set or the stream ends.
+    pub fn answer(&self, mut conn: Conn) -> Result<(), MigrationError> {
+        let mut batch = PageBatch::new();
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let ready = poll_readable([conn.raw_fd()], POLL_MS)
+                .map_err(|e| MigrationError::io("poll the fault stream", e))?;
+            if !ready[0] {
+                continue;
+            }
+            let header = conn.recv_header()?;
+            if header.kind != Kind::Request {
+                return Err(MigrationError::Protocol(format!(
+                    "unexpected {:?} message on the fault stream",
+                    header.kind
+                )));
+            }
+            let body = conn.read_payload(&header)?;
+            for addr in protocol::decode_request(&body)? {
+                let page = guest_to_page(self.ram.regions(), GuestAddress(addr))
+                    .filter(|p| self.lacks.get(*p))
+                    .ok_or_else(|| {
+                        MigrationError::Protocol(format!(
+                            "the destination asked for the page at {addr:#x}, which it does not lack"
+                        ))
+                    })?;
+                self.faults.fetch_add(1, Ordering::Relaxed);
+                self.hint.store(page, Ordering::Release);
+                // The page itself even if the pusher took it (module doc), then the
+                // next ones nobody sent yet.
+                self.todo.take(page);
+                let mut count = 1;
+                while count <= NEIGHBOURS && self.todo.take(page + count) {
+                    count += 1;
+                }
+                self.queue(&mut batch, page, count, &mut conn)?;
+                self.requested.fetch_add(count as u64, Ordering::Relaxed);
+            }
+            batch.flush(&mut conn)?;
+        }
+    }
+
+    /// Adds memfd pages `first..first+count` to `batch`, sending it when full.
+    fn queue(
+        &self,
+        batch: &mut PageBatch,
+        first: usize,
+        count: usize,
+        conn: &mut Conn,
+    ) -> Result<(), MigrationError> {
+        let mut memfd_at = first as u64 * PAGE_SIZE;
+        for (addr, len) in self.ram.guest_ranges(memfd_at, count as u64 * PAGE_SIZE) {
+            let len = usize::try_from(len).unwrap_or(PAGE_BYTES);
+            if !batch.fits(len) {
+                batch.flush(conn)?;
+            }
+            batch.push(addr.0, len, |buf| {
+                super::sender::copy_out(&self.ram, self.through_mapping, addr, memfd_at, buf)
+            })?;
+            memfd_at += len as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_page_set_takes_each_page_once_and_finds_the_next() {
+        let ram = GuestRam::new(4, 46).expect("ram");
+        let mut b = DirtyBitmap::new(ram.regions());
+        for p in [3usize, 64, 65, 700] {
+            b.set(p);
+        }
+        let set = PageSet::from_bitmap(&b, 1024);
+        assert_eq!(set.count(), 4);
+        assert_eq!(set.next(0), Some(3));
+        assert_eq!(set.next(4), Some(64));
+        assert_eq!(set.next(701), Some(3), "wraps around");
+        assert!(set.take(64));
+        assert!(!set.take(64), "only once");
+        assert!(!set.take(5000), "past the end");
+        assert_eq!(set.next(4), Some(65));
+        assert_eq!(set.count(), 3);
+        for p in [3, 65, 700] {
+            assert!(set.take(p));
+        }
+        assert_eq!(set.next(0), None);
+    }
+
+    /// Two threads take every page of a large set at once: each page is taken by
+    /// exactly one of them, and the count ends at zero.
+    #[test]
+    fn test_page_set_racing_takers_never_share_or_lose_a_page() {
+        const PAGES: usize = 1 << 18;
+        let mut b = DirtyBitmap::new(&[memory::RamRegion {
+            guest_addr: GuestAddress(0),
+            size: (PAGES as u64) * PAGE_SIZE,
+            host_addr: 0,
+            file_offset: 0,
+        }]);
+        b.set_run(0, PAGES);
+        let set = PageSet::from_bitmap(&b, PAGES);
+        let taken: Vec<Vec<usize>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|t| {
+                    let set = &set;
+                    s.spawn(move || {
+                        let mut mine = Vec::new();
+                        for i in 0..PAGES {
+                            // One from the bottom, one from the top: they meet and race.
+                            let p = if t == 0 { i } else { PAGES - 1 - i };
+                            if set.take(p) {
+                                mine.push(p);
+                            }
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread"))
+                .collect()
+        });
+        assert_eq!(taken[0].len() + taken[1].len(), PAGES);
+        let mut all: Vec<usize> = taken.concat();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), PAGES, "a page taken twice");
+        assert_eq!(set.count(), 0);
+    }
+}
