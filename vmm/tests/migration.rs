@@ -738,9 +738,9 @@ fn test_a_guest_rewriting_96_mib_at_full_speed_switches_over_within_max_rounds()
     assert!(s["downtime_ms"].as_f64() > Some(0.0), "{s}");
 }
 
-/// A post-copy or hybrid migration of the verify guest over loopback TCP: the guest
-/// goes on from its pass on the destination while its memory arrives, and every pass
-/// there is `ok`.
+/// A post-copy or hybrid migration of the verify guest (`size` of RAM rewritten and
+/// checked every pass) over loopback TCP: the guest goes on from its pass on the
+/// destination while its memory arrives, and every pass there is `ok`.
 fn postcopy(name: &str, body: Value, mem_mib: u64, size: &str) -> Value {
     let dir = TempDir::new(name);
     let cfg = config(
@@ -758,20 +758,281 @@ fn postcopy(name: &str, body: Value, mem_mib: u64, size: &str) -> Value {
     body["destination"] = json!(listen);
     src.expect("PUT", "/migration/send", body, 204);
     let s = assert_moved(src, &mut dst, Duration::from_secs(5));
-    eprintln!("destination: {s}");
+    assert_postcopied(&s);
+    s
+}
+
+/// The destination's status after a post-copy: every page arrived, asked for or
+/// pushed.
+fn assert_postcopied(s: &Value) {
     assert_eq!(s["postcopy"], true, "{s}");
     assert_eq!(s["remaining_pages"], 0, "{s}");
     assert!(
         s["pages_requested"].as_u64().unwrap_or(0) + s["pages_pushed"].as_u64().unwrap_or(0) > 0,
         "{s}"
     );
-    s
 }
 
 #[test]
-fn test_postcopy_over_tcp() {
-    let s = postcopy("pc-tcp", json!({ "mode": "postcopy" }), 256, "32M");
+fn test_postcopy_of_a_guest_verifying_1_gib_over_tcp() {
+    let s = postcopy("pc-tcp", json!({ "mode": "postcopy" }), 1100, "1G");
     // The guest touched pages before they were pushed: faults were served.
     assert!(s["postcopy_faults"].as_u64() > Some(0), "{s}");
     assert!(s["fault_latency_us"]["p50"].as_f64() > Some(0.0), "{s}");
+    assert!(s["transferred_bytes"].as_u64() > Some(1 << 30), "{s}");
+}
+
+#[test]
+fn test_hybrid_over_tcp() {
+    let s = postcopy(
+        "pc-hybrid",
+        json!({ "mode": "hybrid", "precopy_rounds": 2 }),
+        256,
+        "32M",
+    );
+    assert_eq!(s["round"], 2, "{s}");
+}
+
+/// A guest rewriting 96 MiB at full speed, which pre-copy with no downtime allowed
+/// cannot converge: after `max_rounds` it falls back to post-copy instead of a stop.
+#[test]
+fn test_a_full_speed_writer_falls_back_to_postcopy() {
+    let s = postcopy(
+        "pc-fallback",
+        json!({ "max_rounds": 2, "downtime_limit_ms": 0, "postcopy_fallback": true }),
+        256,
+        "96M",
+    );
+    assert!(s["round"].as_u64() >= Some(2), "{s}");
+}
+
+#[test]
+fn test_postcopy_between_two_network_namespaces() {
+    let net = Netns::new();
+    let dir = TempDir::new("pc-netns");
+    let cfg = config("workload=verify start=16M size=32M", 2, 256, json!({}));
+    let (pa, pb) = (net.exec(0), net.exec(1));
+    let pa: Vec<&std::ffi::OsStr> = pa.iter().map(|s| s.as_os_str()).collect();
+    let pb: Vec<&std::ffi::OsStr> = pb.iter().map(|s| s.as_os_str()).collect();
+    let mut src = Vm::boot_with(&dir, "src", &cfg, "ip".as_ref(), &pa);
+    src.ferry.expect_line("pass 3 ok", BOOT);
+    let mut dst = Vm::fresh_with(&dir, "dst", "ip".as_ref(), &pb);
+    receive(&dst, &format!("tcp:{}:7401", net.addrs[1]));
+    src.expect(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": format!("tcp:{}:7401", net.addrs[1]), "mode": "postcopy" }),
+        204,
+    );
+    let s = assert_moved(src, &mut dst, Duration::from_secs(5));
+    assert_postcopied(&s);
+}
+
+/// Block requests run through the switch: the device model's reads into guest RAM
+/// fault on missing pages like the vCPUs do, and are served the same way.
+#[test]
+fn test_postcopy_with_block_requests_running() {
+    let dir = TempDir::new("pc-io");
+    let disk = dir.write("disk.img", vec![0u8; 8 << 20]);
+    let passes = 16;
+    let cfg = config(
+        &format!("workload=blk passes={passes} depth=32"),
+        1,
+        128,
+        json!({
+            "drives": [{ "drive_id": "disk0", "path_on_host": disk, "is_root_device": false }],
+        }),
+    );
+    let mut src = Vm::boot(&dir, "src", &cfg);
+    src.ferry.expect_line("blk pass 2 ok", BOOT);
+    let mut dst = Vm::fresh(&dir, "dst");
+    let listen = format!("tcp:127.0.0.1:{}", free_port());
+    receive(&dst, &listen);
+    src.expect(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": listen, "mode": "postcopy" }),
+        204,
+    );
+    let (code, console, err) = src.ferry.wait(Duration::from_secs(30));
+    assert!(code.success(), "{code}: {err}");
+    assert!(!console.iter().any(|l| l.contains("error")), "{console:#?}");
+    let s = wait_ended(&dst, Duration::from_secs(30));
+    assert_eq!(s["state"], "completed", "{s}");
+    assert_postcopied(&s);
+    dst.ferry
+        .expect_line(&format!("blk pass {passes} ok"), Duration::from_secs(60));
+    let (code, rest, err) = dst.ferry.wait(Duration::from_secs(30));
+    assert!(code.success(), "{code}: {err}");
+    assert!(
+        !rest
+            .iter()
+            .any(|l| l.contains("error") || l.contains("corrupt")),
+        "{rest:#?}"
+    );
+    assert_disk_holds_pass(&disk, passes);
+}
+
+/// Forwards a post-copy's two connections from a source to `to`, and cuts both when
+/// the source has pushed `pages` page batches after the switch (its `Missing`).
+fn postcopy_cutting_proxy(
+    listener: TcpListener,
+    to: SocketAddr,
+    pages: usize,
+) -> std::thread::JoinHandle<bool> {
+    std::thread::spawn(move || {
+        let forward = |from: TcpStream, to: TcpStream| {
+            let (mut a, mut b) = (from, to);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut a, &mut b);
+            });
+        };
+        let (mut from_src, _) = listener.accept().expect("accept");
+        let mut to_dst = TcpStream::connect(to).expect("connect");
+        forward(
+            to_dst.try_clone().expect("clone"),
+            from_src.try_clone().expect("clone"),
+        );
+        // The fault stream, passed through both ways until the cut.
+        let second = std::thread::spawn(move || {
+            let (faults_src, _) = listener.accept().expect("accept");
+            let faults_dst = TcpStream::connect(to).expect("connect");
+            forward(
+                faults_src.try_clone().expect("clone"),
+                faults_dst.try_clone().expect("clone"),
+            );
+            forward(
+                faults_dst.try_clone().expect("clone"),
+                faults_src.try_clone().expect("clone"),
+            );
+            (faults_src, faults_dst)
+        });
+        let mut switched = false;
+        let mut pushed = 0;
+        loop {
+            let mut header = [0u8; 24];
+            if from_src.read_exact(&mut header).is_err() {
+                return false;
+            }
+            let kind = u16::from_le_bytes([header[4], header[5]]);
+            switched |= kind == 12;
+            if switched && kind == 3 {
+                pushed += 1;
+            }
+            if pushed > pages {
+                let (a, b) = second.join().expect("second stream");
+                for s in [&from_src, &to_dst, &a, &b] {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+                return true;
+            }
+            let len = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+            if to_dst.write_all(&header).is_err()
+                || std::io::copy(&mut (&mut from_src).take(len), &mut to_dst).is_err()
+            {
+                return false;
+            }
+        }
+    })
+}
+
+/// The destination after a failed post-copy: it says so, its guest is paused, and it
+/// refuses to run it.
+fn assert_destination_stopped(dst: &Vm) {
+    let d = wait_ended(dst, Duration::from_secs(30));
+    assert_eq!(d["state"], "failed", "{d}");
+    assert!(
+        d["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("post-copy cannot go on"),
+        "{d}"
+    );
+    assert!(d["remaining_pages"].as_u64() > Some(0), "{d}");
+    let (_, info) = curl(&dst.sock, "GET", "/", None);
+    assert_eq!(info["state"], "Paused", "{info}");
+    let e = dst.refused("PATCH", "/vm", json!({ "state": "Resumed" }));
+    assert!(e.contains("memory is incomplete"), "{e}");
+}
+
+/// The link breaks in the middle of a post-copy: the destination stops its guest and
+/// keeps what it has; the source keeps the guest with all of its memory, and resuming
+/// it there goes on verifying from the pass it was in.
+#[test]
+fn test_cutting_the_link_during_postcopy_and_resuming_the_source() {
+    let dir = TempDir::new("pc-cut");
+    let cfg = config("workload=verify start=16M size=64M", 2, 256, json!({}));
+    let mut src = Vm::boot(&dir, "src", &cfg);
+    src.ferry.expect_line("pass 3 ok", BOOT);
+    let dst = Vm::fresh(&dir, "dst");
+    let port = free_port();
+    receive(&dst, &format!("tcp:127.0.0.1:{port}"));
+    let proxy = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy_addr = proxy.local_addr().expect("addr");
+    let cut = postcopy_cutting_proxy(proxy, format!("127.0.0.1:{port}").parse().expect("addr"), 4);
+    src.expect(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": format!("tcp:{proxy_addr}"), "mode": "postcopy", "max_bandwidth_mib_s": 16 }),
+        204,
+    );
+    assert!(cut.join().expect("proxy"), "the proxy never saw post-copy");
+    let s = wait_ended(&src, Duration::from_secs(30));
+    assert_eq!(s["state"], "failed", "{s}");
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("during post-copy"),
+        "{s}"
+    );
+    assert_destination_stopped(&dst);
+    // The source's guest stopped at its switch-over and waits there.
+    let (_, info) = curl(&src.sock, "GET", "/", None);
+    assert_eq!(info["state"], "Paused", "{info}");
+    let paused_at = last_pass(src.ferry.drain(Duration::from_millis(200)));
+    src.resume();
+    let line = src.ferry.expect_line("pass ", Duration::from_secs(10));
+    assert!(line.ends_with(" ok"), "{line}");
+    // The pass that was running at the pause completes next: nothing was lost or
+    // rolled forward.
+    assert!(
+        last_pass(&[line.clone()]) <= paused_at + 1,
+        "{line} after pass {paused_at}"
+    );
+    assert_still_verifies(&mut src);
+}
+
+/// The source dies in the middle of a post-copy: the destination never runs on with
+/// missing memory.
+#[test]
+fn test_killing_the_source_during_postcopy_stops_the_destination() {
+    let dir = TempDir::new("pc-kill");
+    let cfg = config("workload=verify start=16M size=64M", 2, 256, json!({}));
+    let mut src = Vm::boot(&dir, "src", &cfg);
+    src.ferry.expect_line("pass 3 ok", BOOT);
+    let dst = Vm::fresh(&dir, "dst");
+    let listen = format!("tcp:127.0.0.1:{}", free_port());
+    receive(&dst, &listen);
+    src.expect(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": listen, "mode": "postcopy", "max_bandwidth_mib_s": 16 }),
+        204,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(&dst)["downtime_ms"].is_null() {
+        assert!(
+            Instant::now() < deadline,
+            "the destination never ran the guest"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    src.ferry.signal(libc::SIGKILL);
+    drop(src);
+    assert_destination_stopped(&dst);
+    let d = status(&dst);
+    let e = d["error"].as_str().unwrap_or("");
+    assert!(e.contains("closed") || e.contains("reset by peer"), "{d}");
 }

@@ -186,6 +186,9 @@ struct In {
     faults: AtomicU64,
     requested: AtomicU64,
     pushed: AtomicU64,
+    /// Bytes received before the switch (pre-copy), and since, on both streams.
+    precopied: u64,
+    bytes: AtomicU64,
     latency: Mutex<Option<FaultLatency>>,
     error: Mutex<Option<String>>,
     /// Guest RAM's userfaultfd mechanism, while registered.
@@ -236,6 +239,7 @@ impl In {
                 .ok_or_else(|| MigrationError::Vm(format!("no guest RAM at {addr:#x}")))?;
             memory::fault::place(&self.uffd, &data[at..at + len], host, true)
                 .map_err(MigrationError::Vm)?;
+            self.bytes.fetch_add(len as u64, Ordering::Relaxed);
             new += (first..first + count)
                 .filter(|p| self.pending.take(*p))
                 .count() as u64;
@@ -270,6 +274,7 @@ impl Incoming {
         conn: Conn,
         progress: Arc<Progress>,
     ) -> Result<Incoming, MigrationError> {
+        let precopied = progress.status().transferred_bytes;
         for (addr, len) in guest_ranges(ram, &lacks) {
             ram.discard(GuestAddress(addr), len)
                 .map_err(|e| MigrationError::Vm(format!("cannot empty a missing page: {e}")))?;
@@ -285,6 +290,8 @@ impl Incoming {
             faults: AtomicU64::new(0),
             requested: AtomicU64::new(0),
             pushed: AtomicU64::new(0),
+            precopied,
+            bytes: AtomicU64::new(0),
             latency: Mutex::new(None),
             error: Mutex::new(None),
             claim: Mutex::new(Some(claim)),
@@ -374,6 +381,7 @@ fn publish(shared: &In, progress: &Progress) {
         s.pages_pushed = shared.pushed.load(Ordering::Relaxed);
         s.remaining_pages = remaining;
         s.fault_latency_us = latency;
+        s.transferred_bytes = shared.precopied + shared.bytes.load(Ordering::Relaxed);
     });
 }
 
@@ -520,6 +528,8 @@ pub struct Outgoing {
     pub faults: AtomicU64,
     /// Pages sent in answers, neighbours included.
     pub requested: AtomicU64,
+    /// Bytes sent in answers.
+    pub answered_bytes: AtomicU64,
     /// Set when the answering thread should end.
     pub stop: AtomicBool,
 }
@@ -536,6 +546,7 @@ impl Outgoing {
             hint: AtomicUsize::new(0),
             faults: AtomicU64::new(0),
             requested: AtomicU64::new(0),
+            answered_bytes: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         }
     }
@@ -586,6 +597,8 @@ impl Outgoing {
                 }
                 self.queue(&mut batch, page, count, &mut conn)?;
                 self.requested.fetch_add(count as u64, Ordering::Relaxed);
+                self.answered_bytes
+                    .fetch_add(count as u64 * PAGE_SIZE, Ordering::Relaxed);
             }
             batch.flush(&mut conn)?;
         }
@@ -803,7 +816,11 @@ mod tests {
             pusher.join().expect("pusher");
             let deadline = Instant::now() + Duration::from_secs(20);
             while incoming.remaining() > 0 {
-                assert!(Instant::now() < deadline, "{} pages never came", incoming.remaining());
+                assert!(
+                    Instant::now() < deadline,
+                    "{} pages never came",
+                    incoming.remaining()
+                );
                 std::thread::sleep(Duration::from_millis(1));
             }
             // As the migration ends: the destination stops serving, then the source.
@@ -836,7 +853,8 @@ mod tests {
         drop(incoming);
         // The source refuses a request for it.
         let (a, mut b) = conn_pair();
-        b.send(Kind::Request, &[&PAGE_SIZE.to_le_bytes()]).expect("send");
+        b.send(Kind::Request, &[&PAGE_SIZE.to_le_bytes()])
+            .expect("send");
         let out = Outgoing::new(&src, false, lacks);
         let e = out.answer(a).expect_err("page 1 was not missing");
         assert!(e.to_string().contains("does not lack"), "{e}");

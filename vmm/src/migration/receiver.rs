@@ -339,7 +339,7 @@ fn receive(
     let sent = conn.send_json(Kind::Done, &Done { downtime_ms });
     if let Some(inc) = incoming.as_mut() {
         sent?;
-        rest_of_memory(conn, inc, progress, received)?;
+        rest_of_memory(conn, inc, progress)?;
         if let Some(inc) = incoming.take() {
             inc.finish();
         }
@@ -355,7 +355,6 @@ fn rest_of_memory(
     conn: &mut Conn,
     incoming: &mut Incoming,
     progress: &Progress,
-    mut received: u64,
 ) -> Result<(), MigrationError> {
     let failed = |incoming: &Incoming| incoming.error().map(MigrationError::Vm);
     let mut data = Vec::with_capacity(protocol::BATCH_BYTES);
@@ -365,8 +364,6 @@ fn rest_of_memory(
             Kind::Pages => {
                 let ranges = protocol::read_batch(conn, &header, &mut data)?;
                 incoming.pushed(&ranges, &data)?;
-                received += data.len() as u64;
-                progress.update(|s| s.transferred_bytes = received);
                 incoming.publish(progress);
                 if let Some(e) = failed(incoming) {
                     return Err(e);

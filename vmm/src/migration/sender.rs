@@ -546,22 +546,24 @@ fn push(
         pages.send_range(first as u64 * PAGE_SIZE, count as u64 * PAGE_SIZE)?;
         pushed += count as u64;
         if published.elapsed() >= Duration::from_millis(100) {
-            publish(out, pages.progress, pushed);
+            publish(out, pages, pushed);
             published = Instant::now();
         }
     }
     pages.flush()?;
-    publish(out, pages.progress, pushed);
+    publish(out, pages, pushed);
     pages.conn.send(Kind::PushDone, &[])?;
     let done: Done = pages.conn.recv_json(Kind::Done)?;
     pages.conn.recv_empty(Kind::Complete)?;
     pages.conn.send(Kind::CompleteAck, &[])?;
-    publish(out, pages.progress, pushed);
+    publish(out, pages, pushed);
     Ok(done)
 }
 
-fn publish(out: &Outgoing, progress: &Progress, pushed: u64) {
-    progress.update(|s| {
+fn publish(out: &Outgoing, pages: &Pages, pushed: u64) {
+    let sent = pages.sent + out.answered_bytes.load(Ordering::Relaxed);
+    pages.progress.update(|s| {
+        s.transferred_bytes = sent;
         s.pages_pushed = pushed;
         s.pages_requested = out.requested.load(Ordering::Relaxed);
         s.postcopy_faults = out.faults.load(Ordering::Relaxed);
