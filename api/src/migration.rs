@@ -411,6 +411,30 @@ mod tests {
                 r#"{"destination": "unix:/m", "downtime_limit_ms": 60001}"#,
                 "downtime_limit_ms",
             ),
+            (
+                r#"{"destination": "unix:/m", "mode": "postcopy", "local": true}"#,
+                "mode",
+            ),
+            (
+                r#"{"destination": "tcp:h:1", "mode": "hybrid", "verify": true}"#,
+                "verify",
+            ),
+            (
+                r#"{"destination": "tcp:h:1", "postcopy_fallback": true, "verify": true}"#,
+                "verify",
+            ),
+            (
+                r#"{"destination": "tcp:h:1", "precopy_rounds": 2}"#,
+                "precopy_rounds",
+            ),
+            (
+                r#"{"destination": "tcp:h:1", "mode": "hybrid", "precopy_rounds": 0}"#,
+                "precopy_rounds",
+            ),
+            (
+                r#"{"destination": "tcp:h:1", "mode": "postcopy", "postcopy_fallback": true}"#,
+                "postcopy_fallback",
+            ),
         ] {
             let e = with(json).validate().expect_err(json).to_string();
             assert!(e.starts_with(&format!("{field}: ")), "{json}: {e}");

@@ -416,10 +416,10 @@ mod tests {
         let e = err(
             "PUT",
             "/migration/send",
-            r#"{"destination": "unix:/m", "mode": "postcopy"}"#,
+            r#"{"destination": "unix:/m", "mode": "precopy-ish"}"#,
         );
         assert!(
-            e.message.contains("mode: unknown variant `postcopy`"),
+            e.message.contains("mode: unknown variant `precopy-ish`"),
             "{}",
             e.message
         );
