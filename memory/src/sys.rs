@@ -204,6 +204,12 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
 /// holds allocated pages, found with `SEEK_DATA`/`SEEK_HOLE` (what neither std nor
 /// libc's safe wrappers offer). Holes read as zero and are never listed.
 pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    data_extents_in(file, 0, len)
+}
+
+/// The data extents of `file` within `from..to` (see `data_extents`).
+pub fn data_extents_in(file: &File, from: u64, to: u64) -> io::Result<Vec<(u64, u64)>> {
+    let len = to;
     // The walk moves the file position, which every handle on guest RAM's memfd
     // shares (a tracker's collect, a snapshot, a migration's first round): one walk at
     // a time in this process.
@@ -226,7 +232,7 @@ pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
         Ok(Some(u64::try_from(at).unwrap_or(u64::MAX)))
     };
     let mut extents = Vec::new();
-    let mut at = 0;
+    let mut at = from;
     while at < len {
         let Some(start) = seek(at, libc::SEEK_DATA)? else {
             break;

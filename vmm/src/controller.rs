@@ -671,7 +671,7 @@ impl Controller {
                             }
                         }
                     }
-                    self.incomplete = Some(*incoming);
+                    self.incomplete = incoming.map(|i| *i);
                 }
                 Control::PostcopyDone => {
                     let machine = &self.resources.machine;

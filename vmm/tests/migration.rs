@@ -997,7 +997,7 @@ fn test_cutting_the_link_during_postcopy_and_resuming_the_source() {
     // The pass that was running at the pause completes next: nothing was lost or
     // rolled forward.
     assert!(
-        last_pass(&[line.clone()]) <= paused_at + 1,
+        last_pass(std::slice::from_ref(&line)) <= paused_at + 1,
         "{line} after pass {paused_at}"
     );
     assert_still_verifies(&mut src);

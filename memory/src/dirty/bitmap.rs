@@ -104,6 +104,11 @@ impl DirtyBitmap {
             .is_some_and(|w| w & (1 << (page % 64)) != 0)
     }
 
+    /// The bitmap's words: bit `i % 64` of word `i / 64` is page `i`.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
     /// Number of marked pages.
     pub fn count(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()

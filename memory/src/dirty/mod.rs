@@ -166,15 +166,53 @@ impl TrackedRam {
     /// The memfd ranges that hold pages, as (first page, pages).
     pub fn data_pages(&self) -> std::io::Result<Vec<(usize, usize)>> {
         let size = self.regions.iter().map(|r| r.size).sum();
-        Ok(crate::sys::data_extents(&self.memfd, size)?
-            .into_iter()
-            .map(|(offset, len)| {
-                let first = crate::page_index(offset / crate::PAGE_SIZE);
-                let end = crate::page_index((offset + len).div_ceil(crate::PAGE_SIZE));
-                (first, end - first)
-            })
-            .collect())
+        Ok(as_pages(crate::sys::data_extents(&self.memfd, size)?))
     }
+
+    /// The pages that hold data now, given `earlier`, the runs `data_pages` gave
+    /// before: only the holes between them are walked again. Walking a large populated
+    /// memfd takes milliseconds (about 7 ms per GiB here), walking its holes
+    /// microseconds, so a caller that must list the pages while the guest is paused
+    /// walks it once before. Pages may only have gained data since; one that lost it
+    /// (punched) is still listed, and reads as zeros.
+    pub fn data_pages_since(
+        &self,
+        earlier: &[(usize, usize)],
+    ) -> std::io::Result<Vec<(usize, usize)>> {
+        let size: u64 = self.regions.iter().map(|r| r.size).sum();
+        let mut runs = Vec::with_capacity(earlier.len());
+        let mut at = 0u64;
+        let gaps = earlier
+            .iter()
+            .map(|&(first, count)| (first as u64 * crate::PAGE_SIZE, count))
+            .chain(std::iter::once((size, 0)));
+        for (start, count) in gaps {
+            if start > at {
+                runs.extend(as_pages(crate::sys::data_extents_in(
+                    &self.memfd,
+                    at,
+                    start,
+                )?));
+            }
+            if count > 0 {
+                runs.push((crate::page_index(start / crate::PAGE_SIZE), count));
+            }
+            at = start + count as u64 * crate::PAGE_SIZE;
+        }
+        Ok(runs)
+    }
+}
+
+/// Byte extents as page runs (first page, count), rounded out to whole pages.
+fn as_pages(extents: Vec<(u64, u64)>) -> Vec<(usize, usize)> {
+    extents
+        .into_iter()
+        .map(|(offset, len)| {
+            let first = crate::page_index(offset / crate::PAGE_SIZE);
+            let end = crate::page_index((offset + len).div_ceil(crate::PAGE_SIZE));
+            (first, end - first)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -196,6 +234,35 @@ mod tests {
     }
 
     /// Plain stores through the mapping, as KVM and the guest make them.
+    /// A listing taken earlier and brought up to date walks only its holes, and gives
+    /// what a full walk gives now.
+    #[test]
+    fn test_data_pages_since_finds_pages_filled_after_the_first_walk() {
+        let ram = GuestRam::new(64, 46).expect("ram");
+        let page = vec![1u8; crate::PAGE_BYTES];
+        for p in [0u64, 1, 2, 100, 5000] {
+            ram.fill(&page, vm_memory::GuestAddress(p * PAGE_SIZE))
+                .expect("fill");
+        }
+        let earlier = ram.tracked().data_pages().expect("walk");
+        for p in [3u64, 50, 99, 101, 16383] {
+            ram.fill(&page, vm_memory::GuestAddress(p * PAGE_SIZE))
+                .expect("fill");
+        }
+        let mut since = ram.tracked().data_pages_since(&earlier).expect("since");
+        let mut now = ram.tracked().data_pages().expect("walk");
+        let pages = |runs: &mut Vec<(usize, usize)>| {
+            let mut v: Vec<usize> = runs.iter().flat_map(|&(f, n)| f..f + n).collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(pages(&mut since), pages(&mut now));
+        assert_eq!(
+            pages(&mut now),
+            vec![0, 1, 2, 3, 50, 99, 100, 101, 5000, 16383]
+        );
+    }
+
     #[test]
     fn test_uffd_modes_report_exactly_the_written_pages() {
         let ram = GuestRam::new(64, 46).expect("ram");

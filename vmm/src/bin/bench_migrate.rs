@@ -33,8 +33,12 @@ struct Args {
     /// Guest sizes in MiB for the idle and local scenarios.
     #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
     sizes: Vec<u64>,
-    /// Scenarios: idle, local, slow, fast.
-    #[arg(long, value_delimiter = ',', default_value = "idle,local,slow,fast")]
+    /// Scenarios: idle, local, slow, fast, postcopy, postcopy-fast.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "idle,local,slow,fast,postcopy,postcopy-fast"
+    )]
     scenarios: Vec<String>,
     /// Runs of each, the median reported.
     #[arg(long, default_value_t = 3)]
@@ -106,8 +110,16 @@ impl Drop for Ferry {
 
 /// The highest `pass N ok` (or `dirty pass N`) number in a console file.
 fn last_pass(console: &Path) -> u64 {
-    let text = std::fs::read_to_string(console).unwrap_or_default();
-    text.lines()
+    // The last lines only: this runs between polls, beside the migration.
+    use std::io::Seek;
+    let mut tail = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(console) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(std::io::SeekFrom::Start(len.saturating_sub(4096)));
+        let _ = f.read_to_end(&mut tail);
+    }
+    String::from_utf8_lossy(&tail)
+        .lines()
         .filter_map(|l| {
             let rest = l
                 .strip_prefix("pass ")
@@ -136,18 +148,49 @@ struct Figures {
     mib: f64,
     rate_mib_s: f64,
     guest_ratio: Option<f64>,
+    /// From the source's pause to all memory on the destination (post-copy).
+    all_here_ms: f64,
+    /// From the source's pause to the end of the first pass that ran wholly on the
+    /// destination (verify guests).
+    first_pass_ms: f64,
+    faults: f64,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
 }
 
-/// One migration of a guest running `args` in `mem` MiB.
-fn migrate(
-    bin: &Path,
-    guest: &Path,
-    mem: u64,
-    workload: &str,
-    ready: &str,
+/// A scenario at one guest size.
+struct Plan {
+    name: String,
+    /// Guest RAM in MiB.
+    size: u64,
+    /// The test guest's workload arguments.
+    workload: String,
+    /// The console line that says the guest is ready.
+    ready: &'static str,
+    /// Hand the memfd over a Unix socket.
     local: bool,
-    tracking: &str,
-) -> Result<Figures, String> {
+}
+
+impl Plan {
+    fn mode(&self) -> &'static str {
+        if self.name.starts_with("postcopy") {
+            "postcopy"
+        } else {
+            "precopy"
+        }
+    }
+}
+
+/// One migration of the guest `plan` describes.
+fn migrate(bin: &Path, guest: &Path, plan: &Plan, tracking: &str) -> Result<Figures, String> {
+    let (mem, workload, ready, local, mode) = (
+        plan.size,
+        plan.workload.as_str(),
+        plan.ready,
+        plan.local,
+        plan.mode(),
+    );
     let dir = std::env::temp_dir().join(format!("ferry-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let console = dir.join("console.txt");
@@ -192,14 +235,31 @@ fn migrate(
     src.call(
         "PUT",
         "/migration/send",
-        Some(json!({ "destination": listen, "local": local, "tracking": tracking })),
+        Some(json!({ "destination": listen, "local": local, "tracking": tracking, "mode": mode })),
     )?;
     let mut rate: f64 = 0.0;
+    // When the source paused (from the destination's resume less the downtime), and
+    // the pass it stopped in.
+    let mut paused: Option<(Instant, u64)> = None;
+    let mut first_pass = None;
     let status = loop {
         if let Ok(s) = src.call("GET", "/migration", None) {
             rate = rate.max(s["throughput_mib_s"].as_f64().unwrap_or(0.0));
         }
         let s = dst.call("GET", "/migration", None)?;
+        if let (None, Some(d)) = (paused, s["downtime_ms"].as_f64()) {
+            paused = Some((
+                Instant::now() - Duration::from_secs_f64(d / 1e3),
+                last_pass(&console),
+            ));
+        }
+        if let (Some((at, pass)), None, true) = (paused, first_pass, writing) {
+            // The pass in progress at the pause ends on the destination, then the
+            // first pass that ran there from its start.
+            if last_pass(&console) >= pass + 2 {
+                first_pass = Some(at.elapsed());
+            }
+        }
         match s["state"].as_str() {
             Some("active") => {}
             Some("completed") => break s,
@@ -211,6 +271,14 @@ fn migrate(
         std::thread::sleep(Duration::from_micros(200));
     };
     let total = start.elapsed();
+    let all_here = paused.map(|(at, _)| at.elapsed());
+    if let (Some((at, pass)), None, true) = (paused, first_pass, writing) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while last_pass(&console) < pass + 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        first_pass = Some(at.elapsed());
+    }
     let guest_ratio = before.map(|b| {
         let during = (last_pass(&console) - p0) as f64 / total.as_secs_f64();
         during / b
@@ -225,6 +293,18 @@ fn migrate(
         mib: status["transferred_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
         rate_mib_s: rate,
         guest_ratio,
+        all_here_ms: all_here.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
+        first_pass_ms: first_pass.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
+        faults: status["postcopy_faults"].as_f64().unwrap_or(0.0),
+        p50_us: status["fault_latency_us"]["p50"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+        p99_us: status["fault_latency_us"]["p99"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+        max_us: status["fault_latency_us"]["max"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
     })
 }
 
@@ -309,46 +389,92 @@ fn main() -> std::process::ExitCode {
         "{:<8} {:>6} {:>10} {:>10} {:>7} {:>9} {:>9} {:>7} {:>7}",
         "scenario", "MiB", "total ms", "down ms", "rounds", "sent MiB", "MiB/s", "vs TCP", "guest"
     );
-    let mut plan: Vec<(String, u64, String, &str, bool)> = Vec::new();
+    let mut plan: Vec<Plan> = Vec::new();
+    let mut add = |name: &str, size, workload: String, ready, local| {
+        plan.push(Plan {
+            name: name.to_string(),
+            size,
+            workload,
+            ready,
+            local,
+        })
+    };
+    let mut postcopy_floor = None;
     for s in &args.scenarios {
         match s.as_str() {
             "idle" | "local" => {
                 for &size in &args.sizes {
-                    plan.push((
-                        s.clone(),
+                    add(
+                        s,
                         size,
                         "workload=idle".into(),
                         "ferry-guest: idle",
                         s == "local",
-                    ));
+                    );
                 }
             }
             // 40 MiB touched, 8 MiB of it rewritten every 100 ms.
-            "slow" => plan.push((
-                s.clone(),
+            "slow" => add(
+                s,
                 1024,
                 "workload=dirty start=16M size=40M rate=20480".into(),
                 "dirty pass 1",
                 false,
-            )),
+            ),
             // 96 MiB rewritten and verified as fast as the guest can.
-            "fast" => plan.push((
-                s.clone(),
+            "fast" => add(
+                s,
                 1024,
                 "workload=verify start=16M size=96M".into(),
                 "pass 3 ok",
                 false,
-            )),
+            ),
+            // Post-copy of a guest that verifies all but 48 MiB of its memory (at most
+            // 976 MiB: a pass over 4 GiB takes the guest too long), every page its
+            // pass number.
+            "postcopy" => {
+                for &size in &args.sizes {
+                    add(
+                        s,
+                        size,
+                        format!(
+                            "workload=verify start=16M size={}M",
+                            size.saturating_sub(48).min(976)
+                        ),
+                        "pass 1 ok",
+                        false,
+                    );
+                }
+            }
+            // The fast writer in post-copy.
+            "postcopy-fast" => add(
+                s,
+                1024,
+                "workload=verify start=16M size=96M".into(),
+                "pass 3 ok",
+                false,
+            ),
             other => {
                 eprintln!("ferry-bench-migrate: unknown scenario {other}");
                 return std::process::ExitCode::FAILURE;
             }
         }
     }
-    for (name, size, workload, ready, local) in plan {
+    let mut postcopy_rows = Vec::new();
+    for p in plan {
+        let (name, size, mode) = (p.name.clone(), p.size, p.mode());
+        if mode == "postcopy" && postcopy_floor.is_none() {
+            match floor::postcopy_fault_us(10) {
+                Ok(us) => postcopy_floor = Some(us),
+                Err(e) => {
+                    eprintln!("ferry-bench-migrate: post-copy floor: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
+        }
         let mut runs = Vec::new();
         for _ in 0..args.runs.max(1) {
-            match migrate(&bin, &guest, size, &workload, ready, local, &args.tracking) {
+            match migrate(&bin, &guest, &p, &args.tracking) {
                 Ok(f) => runs.push(f),
                 Err(e) => {
                     eprintln!("ferry-bench-migrate: {name} {size} MiB: {e}");
@@ -362,7 +488,7 @@ fn main() -> std::process::ExitCode {
             .guest_ratio
             .map(|_| m(|f| f.guest_ratio.unwrap_or(f64::NAN)));
         // Under 1 MiB sent, the rate is the sender's starting guess, not a measure.
-        let no_rate = local || m(|f| f.mib) < 1.0;
+        let no_rate = p.local || mode == "postcopy" || m(|f| f.mib) < 1.0;
         let shown_rate = if no_rate {
             "-".to_string()
         } else {
@@ -384,6 +510,202 @@ fn main() -> std::process::ExitCode {
             },
             guest_ratio.map_or("-".to_string(), |g| format!("{g:.2}")),
         );
+        if mode == "postcopy" {
+            postcopy_rows.push((
+                name,
+                size,
+                m(|f| f.downtime_ms),
+                m(|f| f.all_here_ms),
+                m(|f| f.first_pass_ms),
+                m(|f| f.faults),
+                m(|f| f.p50_us),
+                m(|f| f.p99_us),
+                m(|f| f.max_us),
+            ));
+        }
+    }
+    if let Some(floor) = postcopy_floor {
+        println!(
+            "\npost-copy (ms from the source's pause; fault latency in µs; floor: a CPL3 guest's missing page fetched over loopback TCP and placed with UFFDIO_COPY, {floor:.1} µs)"
+        );
+        println!(
+            "{:<14} {:>6} {:>8} {:>9} {:>10} {:>8} {:>7} {:>7} {:>8} {:>10} {:>10}",
+            "scenario",
+            "MiB",
+            "runs at",
+            "all here",
+            "first pass",
+            "faults",
+            "p50",
+            "p99",
+            "max",
+            "p50/floor",
+            "p99/floor"
+        );
+        for (name, size, runs_at, all_here, first, faults, p50, p99, max) in postcopy_rows {
+            println!(
+                "{:<14} {:>6} {:>8.2} {:>9.1} {:>10.1} {:>8.0} {:>7.1} {:>7.1} {:>8.1} {:>10.2} {:>10.2}",
+                name, size, runs_at, all_here, first, faults, p50, p99, max, p50 / floor, p99 / floor
+            );
+        }
     }
     std::process::ExitCode::SUCCESS
+}
+
+/// The post-copy floor, as `../shared/probes/postcopy-floor.c` measures it: a CPL3
+/// guest reads 32 MiB of memfd memory whose pages were punched out, and a handler
+/// thread serves each missing fault by fetching the page from a server thread over
+/// loopback TCP (one request per fault) and placing it with `UFFDIO_COPY`. No VMM
+/// around it: the bare cost of one remote fault on this machine.
+mod floor {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Instant;
+
+    use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+    use kvm_ioctls::{Kvm, VcpuExit};
+    use userfaultfd::{Event, UffdBuilder};
+
+    const MEM: usize = 64 << 20;
+    const TOUCHED: usize = 32 << 20;
+    const AT: usize = 0x40_0000;
+    const PAGES: usize = TOUCHED / 4096;
+
+    /// Microseconds per missing page, over `passes` passes.
+    pub fn postcopy_fault_us(passes: u32) -> Result<f64, String> {
+        let err = |what: &str| {
+            let what = what.to_string();
+            move |e: &dyn std::fmt::Display| format!("{what}: {e}")
+        };
+        let ram = memory::GuestRam::new((MEM >> 20) as u64, 46).map_err(|e| err("ram")(&e))?;
+        let base = ram.regions()[0].host_addr;
+        let mut bytes = vec![0u8; 0x5000];
+        let kvm = Kvm::new().map_err(|e| err("kvm")(&e))?;
+        let vm = kvm.create_vm().map_err(|e| err("vm")(&e))?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: MEM as u64,
+            userspace_addr: base,
+            flags: 0,
+        };
+        // SAFETY: the region is guest RAM's live mapping, which outlives the VM (both
+        // dropped at the end of this function, the VM first).
+        unsafe { vm.set_user_memory_region(region) }.map_err(|e| err("memory")(&e))?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(|e| err("tss")(&e))?;
+        let mut vcpu = vm.create_vcpu(0).map_err(|e| err("vcpu")(&e))?;
+        // Identity-mapped 2 MiB pages for the first 64 MiB, user-accessible.
+        let put = |bytes: &mut [u8], at: usize, v: u64| {
+            bytes[at..at + 8].copy_from_slice(&v.to_le_bytes())
+        };
+        put(&mut bytes, 0x2000, 7 | 0x3000);
+        put(&mut bytes, 0x3000, 7 | 0x4000);
+        for i in 0..32usize {
+            put(&mut bytes, 0x4000 + 8 * i, 7 | 0x80 | ((i as u64) << 21));
+        }
+        // inc rbx; mov rdi, AT; loop: mov rax, [rdi]; add rdi, 4096;
+        // cmp rdi, AT + TOUCHED; jb loop; mov dx, 0x3f8; out dx, al; jmp start.
+        let code: [u8; 39] = [
+            0x48, 0xff, 0xc3, 0x48, 0xbf, 0, 0, 0x40, 0, 0, 0, 0, 0, 0x48, 0x8b, 0x07, 0x48, 0x81,
+            0xc7, 0, 0x10, 0, 0, 0x48, 0x81, 0xff, 0, 0, 0x40, 0x02, 0x72, 0xed, 0x66, 0xba, 0xf8,
+            0x03, 0xee, 0xeb, 0xd9,
+        ];
+        bytes[0x1000..0x1000 + code.len()].copy_from_slice(&code);
+        ram.write(&bytes, vm_memory::GuestAddress(0))
+            .map_err(|e| err("guest RAM")(&e))?;
+        let mut s = vcpu.get_sregs().map_err(|e| err("sregs")(&e))?;
+        s.cr3 = 0x2000;
+        s.cr4 = 1 << 5;
+        s.cr0 = 1 | (1 << 1) | (1 << 4) | (1 << 5) | (1 << 16) | (1 << 31);
+        s.efer = (1 << 8) | (1 << 10);
+        let mut seg = kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: (1 << 3) | 3,
+            present: 1,
+            type_: 11,
+            dpl: 3,
+            db: 0,
+            s: 1,
+            l: 1,
+            g: 1,
+            ..Default::default()
+        };
+        s.cs = seg;
+        seg.type_ = 3;
+        seg.selector = (2 << 3) | 3;
+        seg.l = 0;
+        seg.db = 1;
+        (s.ds, s.es, s.fs, s.gs, s.ss) = (seg, seg, seg, seg, seg);
+        vcpu.set_sregs(&s).map_err(|e| err("sregs")(&e))?;
+        let regs = kvm_bindings::kvm_regs {
+            rip: 0x1000,
+            rsp: 0x20_0000,
+            rflags: 0x3002,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs).map_err(|e| err("regs")(&e))?;
+
+        // The page server, and the connection the handler asks it on.
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| err("listen")(&e))?;
+        let addr = listener.local_addr().map_err(|e| err("listen")(&e))?;
+        std::thread::spawn(move || {
+            let Ok((mut c, _)) = listener.accept() else {
+                return;
+            };
+            let _ = c.set_nodelay(true);
+            let mut page = vec![0u8; 4096];
+            let mut off = [0u8; 8];
+            while c.read_exact(&mut off).is_ok() {
+                page.fill(u64::from_le_bytes(off).to_le_bytes()[1] >> 4);
+                if c.write_all(&page).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut sock = TcpStream::connect(addr).map_err(|e| err("connect")(&e))?;
+        sock.set_nodelay(true).map_err(|e| err("nodelay")(&e))?;
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(false)
+            .user_mode_only(false)
+            .create()
+            .map_err(|e| err("userfaultfd")(&e))?;
+        uffd.register((base + AT as u64) as *mut libc::c_void, TOUCHED)
+            .map_err(|e| err("register")(&e))?;
+        let uffd = std::sync::Arc::new(uffd);
+        let handler_uffd = uffd.clone();
+        std::thread::spawn(move || {
+            let mut page = vec![0u8; 4096];
+            while let Ok(Some(Event::Pagefault { addr, .. })) = handler_uffd.read_event() {
+                let a = addr as u64 & !4095;
+                let off = a - base;
+                if sock.write_all(&off.to_le_bytes()).is_err()
+                    || sock.read_exact(&mut page).is_err()
+                {
+                    return;
+                }
+                // SAFETY: `page` is a live 4 KiB buffer; `a` is a page of the
+                // registered range.
+                let _ = unsafe {
+                    handler_uffd.copy(page.as_ptr().cast(), a as *mut libc::c_void, 4096, true)
+                };
+            }
+        });
+        let mut total = 0.0;
+        for _ in 0..passes {
+            // Every page missing again.
+            ram.discard(vm_memory::GuestAddress(AT as u64), TOUCHED as u64)
+                .map_err(|e| err("punch")(&e))?;
+            let t = Instant::now();
+            match vcpu.run() {
+                Ok(VcpuExit::IoOut(0x3f8, _)) => {}
+                Ok(other) => return Err(format!("unexpected exit {other:?}")),
+                Err(e) => return Err(format!("run: {e}")),
+            }
+            total += t.elapsed().as_secs_f64();
+        }
+        Ok(total * 1e6 / f64::from(passes) / PAGES as f64)
+    }
 }

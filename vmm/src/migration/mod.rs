@@ -222,9 +222,10 @@ pub enum Control {
     /// Destination: run it; answers with the time its vCPUs were let go, in ns since
     /// the Unix epoch.
     Resume(Sender<Result<u64, String>>),
-    /// Destination: post-copy failed: pause the guest for good, and hold guest RAM's
-    /// registration so that its missing pages are never read as zeros.
-    PostcopyFailed(Box<postcopy::Incoming>),
+    /// Destination: post-copy failed: pause the guest, and hold guest RAM's
+    /// registration (when pages are missing) so that they are never read as zeros and
+    /// the guest never runs here again.
+    PostcopyFailed(Option<Box<postcopy::Incoming>>),
     /// Destination: all of memory arrived after a post-copy.
     PostcopyDone,
 }

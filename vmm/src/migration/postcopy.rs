@@ -69,12 +69,21 @@ pub struct PageSet {
 impl PageSet {
     /// The pages set in `bitmap`, of `pages` in all.
     pub fn from_bitmap(bitmap: &DirtyBitmap, pages: usize) -> PageSet {
-        let words: Vec<AtomicU64> = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        let mut count = 0;
-        for p in bitmap.pages().filter(|p| *p < pages) {
-            words[p / 64].fetch_or(1 << (p % 64), Ordering::Relaxed);
-            count += 1;
-        }
+        let src = bitmap.words();
+        let words: Vec<AtomicU64> = (0..pages.div_ceil(64))
+            .map(|i| {
+                let mut w = src.get(i).copied().unwrap_or(0);
+                if (i + 1) * 64 > pages {
+                    // Past the last page: never in.
+                    w &= (1u64 << (pages % 64)) - 1;
+                }
+                AtomicU64::new(w)
+            })
+            .collect();
+        let count = words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum();
         PageSet {
             words,
             count: AtomicU64::new(count),
@@ -264,20 +273,23 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Makes the pages in `lacks` missing in `ram` (a pre-copy may have filled them with
-    /// older contents), registers guest RAM for missing faults, and starts the fault
-    /// thread on `conn`, the fault stream. Nothing may touch guest RAM between the
-    /// holes and the registration: the VM must not run yet.
+    /// Makes the pages in `lacks` missing in `ram` (`punch`: a pre-copy may have filled
+    /// them with older contents), registers guest RAM for missing faults, and starts
+    /// the fault thread on `conn`, the fault stream. Nothing may touch guest RAM between
+    /// the holes and the registration: the VM must not run yet.
     pub fn start(
         ram: &GuestRam,
         lacks: DirtyBitmap,
+        punch: bool,
         conn: Conn,
         progress: Arc<Progress>,
     ) -> Result<Incoming, MigrationError> {
         let precopied = progress.status().transferred_bytes;
-        for (addr, len) in guest_ranges(ram, &lacks) {
-            ram.discard(GuestAddress(addr), len)
-                .map_err(|e| MigrationError::Vm(format!("cannot empty a missing page: {e}")))?;
+        if punch {
+            for (addr, len) in guest_ranges(ram, &lacks) {
+                ram.discard(GuestAddress(addr), len)
+                    .map_err(|e| MigrationError::Vm(format!("cannot empty a missing page: {e}")))?;
+            }
         }
         let (uffd, claim) = memory::fault::register_missing(&ram.tracked())
             .map_err(|e| MigrationError::Vm(format!("post-copy: {e}")))?;
@@ -392,11 +404,12 @@ fn percentiles(samples: &[u32]) -> Option<FaultLatency> {
     }
     let mut s = samples.to_vec();
     s.sort_unstable();
-    let at = |q: f64| f64::from(s[((s.len() - 1) as f64 * q).round() as usize]);
+    // The sample at `per_mille` of the way, rounded to the nearest.
+    let at = |per_mille: usize| f64::from(s[((s.len() - 1) * per_mille + 500) / 1000]);
     Some(FaultLatency {
-        p50: at(0.5),
-        p99: at(0.99),
-        max: at(1.0),
+        p50: at(500),
+        p99: at(990),
+        max: at(1000),
     })
 }
 
@@ -742,7 +755,7 @@ mod tests {
         let out = Outgoing::new(&src, false, lacks.clone());
         let progress = Progress::new(Default::default());
         let incoming =
-            Incoming::start(&dst, lacks.clone(), dst_conn, progress.clone()).expect("start");
+            Incoming::start(&dst, lacks.clone(), false, dst_conn, progress.clone()).expect("start");
         let data_pages = lacks.count() as u64;
         // A fault nobody serves waits forever: end the test with a message instead.
         let finished = Arc::new(AtomicBool::new(false));
@@ -842,9 +855,10 @@ mod tests {
     fn test_pages_nobody_lacks_are_refused() {
         let (src, lacks) = source_ram();
         let dst = GuestRam::new(64, 46).expect("ram");
-        let (mut src_conn, dst_conn) = conn_pair();
+        let (src_conn, dst_conn) = conn_pair();
         let progress = Progress::new(Default::default());
-        let incoming = Incoming::start(&dst, lacks.clone(), dst_conn, progress).expect("start");
+        let incoming =
+            Incoming::start(&dst, lacks.clone(), false, dst_conn, progress).expect("start");
         // Page 1 never held data on the source.
         let e = incoming
             .pushed(&[(PAGE_SIZE, PAGE_SIZE)], &[0u8; PAGE_BYTES])

@@ -86,7 +86,16 @@ fn run(
             (_, true, Some(incoming)) => {
                 let missing = incoming.remaining();
                 incoming.publish(progress);
-                let _ = link.send(Control::PostcopyFailed(Box::new(incoming.hold())));
+                if missing == 0 {
+                    // Complete, but the source may not know it: nobody runs the guest
+                    // until an operator chooses.
+                    incoming.finish();
+                    let _ = link.send(Control::PostcopyFailed(None));
+                    return MigrationError::Vm(format!(
+                        "{e}; every page arrived, but the source did not confirm the end: the guest is paused here, complete; resume it here (PATCH /vm) only if the source does not run it"
+                    ));
+                }
+                let _ = link.send(Control::PostcopyFailed(Some(Box::new(incoming.hold()))));
                 MigrationError::Vm(format!(
                     "{e}; post-copy cannot go on: the guest is paused here with {missing} pages still missing and must not run here; the source keeps it paused with all of its memory: resume it there (PATCH /vm) or send it again"
                 ))
@@ -314,9 +323,13 @@ fn receive(
             s.postcopy = true;
             s.remaining_pages = lacks.count() as u64;
         });
+        // Pages a pre-copy round wrote here may be older than the source's: they are
+        // emptied first. A fresh memfd has nothing to empty.
+        let precopied = received > 0;
         *incoming = Some(postcopy::Incoming::start(
             &ram,
             lacks,
+            precopied,
             fault_conn,
             progress.clone(),
         )?);
@@ -333,6 +346,7 @@ fn receive(
     conn.recv_empty(Kind::Go)?;
     tracing::debug!("switch-over: installed, Go after {:?}", t.elapsed());
     let resumed_at = link.ask(Control::Resume)?;
+    tracing::debug!("switch-over: resumed after {:?}", t.elapsed());
     let downtime_ms = resumed_at.saturating_sub(switch.paused_at_ns) as f64 / 1e6;
     progress.update(|s| s.downtime_ms = Some(downtime_ms));
     // The guest runs here now, whatever becomes of this message.

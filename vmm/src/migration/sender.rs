@@ -258,18 +258,15 @@ fn run(mut job: SendJob, link: &ControlLink, progress: &Progress) -> Result<(), 
         since: Instant::now(),
     };
     let mut result = exchange(&job, &mut tracker, link, &mut pages);
-    match &mut result {
-        Err(Failed::BeforeCommit(e) | Failed::Postcopy(e)) => {
-            if matches!(e, MigrationError::Io { .. } | MigrationError::Closed) {
-                if let Some(reason) = pages.conn.peer_reason() {
-                    *e = reason;
-                }
-            }
-            if e.worth_telling() {
-                pages.conn.send_failure(&e.to_string());
+    if let Err(Failed::BeforeCommit(e) | Failed::Postcopy(e)) = &mut result {
+        if matches!(e, MigrationError::Io { .. } | MigrationError::Closed) {
+            if let Some(reason) = pages.conn.peer_reason() {
+                *e = reason;
             }
         }
-        _ => {}
+        if e.worth_telling() {
+            pages.conn.send_failure(&e.to_string());
+        }
     }
     pages.conn.shutdown();
     result
@@ -346,6 +343,17 @@ fn exchange(
         }
     }
 
+    // A pure post-copy lists the pages that hold data while the guest is paused: walk
+    // them once now, so that the pause walks only what was a hole here.
+    let earlier = if go_postcopy && tracker.is_none() && !job.whole {
+        Some(job.ram.tracked().data_pages().map_err(|e| {
+            before(MigrationError::Vm(format!(
+                "cannot list guest RAM's pages: {e}"
+            )))
+        })?)
+    } else {
+        None
+    };
     // Switch-over: from here the guest is paused until one side runs it.
     let t = Instant::now();
     let (state, paused_at_ns) = link.ask(Control::Switchover).map_err(before)?;
@@ -367,9 +375,13 @@ fn exchange(
         // data when nothing was sent.
         let missing = match last {
             Some(last) => last,
-            None => all_data_pages(job).map_err(before)?,
+            None => all_data_pages(job, earlier.as_deref()).map_err(before)?,
         };
         let count = missing.count() as u64;
+        tracing::debug!(
+            "switch-over: {count} missing pages listed after {:?}",
+            t.elapsed()
+        );
         pages.progress.update(|s| {
             s.postcopy = true;
             s.remaining_pages = count;
@@ -387,6 +399,7 @@ fn exchange(
                 },
             )
             .map_err(before)?;
+        tracing::debug!("switch-over: post-copy state sent after {:?}", t.elapsed());
         let ranges = super::postcopy::guest_ranges(&job.ram, &missing);
         pages
             .conn
@@ -458,18 +471,22 @@ fn exchange(
 }
 
 /// Every page of guest RAM that holds data (all of it when an external handler
-/// serves it: its holes are pages not yet served).
-fn all_data_pages(job: &SendJob) -> Result<DirtyBitmap, MigrationError> {
+/// serves it: its holes are pages not yet served), given a listing from `earlier`.
+fn all_data_pages(
+    job: &SendJob,
+    earlier: Option<&[(usize, usize)]>,
+) -> Result<DirtyBitmap, MigrationError> {
     let mut b = DirtyBitmap::new(job.ram.regions());
     if job.whole {
         b.set_run(0, memory::dirty::total_pages(job.ram.regions()));
         return Ok(b);
     }
-    let runs = job
-        .ram
-        .tracked()
-        .data_pages()
-        .map_err(|e| MigrationError::Vm(format!("cannot list guest RAM's pages: {e}")))?;
+    let ram = job.ram.tracked();
+    let runs = match earlier {
+        Some(earlier) => ram.data_pages_since(earlier),
+        None => ram.data_pages(),
+    }
+    .map_err(|e| MigrationError::Vm(format!("cannot list guest RAM's pages: {e}")))?;
     for (first, count) in runs {
         b.set_run(first, count);
     }
