@@ -521,15 +521,51 @@ fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
 
 /// A `Hello` for a 256 MiB test guest.
 fn hello() -> Vec<u8> {
+    hello_with(None)
+}
+
+/// A `Hello` that announces a fault stream with `token`, or none.
+fn hello_with(token: Option<u64>) -> Vec<u8> {
     let body = json!({
-        "version": 1,
+        "version": vmm::migration::VERSION,
         "ferry_version": "test",
         "config": config("workload=idle", 1, 256, json!({})),
         "memory": [{ "guest_addr": 0, "size": 256u64 << 20 }],
         "local": false,
         "verify": false,
+        "fault_channel": token,
     });
     frame(1, body.to_string().as_bytes())
+}
+
+/// A source that announces a fault stream and opens one with another token: the
+/// destination refuses it, and can receive again.
+#[test]
+fn test_a_fault_stream_with_the_wrong_token_is_refused() {
+    let dir = TempDir::new("pc-token");
+    let dst = Vm::fresh(&dir, "dst");
+    let port = free_port();
+    receive(&dst, &format!("tcp:127.0.0.1:{port}"));
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.write_all(&hello_with(Some(7))).expect("hello");
+    let mut ack = [0u8; 24];
+    s.read_exact(&mut ack).expect("ack");
+    let mut second = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    second
+        .write_all(&frame(11, json!({ "token": 8 }).to_string().as_bytes()))
+        .expect("channel");
+    let st = wait_ended(&dst, Duration::from_secs(10));
+    assert_eq!(st["state"], "failed", "{st}");
+    assert!(
+        st["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not this migration's"),
+        "{st}"
+    );
+    let (_, info) = curl(&dst.sock, "GET", "/", None);
+    assert_eq!(info["state"], "Not started");
+    receive(&dst, &format!("tcp:127.0.0.1:{}", free_port()));
 }
 
 /// A page batch of one range at `addr` of `len` bytes.

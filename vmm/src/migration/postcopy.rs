@@ -874,4 +874,42 @@ mod tests {
         assert!(e.to_string().contains("does not lack"), "{e}");
         src_conn.shutdown();
     }
+
+    /// A list of missing pages is checked against the memory map before anything is
+    /// registered: ranges outside RAM, across the MMIO hole, not whole pages, or a
+    /// count that does not match the length are refused with what is wrong.
+    #[test]
+    fn test_bad_missing_lists_are_refused() {
+        let ram = GuestRam::new(64, 46).expect("ram");
+        let good = protocol::encode_ranges(&[(0, PAGE_SIZE), (8 * PAGE_SIZE, 2 * PAGE_SIZE)]);
+        assert_eq!(decode_missing(&ram, &good).expect("good").count(), 3);
+        for (body, expected) in [
+            (
+                protocol::encode_ranges(&[(64 << 20, PAGE_SIZE)]),
+                "not all guest RAM here",
+            ),
+            (
+                protocol::encode_ranges(&[((64 << 20) - PAGE_SIZE, 2 * PAGE_SIZE)]),
+                "not all guest RAM here",
+            ),
+            (protocol::encode_ranges(&[(100, PAGE_SIZE)]), "whole pages"),
+            (protocol::encode_ranges(&[(0, 0)]), "whole pages"),
+            (good[..good.len() - 1].to_vec(), "says it holds 2 ranges"),
+            (vec![1, 2, 3], "shorter than its count"),
+        ] {
+            let e = decode_missing(&ram, &body).expect_err(expected).to_string();
+            assert!(e.contains(expected), "{e}");
+        }
+        for (body, expected) in [
+            (vec![], "1 to 512"),
+            (vec![0u8; 8 * 513], "1 to 512"),
+            (vec![0u8; 7], "1 to 512"),
+            (100u64.to_le_bytes().to_vec(), "not a page's start"),
+        ] {
+            let e = protocol::decode_request(&body)
+                .expect_err(expected)
+                .to_string();
+            assert!(e.contains(expected), "{e}");
+        }
+    }
 }
