@@ -387,24 +387,6 @@ fn exchange(
             s.remaining_pages = count;
         });
         tracing::info!("post-copy: the destination runs the guest; {count} pages follow");
-        pages
-            .conn
-            .send_json(
-                Kind::State,
-                &Switch {
-                    state,
-                    paused_at_ns,
-                    rounds: pages.progress.status().round,
-                    postcopy: true,
-                },
-            )
-            .map_err(before)?;
-        tracing::debug!("switch-over: post-copy state sent after {:?}", t.elapsed());
-        let ranges = super::postcopy::guest_ranges(&job.ram, &missing);
-        pages
-            .conn
-            .send(Kind::Missing, &[&protocol::encode_ranges(&ranges)])
-            .map_err(before)?;
         lacks = Some(missing);
     } else {
         if let Some(last) = last {
@@ -420,17 +402,25 @@ fn exchange(
                 .send(Kind::Hashes, &[&verify::encode(&hashes)])
                 .map_err(before)?;
         }
+    }
+    pages
+        .conn
+        .send_json(
+            Kind::State,
+            &Switch {
+                state,
+                paused_at_ns,
+                rounds: pages.progress.status().round,
+                postcopy: lacks.is_some(),
+            },
+        )
+        .map_err(before)?;
+    // Post-copy: what the destination lacks follows the state.
+    if let Some(missing) = &lacks {
+        let ranges = super::postcopy::guest_ranges(&job.ram, missing);
         pages
             .conn
-            .send_json(
-                Kind::State,
-                &Switch {
-                    state,
-                    paused_at_ns,
-                    rounds: pages.progress.status().round,
-                    postcopy: false,
-                },
-            )
+            .send(Kind::Missing, &[&protocol::encode_ranges(&ranges)])
             .map_err(before)?;
     }
     tracing::debug!("switch-over: state sent after {:?}", t.elapsed());
