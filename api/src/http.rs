@@ -6,7 +6,9 @@
 //! Every length is bounded: a request head at most `MAX_HEAD` bytes, a body at most
 //! `MAX_BODY` (as `Content-Length`; chunked bodies are refused), an answer waiting for a
 //! slow reader at most one response per connection (nothing more is read from it until
-//! the answer is out).
+//! the answer is out). A connection that is closing shuts its sending side and discards
+//! at most `MAX_LINGER` more bytes until the client closes, so a client refused while
+//! still sending reads why.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -20,6 +22,8 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Connections served at once. One more is answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 32;
+/// Bytes discarded from a connection after its last answer, before it is closed.
+const MAX_LINGER: usize = 1024 * 1024;
 
 /// A complete request.
 pub struct Request {
@@ -163,6 +167,9 @@ struct Conn {
     continued: bool,
     /// Close once `output` is written.
     closing: bool,
+    /// Bytes discarded since the last answer was written and our side shut down.
+    /// `None` until then.
+    lingering: Option<usize>,
 }
 
 impl Conn {
@@ -200,6 +207,32 @@ impl Conn {
             }
         }
         true
+    }
+
+    /// After the last answer: shuts our side and discards what the client still sends,
+    /// so that a client still sending a refused body reads its answer rather than a
+    /// reset (a Unix socket closed with unread data resets its peer). False once the
+    /// client has closed too, or sent more than `MAX_LINGER`.
+    fn linger(&mut self) -> bool {
+        let Some(discarded) = self.lingering.as_mut() else {
+            self.lingering = Some(0);
+            return self.stream.shutdown(std::net::Shutdown::Write).is_ok();
+        };
+        let mut chunk = [0u8; 8192];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    *discarded += n;
+                    if *discarded > MAX_LINGER {
+                        return false;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
     }
 
     /// Answers every complete request in `input`, in order, with `handle`.
@@ -268,6 +301,10 @@ pub fn serve(listener: &UnixListener, mut handle: impl FnMut(Request) -> Respons
         // Connections first: `fds[i + 1]` is `conns[i]`, and accepting appends.
         let mut keep = Vec::with_capacity(conns.len());
         for (conn, fd) in conns.iter_mut().zip(&fds[1..]) {
+            if conn.lingering.is_some() {
+                keep.push(fd.revents == 0 || conn.linger());
+                continue;
+            }
             let mut alive = true;
             if fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
                 && conn.output.is_empty()
@@ -285,7 +322,10 @@ pub fn serve(listener: &UnixListener, mut handle: impl FnMut(Request) -> Respons
                     alive = conn.write();
                 }
             }
-            keep.push(alive && !(conn.closing && conn.output.is_empty()));
+            if alive && conn.closing && conn.output.is_empty() {
+                alive = conn.linger();
+            }
+            keep.push(alive);
         }
         let mut i = 0;
         conns.retain(|_| {
@@ -322,6 +362,7 @@ fn accept(listener: &UnixListener, conns: &mut Vec<Conn>) {
                     output: Vec::new(),
                     continued: false,
                     closing: false,
+                    lingering: None,
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -395,5 +436,42 @@ mod tests {
         assert!(refused("\x01\x02 garbage\r\n\r\n").starts_with("malformed HTTP request"));
         let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD + 1));
         assert!(refused(&long).contains("over 16384 bytes"));
+    }
+
+    /// A client still sending a body too large to take reads the refusal, not a reset.
+    #[test]
+    fn test_a_refused_body_still_being_sent_gets_its_answer() {
+        let dir = std::env::temp_dir().join(format!("ferry-http-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("api.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind");
+        std::thread::spawn(move || {
+            serve(&listener, |_| Response {
+                status: 204,
+                body: None,
+            })
+        });
+        let mut client = UnixStream::connect(&path).expect("connect");
+        let body = vec![b'x'; MAX_BODY + 4096];
+        write!(
+            client,
+            "PUT /vm HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .expect("head");
+        // The server refuses on the head and answers; the client is still sending.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        client
+            .write_all(&body)
+            .expect("the body is taken, then discarded");
+        client
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).expect("the answer");
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("the limit is 65536"), "{answer}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
