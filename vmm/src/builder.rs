@@ -292,6 +292,14 @@ fn assemble(
         vcpus: vcpu_count,
         smt: machine.smt,
     };
+    let freeze = Arc::new(vcpu::Freeze::default());
+    let shared = vcpu::Shared {
+        bus,
+        mmio: mmio_bus,
+        metrics: vcpu_metrics.clone(),
+        freeze: freeze.clone(),
+        events: event_tx,
+    };
     let mut pending = Vec::with_capacity(usize::from(vcpu_count));
     for index in 0..vcpu_count {
         let fd = vm
@@ -311,15 +319,7 @@ fn assemble(
         let event_fd = vcpu_event_fd
             .try_clone()
             .map_err(|e| device_err("the vCPU event fd")(&e))?;
-        pending.push(Vcpu::new(
-            index,
-            fd,
-            bus.clone(),
-            mmio_bus.clone(),
-            vcpu_metrics.clone(),
-            event_tx.clone(),
-            event_fd,
-        ));
+        pending.push(Vcpu::new(index, fd, shared.clone(), event_fd));
     }
 
     Ok(Vmm {
@@ -334,6 +334,7 @@ fn assemble(
             virtio: virtio_devices,
         },
         vcpu_metrics,
+        freeze,
         paused_since: None,
         paused_total: Duration::ZERO,
         vcpu_events: event_rx,

@@ -663,10 +663,11 @@ impl Controller {
                 }
                 Control::PostcopyFailed(incoming) => {
                     if let Some(vmm) = self.vmm.as_mut() {
+                        // The migration thread froze the vCPUs already.
                         if vmm.state() == VmState::Running {
-                            if let Err(e) = vmm.pause() {
+                            if let Err(e) = vmm.pause_frozen() {
                                 tracing::error!(
-                                    "cannot pause the guest after the failed post-copy: {e}"
+                                    "pausing the guest after the failed post-copy: {e}; it is frozen all the same"
                                 );
                             }
                         }

@@ -117,6 +117,8 @@ pub struct Vmm {
     vcpu_event_fd: EventFd,
     state: VmState,
     vcpu_metrics: Arc<vcpu::VcpuMetrics>,
+    /// Keeps the vCPUs out of the guest from another thread; `resume` thaws it.
+    freeze: Arc<vcpu::Freeze>,
     paused_since: Option<Instant>,
     paused_total: Duration,
     /// What serves guest RAM for a VM loaded from a snapshot: kept for as long as the
@@ -156,6 +158,12 @@ impl Vmm {
         mode: memory::dirty::TrackingMode,
     ) -> Result<Box<dyn memory::dirty::BenchTracker>, memory::dirty::DirtyError> {
         self.vm.bench_tracker(mode)
+    }
+
+    /// What keeps this VM's vCPUs out of the guest from any thread (`Freeze::freeze`).
+    /// A frozen VM stays so until `resume`.
+    pub fn freezer(&self) -> Arc<vcpu::Freeze> {
+        self.freeze.clone()
     }
 
     /// The devices.
@@ -249,6 +257,21 @@ impl Vmm {
         Ok(())
     }
 
+    /// Pauses a VM whose vCPUs were frozen (`freezer`) by another thread, so that its
+    /// state says what it is. Unlike `pause` it never undoes: a vCPU that does not answer
+    /// in time is frozen all the same, and takes its pause when it comes back. The error
+    /// names such a vCPU; the VM is paused either way.
+    pub fn pause_frozen(&mut self) -> Result<(), LifecycleError> {
+        if !self.freeze.is_frozen() || self.state != VmState::Running {
+            return self.pause();
+        }
+        let (_, late) = self.command_all(VcpuCommand::Pause, None);
+        self.devices.virtio.pause();
+        self.state = VmState::Paused;
+        self.paused_since = Some(Instant::now());
+        late.map_or(Ok(()), |e| Err(e.into()))
+    }
+
     /// Lets every vCPU continue where it stopped. All or nothing, as `pause`: if a vCPU
     /// does not continue in time, every vCPU is parked again and the devices paused.
     pub fn resume(&mut self) -> Result<(), LifecycleError> {
@@ -260,6 +283,7 @@ impl Vmm {
         }
         // Devices first, so the guest finds them taking requests again.
         self.devices.virtio.resume();
+        self.freeze.thaw();
         if let (answered, Some(e)) = self.command_all(VcpuCommand::Resume, None) {
             self.undo(VcpuCommand::Pause, &answered);
             self.devices.virtio.pause();

@@ -19,7 +19,8 @@ fn metric(sock: &std::path::Path, key: &str) -> u64 {
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Filling the console takes some 70,000 port writes, slow on a loaded host.
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
@@ -44,6 +45,12 @@ fn test_a_console_nobody_reads_never_wedges_the_vm() {
         .expect("spawn ferry");
     // Held open and not read: the pipe fills, as when an orchestrator's log reader stops.
     let mut stdout = child.stdout.take().expect("stdout");
+    // The smallest pipe: filling it takes the guest a page, not 64 KiB.
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_SETPIPE_SZ on a pipe fd this process holds; no memory is passed.
+        unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    }
     wait_for_socket(&sock);
     wait_until("the console to drop bytes", || {
         metric(&sock, "missed_write_count") > 0

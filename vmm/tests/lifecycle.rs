@@ -253,3 +253,92 @@ fn test_guest_memory_is_freed_on_stop() {
     drop(tracker);
     assert!(!mapped(), "guest RAM is still mapped after stop");
 }
+
+/// Another thread freezes the guest without the VMM thread: at once no vCPU runs it,
+/// the pause that follows never undoes itself (even with a vCPU too slow to answer), and
+/// resume thaws it, the guest going on with every pass `ok`.
+#[test]
+fn test_a_freeze_from_another_thread_stops_the_guest_until_resume() {
+    let dir = TempDir::new("freeze");
+    let out = dir.path().join("console.log");
+    let mut vmm = vmm::build(&config(&out, 2, "workload=verify size=32M")).expect("build");
+    vmm.start().expect("start");
+    wait_for(&out, "pass 2", |t| t.contains("pass 2 ok"));
+    let freezer = vmm.freezer();
+    std::thread::spawn(move || freezer.freeze(Duration::from_secs(1)))
+        .join()
+        .expect("freezing thread")
+        .expect("every vCPU left the guest");
+    let before = range_digest(&vmm);
+    let printed = console(&out).len();
+    std::thread::sleep(Duration::from_millis(60));
+    assert_eq!(
+        range_digest(&vmm),
+        before,
+        "guest memory changed while frozen"
+    );
+    assert_eq!(console(&out).len(), printed, "guest printed while frozen");
+
+    // vCPU 1 answers its pause late: the VM is paused all the same, and stays frozen.
+    vmm.stall_vcpu(1, Duration::from_secs(3));
+    let late = vmm.pause_frozen().expect_err("vCPU 1 is late");
+    assert!(
+        late.to_string().contains("vCPU 1 did not answer Pause"),
+        "{late}"
+    );
+    assert_eq!(vmm.state(), VmState::Paused);
+    std::thread::sleep(Duration::from_millis(60));
+    assert_eq!(
+        range_digest(&vmm),
+        before,
+        "guest memory changed while paused"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    vmm.resume().expect("resume thaws");
+    let passes = ok_passes(&console(&out));
+    wait_for(&out, "two more passes", |t| ok_passes(t) >= passes + 2);
+    assert!(!console(&out).contains("corrupt"));
+    vmm.stop();
+}
+
+/// A vCPU waiting in the kernel on a page that never comes (post-copy, the link gone)
+/// is kicked out of KVM_RUN by a freeze: the fault is interruptible, so `freeze`
+/// returns with every vCPU out instead of timing out.
+#[test]
+fn test_a_freeze_reaches_a_vcpu_waiting_on_a_missing_page() {
+    use vm_memory::GuestAddress;
+    let dir = TempDir::new("freeze-missing");
+    let out = dir.path().join("console.log");
+    let mut vmm = vmm::build(&config(&out, 1, "workload=verify size=32M")).expect("build");
+    vmm.start().expect("start");
+    wait_for(&out, "pass 1", |t| t.contains("pass 1 ok"));
+    // Registered, then emptied: the guest's next touch of its range waits on the fault.
+    let (uffd, claim) =
+        memory::fault::register_missing(&vmm.ram().tracked()).expect("register missing");
+    vmm.ram()
+        .discard(GuestAddress(4 << 20), 32 << 20)
+        .expect("empty the range");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match uffd.read_event() {
+            Ok(Some(userfaultfd::Event::Pagefault { .. })) => break,
+            Ok(_) => {}
+            Err(e) => panic!("reading the userfaultfd: {e}"),
+        }
+        assert!(Instant::now() < deadline, "the guest never faulted");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let started = Instant::now();
+    vmm.freezer()
+        .freeze(Duration::from_secs(2))
+        .expect("the waiting vCPU left KVM_RUN");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    vmm.pause_frozen().expect("pause");
+    vmm.stop();
+    memory::fault::unregister_missing(&uffd, &vmm.ram().tracked());
+    drop(claim);
+}

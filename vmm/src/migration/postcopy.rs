@@ -265,6 +265,34 @@ impl In {
     }
 }
 
+/// Punches out every page of `lacks` that holds data in `ram`'s memfd: a page that is
+/// there is never faulted on, so it must not be one the source has newer contents of.
+/// Only the memfd's data extents are walked, so a fresh destination costs one lseek.
+fn empty(ram: &GuestRam, lacks: &DirtyBitmap) -> Result<(), MigrationError> {
+    let failed =
+        |e: &dyn std::fmt::Display| MigrationError::Vm(format!("cannot empty a missing page: {e}"));
+    let page_of = |offset: u64| usize::try_from(offset / PAGE_SIZE).unwrap_or(usize::MAX);
+    for (offset, len) in ram.data_extents().map_err(|e| failed(&e))? {
+        let (first, end) = (
+            page_of(offset),
+            page_of((offset + len).div_ceil(PAGE_SIZE) * PAGE_SIZE),
+        );
+        let mut p = first;
+        while p < end {
+            if !lacks.get(p) {
+                p += 1;
+                continue;
+            }
+            let run = (p..end).take_while(|q| lacks.get(*q)).count();
+            for (addr, bytes) in ram.guest_ranges(p as u64 * PAGE_SIZE, run as u64 * PAGE_SIZE) {
+                ram.discard(addr, bytes).map_err(|e| failed(&e))?;
+            }
+            p += run;
+        }
+    }
+    Ok(())
+}
+
 /// Guest RAM on the destination while post-copy runs; see the module doc.
 pub struct Incoming {
     shared: Arc<In>,
@@ -273,24 +301,18 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Makes the pages in `lacks` missing in `ram` (`punch`: a pre-copy may have filled
-    /// them with older contents), registers guest RAM for missing faults, and starts
-    /// the fault thread on `conn`, the fault stream. Nothing may touch guest RAM between
-    /// the holes and the registration: the VM must not run yet.
+    /// Makes the pages in `lacks` missing in `ram` (a pre-copy may have filled some with
+    /// older contents), registers guest RAM for missing faults, and starts the fault
+    /// thread on `conn`, the fault stream. Nothing may touch guest RAM between the holes
+    /// and the registration: the VM must not run yet.
     pub fn start(
         ram: &GuestRam,
         lacks: DirtyBitmap,
-        punch: bool,
         conn: Conn,
         progress: Arc<Progress>,
     ) -> Result<Incoming, MigrationError> {
         let precopied = progress.status().transferred_bytes;
-        if punch {
-            for (addr, len) in guest_ranges(ram, &lacks) {
-                ram.discard(GuestAddress(addr), len)
-                    .map_err(|e| MigrationError::Vm(format!("cannot empty a missing page: {e}")))?;
-            }
-        }
+        empty(ram, &lacks)?;
         let (uffd, claim) = memory::fault::register_missing(&ram.tracked())
             .map_err(|e| MigrationError::Vm(format!("post-copy: {e}")))?;
         let total = memory::dirty::total_pages(ram.regions());
@@ -356,9 +378,12 @@ impl Incoming {
         }
     }
 
-    /// Stops serving faults (every page is here).
-    pub fn stop_serving(&self) {
+    /// Every page is here: stops the fault thread and unregisters guest RAM at once, so
+    /// that nothing waits on the end's handshake (a page the source never held reads
+    /// as zeros from the kernel now).
+    pub fn complete(&self) {
         self.stop_thread();
+        self.shared.release();
     }
 
     /// Every page is here: stops the fault thread and gives guest RAM back to the
@@ -755,7 +780,7 @@ mod tests {
         let out = Outgoing::new(&src, false, lacks.clone());
         let progress = Progress::new(Default::default());
         let incoming =
-            Incoming::start(&dst, lacks.clone(), false, dst_conn, progress.clone()).expect("start");
+            Incoming::start(&dst, lacks.clone(), dst_conn, progress.clone()).expect("start");
         let data_pages = lacks.count() as u64;
         // A fault nobody serves waits forever: end the test with a message instead.
         let finished = Arc::new(AtomicBool::new(false));
@@ -837,7 +862,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(1));
             }
             // As the migration ends: the destination stops serving, then the source.
-            incoming.stop_serving();
+            incoming.complete();
             out.stop.store(true, Ordering::Release);
             answering.join().expect("answering").expect("answers");
         });
@@ -850,6 +875,34 @@ mod tests {
         incoming.finish();
     }
 
+    /// A destination that holds older contents of pages it lacks (a pre-copy sent them
+    /// before they were written again) gets the source's: they are emptied before
+    /// registration, or the kernel would never fault on them. Pages it holds and does
+    /// not lack keep what they hold.
+    #[test]
+    fn test_older_copies_of_missing_pages_are_emptied() {
+        use vm_memory::Bytes;
+        let (src, lacks) = source_ram();
+        let dst = GuestRam::new(64, 46).expect("ram");
+        let at = |p: usize| page_to_guest(dst.regions(), p).expect("page");
+        // Page 3 is missing (a multiple of 3); page 4 is not.
+        for (p, v) in [(3usize, 0xdeadu64), (4, 0x4444)] {
+            dst.memory().write_obj(v, at(p)).expect("write");
+        }
+        let (_src_conn, dst_conn) = conn_pair();
+        let incoming = Incoming::start(&dst, lacks, dst_conn, Progress::new(Default::default()))
+            .expect("start");
+        let mut page = vec![0u8; PAGE_BYTES];
+        src.memory().read_slice(&mut page, at(3)).expect("read");
+        incoming
+            .pushed(&[(at(3).0, PAGE_SIZE)], &page)
+            .expect("push page 3");
+        let read = |p: usize| -> u64 { dst.memory().read_obj(at(p)).expect("read") };
+        assert_eq!(read(3), 4, "page 3 holds the source's contents");
+        assert_eq!(read(4), 0x4444, "page 4 keeps what it held");
+        incoming.finish();
+    }
+
     /// A page the destination did not lack is a protocol error on either side.
     #[test]
     fn test_pages_nobody_lacks_are_refused() {
@@ -857,8 +910,7 @@ mod tests {
         let dst = GuestRam::new(64, 46).expect("ram");
         let (src_conn, dst_conn) = conn_pair();
         let progress = Progress::new(Default::default());
-        let incoming =
-            Incoming::start(&dst, lacks.clone(), false, dst_conn, progress).expect("start");
+        let incoming = Incoming::start(&dst, lacks.clone(), dst_conn, progress).expect("start");
         // Page 1 never held data on the source.
         let e = incoming
             .pushed(&[(PAGE_SIZE, PAGE_SIZE)], &[0u8; PAGE_BYTES])

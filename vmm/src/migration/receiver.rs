@@ -11,6 +11,8 @@
 //!
 //! A failure before the VM is handed over leaves nothing behind: this ferry can receive
 //! again. After that, the VM stays here complete and paused, and is run only on `Go`.
+//! A post-copy that fails after `Go` freezes the vCPUs from this thread (the VMM
+//! thread may be blocked on a missing page) before the source hears of it.
 
 use api::migration::MigrationReceiveParams;
 use api::VmConfig;
@@ -23,6 +25,7 @@ use super::postcopy::{self, Incoming};
 use super::protocol::{self, Channel, Done, Hello, HelloAck, Kind, Region, Switch};
 use super::transport::{Conn, Listener, STALL_TIMEOUT};
 use super::{verify, Control, ControlLink, MigrationError, Progress};
+use crate::vcpu::Freeze;
 
 /// What the destination's thread needs.
 pub struct ReceiveJob {
@@ -60,7 +63,8 @@ fn run(
 ) -> Result<(), MigrationError> {
     let stream = job.listener.accept(&progress.cancel, None)?;
     let mut conn = Conn::new(stream, progress.cancel.clone())?;
-    let mut installed = false;
+    // The VM's freezer, once the VM is handed to the VMM thread.
+    let mut installed = None;
     let mut incoming = None;
     let result = receive(
         &mut conn,
@@ -72,37 +76,52 @@ fn run(
         &mut incoming,
     );
     let result = result.map_err(|e| {
+        // A guest that ran here on post-copy stops before the source hears that it may
+        // run it again.
+        let frozen = match (&installed, &incoming) {
+            (Some(freezer), Some(_)) => freezer.freeze(crate::vcpu::COMMAND_TIMEOUT),
+            _ => Ok(()),
+        };
         if e.worth_telling() {
             conn.send_failure(&e.to_string());
         }
-        match (&e, installed, incoming) {
+        let source_runs_it = matches!(e, MigrationError::Peer(_))
+            && progress.status().downtime_ms.is_none();
+        match (installed.is_some(), incoming) {
             // The source said it gave up before its Go: it runs the guest.
-            (MigrationError::Peer(_), true, _) if progress.status().downtime_ms.is_none() => {
+            (true, _) if source_runs_it => {
                 let _ = link.send(Control::Discard);
                 e
             }
             // Post-copy cannot go on: the guest stops here, and its missing pages stay
             // missing (never zeros) for as long as this VM exists.
-            (_, true, Some(incoming)) => {
+            (true, Some(incoming)) => {
                 let missing = incoming.remaining();
                 incoming.publish(progress);
+                let frozen = match frozen {
+                    Ok(()) => String::new(),
+                    Err(n) => format!(
+                        " ({n} vCPUs were still inside KVM_RUN after {:?}: kicked, they cannot enter the guest again)",
+                        crate::vcpu::COMMAND_TIMEOUT
+                    ),
+                };
                 if missing == 0 {
                     // Complete, but the source may not know it: nobody runs the guest
                     // until an operator chooses.
                     incoming.finish();
                     let _ = link.send(Control::PostcopyFailed(None));
                     return MigrationError::Vm(format!(
-                        "{e}; every page arrived, but the source did not confirm the end: the guest is paused here, complete; resume it here (PATCH /vm) only if the source does not run it"
+                        "{e}; every page arrived, but the source did not confirm the end: the guest is paused here, complete{frozen}; resume it here (PATCH /vm) only if the source does not run it"
                     ));
                 }
                 let _ = link.send(Control::PostcopyFailed(Some(Box::new(incoming.hold()))));
                 MigrationError::Vm(format!(
-                    "{e}; post-copy cannot go on: the guest is paused here with {missing} pages still missing and must not run here; the source keeps it paused with all of its memory: resume it there (PATCH /vm) or send it again"
+                    "{e}; post-copy cannot go on: the guest is paused here with {missing} pages still missing and must not run here{frozen}; the source keeps it paused with all of its memory: resume it there (PATCH /vm) or send it again"
                 ))
             }
-            (_, false, _) => e,
+            (false, _) => e,
             // Nobody can tell here whether the source committed.
-            (_, true, None) => MigrationError::Vm(format!(
+            (true, None) => MigrationError::Vm(format!(
                 "{e}; the VM is complete here and stays paused: resume it (PATCH /vm) only if the source does not run it"
             )),
         }
@@ -159,7 +178,7 @@ fn receive(
     params: &MigrationReceiveParams,
     link: &ControlLink,
     progress: &Arc<Progress>,
-    installed: &mut bool,
+    installed: &mut Option<Arc<Freeze>>,
     incoming: &mut Option<Incoming>,
 ) -> Result<(), MigrationError> {
     let hello: Hello = conn.recv_json(Kind::Hello)?;
@@ -323,13 +342,9 @@ fn receive(
             s.postcopy = true;
             s.remaining_pages = lacks.count() as u64;
         });
-        // Pages a pre-copy round wrote here may be older than the source's: they are
-        // emptied first. A fresh memfd has nothing to empty.
-        let precopied = received > 0;
         *incoming = Some(postcopy::Incoming::start(
             &ram,
             lacks,
-            precopied,
             fault_conn,
             progress.clone(),
         )?);
@@ -340,8 +355,9 @@ fn receive(
     if !progress.commit() {
         return Err(MigrationError::Cancelled);
     }
+    let freezer = vmm.freezer();
     link.ask(|tx| Control::Install(Box::new(vmm), Box::new(config), tx))?;
-    *installed = true;
+    *installed = Some(freezer);
     conn.send(Kind::Ready, &[])?;
     conn.recv_empty(Kind::Go)?;
     tracing::debug!("switch-over: installed, Go after {:?}", t.elapsed());
@@ -405,7 +421,7 @@ fn rest_of_memory(
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    incoming.stop_serving();
+    incoming.complete();
     incoming.publish(progress);
     conn.send(Kind::Complete, &[])?;
     conn.recv_empty(Kind::CompleteAck)?;

@@ -1,13 +1,15 @@
 //! vCPU threads. Each runs `KVM_RUN` in a loop, handles port I/O on the bus, and takes
 //! commands (pause, resume, save, stop) over a channel. A command is delivered by sending
-//! it and then kicking the thread out of `KVM_RUN` with a signal.
+//! it and then kicking the thread out of `KVM_RUN` with a signal. `Freeze` keeps every
+//! vCPU out of the guest without the VMM thread, for a migration thread that must know
+//! the guest runs no more before it says so.
 
 pub mod state;
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -157,6 +159,121 @@ pub fn register_kick_handler() -> Result<(), VcpuError> {
     register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal)
 }
 
+/// Keeps every vCPU of a VM out of the guest, asked from any thread. A destination
+/// whose post-copy failed freezes its guest from the migration thread before it tells
+/// the source, which may then run the guest again: the VMM thread may be busy, or
+/// blocked on a page that will never come.
+///
+/// Who writes what, and why no vCPU slips through:
+/// - `frozen`: written by `freeze` and `thaw`, read by every vCPU thread before each
+///   `KVM_RUN` and while it is parked.
+/// - `inside`: each vCPU thread adds one before it reads `frozen` and enters `KVM_RUN`,
+///   and takes it off when `KVM_RUN` returns. All four accesses are sequentially
+///   consistent, so either the vCPU sees `frozen` and stays out, or `freeze`, which sets
+///   `frozen` before it reads `inside`, sees the vCPU inside and kicks it.
+/// - `threads`: the live vCPU threads. A thread adds itself before its first `KVM_RUN`
+///   and takes itself off, under the lock, before it ends, so a kick sent under the lock
+///   never reaches a thread that is gone. A kick sets the thread's `immediate_exit`, so
+///   a vCPU kicked just before it enters `KVM_RUN` leaves at once; one waiting in the
+///   kernel on a missing page leaves too (the fault is interruptible).
+#[derive(Default)]
+pub struct Freeze {
+    frozen: AtomicBool,
+    inside: AtomicUsize,
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+/// Takes a vCPU thread off `Freeze::threads` when its run loop ends.
+struct Registered<'a>(&'a Freeze);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let mut threads = self.0.threads.lock().unwrap_or_else(|e| e.into_inner());
+        threads.retain(|t| *t != me);
+    }
+}
+
+impl Freeze {
+    /// Stops every vCPU running the guest: none enters `KVM_RUN` again until `thaw`, and
+    /// those inside are kicked out. Waits at most `timeout` for them to leave; returns
+    /// how many were still inside if they did not.
+    pub fn freeze(&self, timeout: Duration) -> Result<(), usize> {
+        self.frozen.store(true, Ordering::SeqCst);
+        {
+            let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+            for t in threads.iter() {
+                // SAFETY: `t` is a live vCPU thread: it leaves the list under this lock
+                // before it ends. The kick handler is installed before any vCPU runs.
+                unsafe { libc::pthread_kill(*t, kick_signal()) };
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let inside = self.inside.load(Ordering::SeqCst);
+            if inside == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(inside);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Lets vCPUs enter the guest again; parked ones go on when they next look (they
+    /// also obey pause and resume commands as usual).
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether `freeze` holds.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::SeqCst)
+    }
+
+    fn register(&self) -> Registered<'_> {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(me);
+        Registered(self)
+    }
+
+    /// Called before `KVM_RUN`: false when frozen (the vCPU must stay out).
+    fn enter(&self) -> bool {
+        self.inside.fetch_add(1, Ordering::SeqCst);
+        if self.frozen.load(Ordering::SeqCst) {
+            self.inside.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Called when `KVM_RUN` has returned.
+    fn leave(&self) {
+        self.inside.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What every vCPU of a VM shares.
+#[derive(Clone)]
+pub struct Shared {
+    /// Port I/O.
+    pub bus: Arc<PioBus>,
+    /// MMIO.
+    pub mmio: Arc<MmioBus>,
+    /// Exit counts.
+    pub metrics: Arc<VcpuMetrics>,
+    /// Keeps the vCPUs out of the guest from any thread.
+    pub freeze: Arc<Freeze>,
+    /// Where a vCPU reports why it stopped on its own.
+    pub events: Sender<(u8, VcpuEvent)>,
+}
+
 /// A vCPU, ready to run on its own thread.
 pub struct Vcpu {
     index: u8,
@@ -164,6 +281,7 @@ pub struct Vcpu {
     bus: Arc<PioBus>,
     mmio: Arc<MmioBus>,
     metrics: Arc<VcpuMetrics>,
+    freeze: Arc<Freeze>,
     events: Sender<(u8, VcpuEvent)>,
     event_fd: EventFd,
     stall: Arc<AtomicU64>,
@@ -247,23 +365,17 @@ fn handle_exit(
 }
 
 impl Vcpu {
-    /// Wraps a configured vCPU. `events` and `event_fd` report why it stopped on its own.
-    pub fn new(
-        index: u8,
-        fd: VcpuFd,
-        bus: Arc<PioBus>,
-        mmio: Arc<MmioBus>,
-        metrics: Arc<VcpuMetrics>,
-        events: Sender<(u8, VcpuEvent)>,
-        event_fd: EventFd,
-    ) -> Self {
+    /// Wraps a configured vCPU. `shared.events` and `event_fd` report why it stopped on
+    /// its own.
+    pub fn new(index: u8, fd: VcpuFd, shared: Shared, event_fd: EventFd) -> Self {
         Vcpu {
             index,
             fd,
-            bus,
-            mmio,
-            metrics,
-            events,
+            bus: shared.bus,
+            mmio: shared.mmio,
+            metrics: shared.metrics,
+            freeze: shared.freeze,
+            events: shared.events,
             event_fd,
             stall: Arc::new(AtomicU64::new(0)),
         }
@@ -313,14 +425,21 @@ impl Vcpu {
         )?)
     }
 
-    /// Handles queued commands after a kick, parked while paused. Returns false when
-    /// the thread must end.
+    /// Handles queued commands after a kick, parked while paused or frozen. Returns
+    /// false when the thread must end.
     fn wait_for_commands(&self, link: &Link, mut paused: bool) -> bool {
         loop {
             let (seq, cmd) = if paused {
                 match link.commands.recv() {
                     Ok(cmd) => cmd,
                     Err(_) => return false,
+                }
+            } else if self.freeze.is_frozen() {
+                // Nothing tells a parked thread of a thaw: it looks again now and then.
+                match link.commands.recv_timeout(Duration::from_millis(10)) {
+                    Ok(cmd) => cmd,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return false,
                 }
             } else {
                 match link.commands.try_recv() {
@@ -367,13 +486,23 @@ impl Vcpu {
         let immediate_exit = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
         IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
         let _clear = ImmediateExitGuard;
-        // A command sent before the line above was kicked with no pointer to set, so
+        let freeze = self.freeze.clone();
+        let _registered = freeze.register();
+        // A command sent before the lines above was kicked with no pointer to set, so
         // that kick is lost: look for commands once before the first KVM_RUN.
         if !self.wait_for_commands(&link, paused) {
             return;
         }
         loop {
-            let flow = match self.fd.run() {
+            if !freeze.enter() {
+                if !self.wait_for_commands(&link, false) {
+                    break;
+                }
+                continue;
+            }
+            let result = self.fd.run();
+            freeze.leave();
+            let flow = match result {
                 Ok(exit) => {
                     match handle_exit(&self.bus, &self.mmio, &self.metrics, self.index, exit, run) {
                         Outcome::Continue => Flow::Continue,
