@@ -104,6 +104,8 @@ pub enum VmmAction {
     MigrationCancel,
     /// `GET /migration`.
     GetMigration,
+    /// `GET /snapshot`.
+    GetSnapshot,
     /// Every virtio device's state, as JSON (paused VMs only). No HTTP route: the
     /// migration engine and tests send it on the VMM channel.
     SaveDevices,

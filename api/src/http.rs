@@ -35,6 +35,15 @@ pub struct Request {
     pub body: Vec<u8>,
 }
 
+/// What the handler gives back for a request.
+pub enum Answer {
+    /// The response, now.
+    Now(Response),
+    /// Asked again, without blocking, until it gives the response; meanwhile the server
+    /// serves its other connections (this one takes nothing more until answered).
+    Later(Box<dyn FnMut() -> Option<Response>>),
+}
+
 /// An answer: the status and a JSON body, if any.
 pub struct Response {
     /// HTTP status.
@@ -170,6 +179,8 @@ struct Conn {
     /// Bytes discarded since the last answer was written and our side shut down.
     /// `None` until then.
     lingering: Option<usize>,
+    /// The answer to the request being served, when it comes later.
+    later: Option<Box<dyn FnMut() -> Option<Response>>>,
 }
 
 impl Conn {
@@ -235,9 +246,17 @@ impl Conn {
         }
     }
 
+    /// Takes the answer that was to come later, if it has.
+    fn poll_later(&mut self) {
+        if let Some(response) = self.later.as_mut().and_then(|f| f()) {
+            self.later = None;
+            self.output = encode(&response, self.closing);
+        }
+    }
+
     /// Answers every complete request in `input`, in order, with `handle`.
-    fn serve(&mut self, handle: &mut impl FnMut(Request) -> Response) {
-        while self.output.is_empty() && !self.closing {
+    fn serve(&mut self, handle: &mut impl FnMut(Request) -> Answer) {
+        while self.output.is_empty() && !self.closing && self.later.is_none() {
             match parse(&self.input) {
                 Parse::Partial { continue_ } => {
                     if continue_ && !self.continued {
@@ -250,9 +269,14 @@ impl Conn {
                 Parse::Done(request, used, keep_alive) => {
                     self.input.drain(..used);
                     self.continued = false;
-                    let response = handle(request);
                     self.closing = !keep_alive;
-                    self.output = encode(&response, self.closing);
+                    match handle(request) {
+                        Answer::Now(response) => self.output = encode(&response, self.closing),
+                        Answer::Later(f) => {
+                            self.later = Some(f);
+                            self.poll_later();
+                        }
+                    }
                 }
                 Parse::Refuse(e) => {
                     self.closing = true;
@@ -263,8 +287,11 @@ impl Conn {
     }
 }
 
+/// How often answers that come later are looked for.
+const LATER_POLL_MS: libc::c_int = 2;
+
 /// Serves `listener` forever on this thread, answering each request with `handle`.
-pub fn serve(listener: &UnixListener, mut handle: impl FnMut(Request) -> Response) {
+pub fn serve(listener: &UnixListener, mut handle: impl FnMut(Request) -> Answer) {
     if let Err(e) = listener.set_nonblocking(true) {
         tracing::error!("API socket: cannot make it non-blocking: {e}");
         return;
@@ -278,7 +305,9 @@ pub fn serve(listener: &UnixListener, mut handle: impl FnMut(Request) -> Respons
         })
         .chain(conns.iter().map(|c| libc::pollfd {
             fd: c.stream.as_raw_fd(),
-            events: if c.output.is_empty() {
+            events: if c.later.is_some() {
+                0
+            } else if c.output.is_empty() {
                 libc::POLLIN
             } else {
                 libc::POLLOUT
@@ -288,8 +317,13 @@ pub fn serve(listener: &UnixListener, mut handle: impl FnMut(Request) -> Respons
         .collect();
         // At most MAX_CONNECTIONS + 1 entries.
         let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(libc::nfds_t::MAX);
+        let timeout = if conns.iter().any(|c| c.later.is_some()) {
+            LATER_POLL_MS
+        } else {
+            -1
+        };
         // SAFETY: `fds` is a valid array of `nfds` pollfds that lives across the call.
-        let ret = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
+        let ret = unsafe { libc::poll(fds.as_mut_ptr(), nfds, timeout) };
         if ret < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
@@ -306,7 +340,11 @@ pub fn serve(listener: &UnixListener, mut handle: impl FnMut(Request) -> Respons
                 continue;
             }
             let mut alive = true;
-            if fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+            if conn.later.is_some() {
+                conn.poll_later();
+                // A client that left drops its answer.
+                alive = fd.revents & (libc::POLLHUP | libc::POLLERR) == 0;
+            } else if fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
                 && conn.output.is_empty()
             {
                 alive = conn.read();
@@ -363,6 +401,7 @@ fn accept(listener: &UnixListener, conns: &mut Vec<Conn>) {
                     continued: false,
                     closing: false,
                     lingering: None,
+                    later: None,
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -447,9 +486,11 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).expect("bind");
         std::thread::spawn(move || {
-            serve(&listener, |_| Response {
-                status: 204,
-                body: None,
+            serve(&listener, |_| {
+                Answer::Now(Response {
+                    status: 204,
+                    body: None,
+                })
             })
         });
         let mut client = UnixStream::connect(&path).expect("connect");

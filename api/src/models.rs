@@ -290,6 +290,36 @@ pub enum SnapshotType {
     Full,
     /// The pages written since the previous snapshot.
     Diff,
+    /// All of guest memory as at a brief pause, saved while the guest runs on (a ferry
+    /// extension; see "Live snapshots" in the README).
+    Live,
+}
+
+/// `GET /snapshot`: the live snapshot running or last run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct SnapshotStatus {
+    /// idle, active, completed or failed.
+    pub state: String,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The memory file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<String>,
+    /// How long the guest was paused, in ms.
+    pub pause_ms: f64,
+    /// Pages saved so far.
+    pub pages_saved: u64,
+    /// Pages still to save.
+    pub pages_left: u64,
+    /// Writes that found their page not yet saved: saved first, then let through.
+    pub copy_before_write_faults: u64,
+    /// How long those took (µs), from the fault read to the write let through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault_latency_us: Option<crate::migration::FaultLatency>,
+    /// From the request to both files complete, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<f64>,
 }
 
 /// `PUT /snapshot/create`, Firecracker's fields.

@@ -33,6 +33,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/snapshot/create"),
     ("PUT", "/snapshot/load"),
     ("GET", "/migration"),
+    ("GET", "/snapshot"),
     ("PUT", "/migration/send"),
     ("PUT", "/migration/receive"),
     ("PUT", "/migration/cancel"),
@@ -236,6 +237,7 @@ pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<Parsed, ApiError>
             VmmAction::LoadSnapshot(params)
         }
         ("GET", "/migration") => VmmAction::GetMigration,
+        ("GET", "/snapshot") => VmmAction::GetSnapshot,
         ("PUT", "/migration/send") => {
             let params: MigrationSendParams = body(bytes)?;
             let endpoint = params.validate().map_err(config_error)?;

@@ -7,15 +7,16 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::action::VmmResult;
 use crate::action::{ApiError, InstanceStatus, VmmData, VmmRequest};
-use crate::http::Response;
+use crate::http::{Answer, Response};
 use crate::routes::{self, Parsed};
 
 pub use crate::http::{MAX_BODY, MAX_CONNECTIONS};
@@ -117,7 +118,7 @@ pub fn start(
         wake: thread_wake,
         status: status.clone(),
         timeout,
-        counts: StatusCounts::default(),
+        counts: Arc::default(),
     };
     let handle = std::thread::Builder::new()
         .name("api".into())
@@ -139,75 +140,138 @@ struct Serving {
     wake: EventFd,
     status: Arc<InstanceStatus>,
     timeout: Duration,
-    counts: StatusCounts,
+    counts: Arc<Mutex<StatusCounts>>,
+}
+
+/// What `handle` makes of a request: answered on this thread, or sent to the VMM thread.
+enum Handled {
+    Now(Result<VmmData, ApiError>),
+    /// The VMM thread's answer comes on `answer`; 503 after `deadline`, if any.
+    Later {
+        answer: Receiver<VmmResult>,
+        deadline: Option<Instant>,
+        is_metrics: bool,
+    },
+}
+
+fn response(result: Result<VmmData, ApiError>) -> Response {
+    match result {
+        Ok(VmmData::Empty) => Response {
+            status: 204,
+            body: None,
+        },
+        Ok(VmmData::Json(v)) => Response {
+            status: 200,
+            body: Some(v.to_string()),
+        },
+        Err(e) => Response {
+            status: e.status,
+            body: Some(serde_json::json!({ "fault_message": e.message }).to_string()),
+        },
+    }
+}
+
+fn stopped() -> ApiError {
+    ApiError {
+        status: 503,
+        message: "the VMM has stopped".into(),
+    }
 }
 
 impl Serving {
-    fn run(mut self, listener: &UnixListener) {
+    fn run(self, listener: &UnixListener) {
         crate::http::serve(listener, |request| {
             let start = Instant::now();
             let (method, url) = (request.method, request.path);
-            let response = match self.handle(&method, &url, &request.body) {
-                Ok(VmmData::Empty) => Response {
-                    status: 204,
-                    body: None,
-                },
-                Ok(VmmData::Json(v)) => Response {
-                    status: 200,
-                    body: Some(v.to_string()),
-                },
-                Err(e) => Response {
-                    status: e.status,
-                    body: Some(serde_json::json!({ "fault_message": e.message }).to_string()),
-                },
+            let handled = self.handle(&method, &url, &request.body);
+            let counts = self.counts.clone();
+            // Counted and logged when the answer is out, however long it took.
+            let done = move |result: Result<VmmData, ApiError>| {
+                let response = response(result);
+                let status = response.status;
+                *counts
+                    .lock()
+                    .expect("poisoned")
+                    .0
+                    .entry(status)
+                    .or_default() += 1;
+                let duration_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+                tracing::info!(method, url, status, duration_us, "api request");
+                response
             };
-            let status = response.status;
-            *self.counts.0.entry(status).or_default() += 1;
-            let duration_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-            tracing::info!(method, url, status, duration_us, "api request");
-            response
+            match handled {
+                Handled::Now(result) => Answer::Now(done(result)),
+                Handled::Later {
+                    answer,
+                    deadline,
+                    is_metrics,
+                } => {
+                    let timeout_ms = self.timeout.as_millis();
+                    let counts = self.counts.clone();
+                    Answer::Later(Box::new(move || {
+                        let result = match answer.try_recv() {
+                            Ok(result) => result,
+                            Err(TryRecvError::Empty) => {
+                                if deadline.is_none_or(|d| Instant::now() < d) {
+                                    return None;
+                                }
+                                Err(ApiError {
+                                    status: 503,
+                                    message: format!(
+                                        "the VMM did not answer within {timeout_ms} ms; the request may still take effect"
+                                    ),
+                                })
+                            }
+                            Err(TryRecvError::Disconnected) => Err(stopped()),
+                        };
+                        Some(done(match result {
+                            // The API server's own counts belong in the metrics the VMM
+                            // reports.
+                            Ok(VmmData::Json(mut v)) if is_metrics => {
+                                v["api_server"] = counts.lock().expect("poisoned").json();
+                                Ok(VmmData::Json(v))
+                            }
+                            other => other,
+                        }))
+                    }))
+                }
+            }
         });
     }
 
-    fn handle(&self, method: &str, url: &str, body: &[u8]) -> Result<VmmData, ApiError> {
-        let action = match routes::parse(method, url, body)? {
+    fn handle(&self, method: &str, url: &str, body: &[u8]) -> Handled {
+        let parsed = match routes::parse(method, url, body) {
+            Ok(p) => p,
+            Err(e) => return Handled::Now(Err(e)),
+        };
+        let action = match parsed {
             Parsed::Version => {
-                return Ok(VmmData::Json(serde_json::json!({
+                return Handled::Now(Ok(VmmData::Json(serde_json::json!({
                     "firecracker_version": env!("CARGO_PKG_VERSION"),
                     "ferry_version": env!("CARGO_PKG_VERSION"),
-                })))
+                }))))
             }
-            Parsed::InstanceInfo => return Ok(VmmData::Json(self.status.instance_info())),
+            Parsed::InstanceInfo => {
+                return Handled::Now(Ok(VmmData::Json(self.status.instance_info())))
+            }
             Parsed::Vmm(action) => action,
         };
         let is_metrics = action == crate::action::VmmAction::GetMetrics;
-        let stopped = || ApiError {
-            status: 503,
-            message: "the VMM has stopped".into(),
-        };
+        // A live snapshot answers when its files are complete, however long that takes;
+        // GET /snapshot reports its progress meanwhile.
+        let live = matches!(
+            &action,
+            crate::action::VmmAction::CreateSnapshot(p)
+                if p.snapshot_type == Some(crate::models::SnapshotType::Live)
+        );
         let (reply, answer) = mpsc::channel();
-        self.vmm
-            .send(VmmRequest { action, reply })
-            .map_err(|_| stopped())?;
-        self.wake.write(1).map_err(|_| stopped())?;
-        let result = match answer.recv_timeout(self.timeout) {
-            Ok(result) => result,
-            Err(RecvTimeoutError::Timeout) => Err(ApiError {
-                status: 503,
-                message: format!(
-                    "the VMM did not answer within {} ms; the request may still take effect",
-                    self.timeout.as_millis()
-                ),
-            }),
-            Err(RecvTimeoutError::Disconnected) => Err(stopped()),
-        };
-        match result {
-            // The API server's own counts belong in the metrics the VMM reports.
-            Ok(VmmData::Json(mut v)) if is_metrics => {
-                v["api_server"] = self.counts.json();
-                Ok(VmmData::Json(v))
-            }
-            other => other,
+        if self.vmm.send(VmmRequest { action, reply }).is_err() || self.wake.write(1).is_err() {
+            return Handled::Now(Err(stopped()));
+        }
+        Handled::Later {
+            answer,
+            deadline: (!live).then(|| Instant::now() + self.timeout),
+            is_metrics,
         }
     }
 }

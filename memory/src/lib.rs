@@ -10,9 +10,12 @@ pub mod dirty;
 pub mod fault;
 mod image;
 pub mod layout;
+pub mod live;
+mod page_set;
 mod ram;
 mod sys;
 
+pub use page_set::PageSet;
 pub use ram::{check_mappable, GuestMemoryMmap, GuestRam, RamError, RamRegion};
 
 /// The page size of guest RAM and of dirty tracking.

@@ -133,6 +133,8 @@ pub struct Controller {
     /// A post-copy into this ferry failed: guest RAM still misses pages, kept missing
     /// (never zeros) by this registration, and the guest must not run here.
     incomplete: Option<migration::postcopy::Incoming>,
+    /// The running or last live snapshot.
+    live: Option<Arc<crate::snapshot::LiveSnapshot>>,
 }
 
 impl Controller {
@@ -171,6 +173,7 @@ impl Controller {
             migration: None,
             migration_paused: false,
             incomplete: None,
+            live: None,
             resources,
             vmm,
             api,
@@ -257,6 +260,16 @@ impl Controller {
         {
             return Err(ApiError::bad_request(
                 "a migration is running: wait for it, or PUT /migration/cancel",
+            ));
+        }
+        if self.live_running()
+            && matches!(
+                action,
+                VmmAction::CreateSnapshot(_) | VmmAction::MigrationSend(..)
+            )
+        {
+            return Err(ApiError::bad_request(
+                "a live snapshot is running: wait for it (GET /snapshot)",
             ));
         }
         if self.incomplete.is_some()
@@ -484,6 +497,18 @@ impl Controller {
                 m.cancel().map_err(ApiError::bad_request)?;
                 Ok(VmmData::Empty)
             }
+            VmmAction::GetSnapshot => {
+                let status = match &self.live {
+                    Some(live) => live.status(),
+                    None => api::models::SnapshotStatus {
+                        state: "idle".into(),
+                        ..Default::default()
+                    },
+                };
+                serde_json::to_value(status)
+                    .map(VmmData::Json)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))
+            }
             VmmAction::GetMigration => {
                 let status = self
                     .migration
@@ -672,6 +697,10 @@ impl Controller {
                             }
                         }
                     }
+                    // Complete here: an operator may resume it (exactly one side).
+                    if let (None, Some(vmm)) = (&incoming, self.vmm.as_ref()) {
+                        vmm.freezer().thaw();
+                    }
                     self.incomplete = incoming.map(|i| *i);
                 }
                 Control::PostcopyDone => {
@@ -711,11 +740,57 @@ impl Controller {
             .map_err(|e| format!("cannot save the machine state: {e}"))
     }
 
+    fn live_running(&self) -> bool {
+        self.live.as_ref().is_some_and(|l| l.running())
+    }
+
+    fn start_live_snapshot(
+        &mut self,
+        params: &api::models::SnapshotCreateParams,
+        reply: std::sync::mpsc::Sender<VmmResult>,
+    ) -> Result<(), ApiError> {
+        if self.migrating() {
+            return Err(ApiError::bad_request(
+                "a migration is running: wait for it, or PUT /migration/cancel",
+            ));
+        }
+        if self.incomplete.is_some() {
+            return Err(ApiError::bad_request(
+                "the guest's memory is incomplete here: a post-copy migration into this ferry failed (see GET /migration), and the source holds the guest",
+            ));
+        }
+        if self.live_running() {
+            return Err(ApiError::bad_request(
+                "a live snapshot is running: wait for it (GET /snapshot)",
+            ));
+        }
+        let config = self.resources.to_config()?;
+        let vmm = self
+            .vmm
+            .as_mut()
+            .ok_or_else(|| ApiError::bad_request("the microVM is not started"))?;
+        let live = vmm
+            .start_live_snapshot(&config, params, reply)
+            .map_err(|e| ApiError::bad_request(format!("cannot create the snapshot: {e}")))?;
+        self.live = Some(live);
+        Ok(())
+    }
+
     fn serve_api(&mut self, ops: &mut EventOps) {
         let Some(api) = &self.api else { return };
         let _ = api.wake.read();
         let requests: Vec<_> = api.requests.try_iter().collect();
         for request in requests {
+            if let VmmAction::CreateSnapshot(params) = &request.action {
+                if params.snapshot_type == Some(api::models::SnapshotType::Live) {
+                    // Answered by the snapshot's thread once its files are complete.
+                    if let Err(e) = self.start_live_snapshot(params, request.reply.clone()) {
+                        let _ = request.reply.send(Err(e));
+                    }
+                    self.publish_state();
+                    continue;
+                }
+            }
             let result = self.handle(request.action, ops);
             self.publish_state();
             // The API thread may have given up waiting; nothing to do then.

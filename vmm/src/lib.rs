@@ -62,6 +62,9 @@ pub enum LifecycleError {
     /// A vCPU did not park, so the pause was undone: every vCPU runs again.
     #[error("cannot pause: {0}; the VM was resumed and keeps running")]
     PauseFailed(#[source] VcpuError),
+    /// The vCPUs are frozen (a failed post-copy): whoever froze them must thaw them.
+    #[error("cannot resume: the vCPUs are frozen (a post-copy into this ferry failed)")]
+    Frozen,
     /// A vCPU did not continue, so the resume was undone: every vCPU is parked again.
     #[error("cannot resume: {0}; the VM stays paused")]
     ResumeFailed(#[source] VcpuError),
@@ -117,7 +120,7 @@ pub struct Vmm {
     vcpu_event_fd: EventFd,
     state: VmState,
     vcpu_metrics: Arc<vcpu::VcpuMetrics>,
-    /// Keeps the vCPUs out of the guest from another thread; `resume` thaws it.
+    /// Keeps the vCPUs out of the guest from another thread.
     freeze: Arc<vcpu::Freeze>,
     paused_since: Option<Instant>,
     paused_total: Duration,
@@ -161,7 +164,7 @@ impl Vmm {
     }
 
     /// What keeps this VM's vCPUs out of the guest from any thread (`Freeze::freeze`).
-    /// A frozen VM stays so until `resume`.
+    /// A frozen VM stays so until `Freeze::thaw`; `resume` refuses it meanwhile.
     pub fn freezer(&self) -> Arc<vcpu::Freeze> {
         self.freeze.clone()
     }
@@ -281,9 +284,11 @@ impl Vmm {
                 to: VmState::Running,
             });
         }
+        if self.freeze.is_frozen() {
+            return Err(LifecycleError::Frozen);
+        }
         // Devices first, so the guest finds them taking requests again.
         self.devices.virtio.resume();
-        self.freeze.thaw();
         if let (answered, Some(e)) = self.command_all(VcpuCommand::Resume, None) {
             self.undo(VcpuCommand::Pause, &answered);
             self.devices.virtio.pause();

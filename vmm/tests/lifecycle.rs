@@ -255,8 +255,8 @@ fn test_guest_memory_is_freed_on_stop() {
 }
 
 /// Another thread freezes the guest without the VMM thread: at once no vCPU runs it,
-/// the pause that follows never undoes itself (even with a vCPU too slow to answer), and
-/// resume thaws it, the guest going on with every pass `ok`.
+/// the pause that follows never undoes itself (even with a vCPU too slow to answer),
+/// resume is refused until a thaw, and then the guest goes on with every pass `ok`.
 #[test]
 fn test_a_freeze_from_another_thread_stops_the_guest_until_resume() {
     let dir = TempDir::new("freeze");
@@ -294,7 +294,10 @@ fn test_a_freeze_from_another_thread_stops_the_guest_until_resume() {
         "guest memory changed while paused"
     );
     std::thread::sleep(Duration::from_secs(1));
-    vmm.resume().expect("resume thaws");
+    let refused = vmm.resume().expect_err("a frozen VM is not resumed");
+    assert!(refused.to_string().contains("frozen"), "{refused}");
+    vmm.freezer().thaw();
+    vmm.resume().expect("resume after the thaw");
     let passes = ok_passes(&console(&out));
     wait_for(&out, "two more passes", |t| ok_passes(t) >= passes + 2);
     assert!(!console(&out).contains("corrupt"));

@@ -24,7 +24,7 @@
 
 mod bitmap;
 mod kvm_log;
-mod uffd;
+pub(crate) mod uffd;
 mod uffd_async;
 mod uffd_sync;
 mod write_log;

@@ -36,6 +36,9 @@ pub struct BlkParams {
     pub total: u64,
     /// blk-bench: write (else read).
     pub write: bool,
+    /// blk with `op=read`: only read the disk, which the host filled with pass 1's
+    /// pattern, and check it every pass.
+    pub readonly: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -271,13 +274,17 @@ pub fn run(cmdline: &[u8], p: &BlkParams) {
     let disk = blk.capacity * SECTOR / blk.req * blk.req;
     let mut pass = 1;
     loop {
-        blk.stream(
-            T_OUT,
-            disk,
-            |b, slot, off| b.fill(slot, off, pass),
-            |_, _, _| {},
-        );
-        if blk.flush {
+        // Read-only: the pattern of pass 1 is on the disk already.
+        let pattern = if p.readonly { 1 } else { pass };
+        if !p.readonly {
+            blk.stream(
+                T_OUT,
+                disk,
+                |b, slot, off| b.fill(slot, off, pass),
+                |_, _, _| {},
+            );
+        }
+        if blk.flush && !p.readonly {
             let status = blk.single(T_FLUSH, 0, 0);
             if status != S_OK {
                 error(format_args!("flush failed with status {status}"));
@@ -287,7 +294,7 @@ pub fn run(cmdline: &[u8], p: &BlkParams) {
             T_IN,
             disk,
             |_, _, _| {},
-            |b, slot, off| b.verify(slot, off, pass),
+            |b, slot, off| b.verify(slot, off, pattern),
         );
         println!("ferry-guest: blk pass {pass} ok ({disk} bytes)");
         check_keyboard();

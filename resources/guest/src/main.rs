@@ -16,7 +16,8 @@
 //! Device workloads (driver memory is the work range):
 //!   workload=blk                 write a pattern over the first virtio-blk disk, read it
 //!                                back and check it, `passes` times; then check that a
-//!                                read past the end fails
+//!                                read past the end fails. With `op=read`, only read and
+//!                                check: the host wrote pass 1's pattern
 //!   workload=blk-bench           time `total` bytes of sequential `op=read|write`
 //!   req=BYTES depth=N            request size (default 64K) and requests in flight
 //!                                (default 16) for both
@@ -146,6 +147,7 @@ fn blk_params(info: &BootInfo, p: &workload::Params) -> Result<blk::BlkParams, &
         passes: p.passes,
         total: arg_size(info, "total", 256 << 20)?,
         write,
+        readonly: info.arg("op") == Some(b"read"),
     })
 }
 

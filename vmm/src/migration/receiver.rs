@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use super::postcopy::{self, Incoming};
 use super::protocol::{self, Channel, Done, Hello, HelloAck, Kind, Region, Switch};
-use super::transport::{Conn, Listener, STALL_TIMEOUT};
+use super::transport::{Conn, Listener, DESTINATION_STALL_TIMEOUT, STALL_TIMEOUT};
 use super::{verify, Control, ControlLink, MigrationError, Progress};
 use crate::vcpu::Freeze;
 
@@ -337,7 +337,10 @@ fn receive(
         vmm.track_for_snapshots(config.machine_config.dirty_tracking.as_deref())
             .map_err(|e| refused(e.to_string()))?;
     }
-    if let (Some(lacks), Some(fault_conn)) = (lacks, fault_conn.take()) {
+    if let (Some(lacks), Some(mut fault_conn)) = (lacks, fault_conn.take()) {
+        // Silence makes this side freeze its guest before the source gives up.
+        conn.set_stall(DESTINATION_STALL_TIMEOUT);
+        fault_conn.set_stall(DESTINATION_STALL_TIMEOUT);
         progress.update(|s| {
             s.postcopy = true;
             s.remaining_pages = lacks.count() as u64;
@@ -413,7 +416,7 @@ fn rest_of_memory(
         if let Some(e) = failed(incoming) {
             return Err(e);
         }
-        if since.elapsed() > STALL_TIMEOUT {
+        if since.elapsed() > DESTINATION_STALL_TIMEOUT {
             return Err(MigrationError::Protocol(format!(
                 "the source said it sent every page, but {} are missing",
                 incoming.remaining()

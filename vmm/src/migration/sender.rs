@@ -109,7 +109,9 @@ impl Failed {
                 "{e}, after the source told the destination to run the guest: the source stays paused; the guest runs on the destination, or waits there complete and paused (resume exactly one of them)"
             )),
             Failed::Postcopy(e) => MigrationError::Vm(format!(
-                "{e}, during post-copy: the guest is paused here with all of its memory as it was at the switch-over, and the destination pauses its copy when its link breaks; resume the guest here (PATCH /vm) or send it again (PUT /migration/send)"
+                "{e}, during post-copy: the guest is paused here with all of its memory as it was at the switch-over; the destination freezes its copy when its link breaks or falls silent for {} s (this side waits {} s); resume the guest here (PATCH /vm) or send it again (PUT /migration/send)",
+                transport::DESTINATION_STALL_TIMEOUT.as_secs(),
+                transport::STALL_TIMEOUT.as_secs()
             )),
         }
     }

@@ -19,6 +19,10 @@ use super::MigrationError;
 
 /// How long a peer may make no progress before the migration fails.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A post-copy destination's bound, half the source's: when the link goes silent, the
+/// destination freezes its guest before the source gives up and says that it may run
+/// its own copy.
+pub const DESTINATION_STALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a blocked read or write looks at the cancel flag.
 const POLL: Duration = Duration::from_millis(POLL_MS as u64);
 const POLL_MS: libc::c_int = 50;
@@ -87,6 +91,8 @@ pub struct Conn {
     closing: bool,
     /// A frame was only partly written: no other frame may follow it.
     pub(super) torn: bool,
+    /// How long the peer may send or take nothing.
+    stall: Duration,
 }
 
 fn is_wait(e: &std::io::Error) -> bool {
@@ -108,7 +114,13 @@ impl Conn {
             bytes: 0,
             closing: false,
             torn: false,
+            stall: STALL_TIMEOUT,
         })
+    }
+
+    /// Gives up on a peer silent for `stall` rather than `STALL_TIMEOUT`.
+    pub fn set_stall(&mut self, stall: Duration) {
+        self.stall = stall;
     }
 
     /// Fails if a cancel was asked for: looked at between frames, and while waiting
@@ -134,10 +146,10 @@ impl Conn {
         if self.cancelled() {
             return Err(MigrationError::Cancelled);
         }
-        if since.elapsed() > STALL_TIMEOUT {
+        if since.elapsed() > self.stall {
             return Err(MigrationError::Stalled(format!(
                 "the peer {what} nothing for {} s",
-                STALL_TIMEOUT.as_secs()
+                self.stall.as_secs()
             )));
         }
         Ok(())

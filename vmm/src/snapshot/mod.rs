@@ -10,6 +10,7 @@
 //! comes back whole and paused, or not at all, and the process can load again.
 
 mod file;
+mod live;
 mod uffd;
 
 use std::fs::File;
@@ -24,6 +25,7 @@ use memory::{GuestRam, RamError};
 use serde::{Deserialize, Serialize};
 
 pub use file::{FORMAT_VERSION, HEADER_LEN, MAGIC};
+pub use live::LiveSnapshot;
 pub use uffd::UffdBackend;
 
 use memory::fault::{FileSource, LazyLoad};
@@ -153,6 +155,9 @@ pub enum SnapshotError {
     /// Dirty tracking failed.
     #[error(transparent)]
     Dirty(#[from] DirtyError),
+    /// A live snapshot cannot be taken, or its thread failed to start.
+    #[error("live snapshot: {0}")]
+    Live(String),
     /// The snapshot this VM was loaded from could not be loaded whole.
     #[error("guest memory: {0}")]
     Loading(String),
@@ -338,6 +343,11 @@ impl Vmm {
         let state = self.machine_state(config)?;
         let pages = self.dirty_since_snapshot()?;
         let kind = params.snapshot_type.unwrap_or(SnapshotType::Full);
+        if kind == SnapshotType::Live {
+            return Err(SnapshotError::Live(
+                "taken with start_live_snapshot, not here".into(),
+            ));
+        }
         if kind == SnapshotType::Diff && pages.is_none() {
             return Err(SnapshotError::NoTracking);
         }

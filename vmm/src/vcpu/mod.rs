@@ -168,7 +168,8 @@ pub fn register_kick_handler() -> Result<(), VcpuError> {
 /// - `frozen`: written by `freeze` and `thaw`, read by every vCPU thread before each
 ///   `KVM_RUN` and while it is parked.
 /// - `inside`: each vCPU thread adds one before it reads `frozen` and enters `KVM_RUN`,
-///   and takes it off when `KVM_RUN` returns. All four accesses are sequentially
+///   and takes it off once `KVM_RUN` has returned and its exit is handled (a device
+///   access the guest made before the freeze is over when `freeze` returns). All four accesses are sequentially
 ///   consistent, so either the vCPU sees `frozen` and stays out, or `freeze`, which sets
 ///   `frozen` before it reads `inside`, sees the vCPU inside and kicks it.
 /// - `threads`: the live vCPU threads. A thread adds itself before its first `KVM_RUN`
@@ -201,29 +202,44 @@ impl Freeze {
     /// how many were still inside if they did not.
     pub fn freeze(&self, timeout: Duration) -> Result<(), usize> {
         self.frozen.store(true, Ordering::SeqCst);
-        {
-            let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
-            for t in threads.iter() {
-                // SAFETY: `t` is a live vCPU thread: it leaves the list under this lock
-                // before it ends. The kick handler is installed before any vCPU runs.
-                unsafe { libc::pthread_kill(*t, kick_signal()) };
-            }
-        }
         let deadline = Instant::now() + timeout;
         loop {
-            let inside = self.inside.load(Ordering::SeqCst);
-            if inside == 0 {
-                return Ok(());
+            // Kicked again every round: a queued signal can be refused (EAGAIN, the
+            // pending-signal limit), and a kick lost that way must not leave a vCPU in.
+            self.kick_all();
+            let round = Instant::now() + Duration::from_millis(10);
+            loop {
+                let inside = self.inside.load(Ordering::SeqCst);
+                if inside == 0 {
+                    return Ok(());
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(inside);
+                }
+                if now >= round {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
             }
-            if Instant::now() >= deadline {
-                return Err(inside);
+        }
+    }
+
+    fn kick_all(&self) {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        for t in threads.iter() {
+            // SAFETY: `t` is a live vCPU thread: it leaves the list under this lock
+            // before it ends. The kick handler is installed before any vCPU runs.
+            let refused = unsafe { libc::pthread_kill(*t, kick_signal()) };
+            if refused != 0 {
+                tracing::warn!("freeze: a vCPU kick was refused (error {refused}); kicking again");
             }
-            std::thread::sleep(Duration::from_micros(200));
         }
     }
 
     /// Lets vCPUs enter the guest again; parked ones go on when they next look (they
-    /// also obey pause and resume commands as usual).
+    /// also obey pause and resume commands as usual). Only whoever froze the VM, or
+    /// knows why, thaws it: `Vmm::resume` refuses a frozen VM.
     pub fn thaw(&self) {
         self.frozen.store(false, Ordering::SeqCst);
     }
@@ -495,16 +511,26 @@ impl Vcpu {
         }
         loop {
             if !freeze.enter() {
+                // An exit's port or MMIO access completes only in the next KVM_RUN: one
+                // with immediate_exit set completes it and runs no guest instruction, so
+                // that a state saved while frozen is whole.
+                self.fd.set_kvm_immediate_exit(1);
+                let _ = self.fd.run();
+                self.fd.set_kvm_immediate_exit(0);
                 if !self.wait_for_commands(&link, false) {
                     break;
                 }
                 continue;
             }
             let result = self.fd.run();
-            freeze.leave();
             let flow = match result {
                 Ok(exit) => {
-                    match handle_exit(&self.bus, &self.mmio, &self.metrics, self.index, exit, run) {
+                    let outcome =
+                        handle_exit(&self.bus, &self.mmio, &self.metrics, self.index, exit, run);
+                    // Only now: a device access the guest made before a freeze (a queue
+                    // notify does block I/O here) is done when `freeze` returns.
+                    freeze.leave();
+                    match outcome {
                         Outcome::Continue => Flow::Continue,
                         Outcome::Stop(event) => Flow::Exit(event),
                         Outcome::Fail(what) => Flow::Exit(self.failure(what)),
@@ -521,7 +547,14 @@ impl Vcpu {
                         }
                     }
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick; or, while frozen, a fault KVM could not finish because the kick
+                // interrupted it (a missing page that will never come).
+                Err(e)
+                    if e.errno() == libc::EINTR
+                        || e.errno() == libc::EAGAIN
+                        || (e.errno() == libc::EFAULT && freeze.is_frozen()) =>
+                {
+                    freeze.leave();
                     self.fd.set_kvm_immediate_exit(0);
                     self.metrics.exit_kicked.fetch_add(1, Ordering::Relaxed);
                     if tracing::enabled!(tracing::Level::DEBUG) {
@@ -539,7 +572,10 @@ impl Vcpu {
                     }
                     Flow::Continue
                 }
-                Err(e) => Flow::Exit(self.failure(format!("KVM_RUN failed: {e}"))),
+                Err(e) => {
+                    freeze.leave();
+                    Flow::Exit(self.failure(format!("KVM_RUN failed: {e}")))
+                }
             };
             if let Flow::Exit(event) = flow {
                 self.metrics.exit_final.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,527 @@
+//! Live snapshots of guest RAM: memory saved exactly as it was at one instant while the
+//! guest runs on, by copy-before-write with userfaultfd write-protect in synchronous
+//! mode.
+//!
+//! `LiveSave::start`, called while the VM is paused, lists the pages of the memfd that
+//! hold data, registers guest RAM for write-protect, protects those pages, and starts
+//! two threads:
+//! - the *writer* saves the listed pages in order, a run at a time, to the memory file
+//!   and un-protects each run once it is saved;
+//! - the *fault handler* takes each write fault on a protected page, saves that page
+//!   first, then un-protects it, which lets the writer go on (copy-before-write).
+//!   ferry's own writes into guest RAM (block reads, the virtio rings) go through the
+//!   same registered mapping, so they fault and are served the same way as the
+//!   guest's.
+//!
+//! Pages that held nothing at the pause are never protected and never saved: they stay
+//! holes in the file, which is what they were.
+//!
+//! Shared state, who writes it and who reads it:
+//! - `todo` (pages not yet taken): the writer and the handler each take a page by
+//!   clearing its bit (an atomic fetch-and), so exactly one of them saves it. Whoever
+//!   took a page un-protects it only after its bytes are in the file; until then every
+//!   write to it waits, so the file holds the page as it was at the pause. A fault on a
+//!   page the writer took is left to the writer, whose un-protect wakes the waiting
+//!   thread.
+//! - `saved`, `faults`, `error`: atomics and a mutex, any thread; `error` keeps the
+//!   first. The end is when `saved` reaches the page count (a page taken by the
+//!   handler may still be on its way when the writer has taken its last).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use userfaultfd::{Event, Uffd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::dirty::uffd::{self, features};
+use crate::dirty::{total_pages, Claim, DirtyBitmap, DirtyError, Mechanism, TrackedRam};
+use crate::{page_index, GuestRam, PageSet, PAGE_BYTES, PAGE_SIZE};
+
+/// Pages the writer saves and un-protects at a time: large enough for efficient file
+/// writes, small enough that a write fault on a page of the run waits briefly.
+const RUN_PAGES: usize = 64;
+
+/// Why a live save failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    /// Tracking or protection could not be set up.
+    #[error(transparent)]
+    Setup(#[from] DirtyError),
+    /// The memory file could not be written (a full disk, for one).
+    #[error("cannot write the memory file: {0}")]
+    Write(String),
+    /// Guest RAM could not be read.
+    #[error("cannot read guest RAM: {0}")]
+    Read(String),
+    /// The save failed on one of its threads; the message says why.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Counters of a running live save, for progress reports.
+#[derive(Debug, Default)]
+pub struct LiveProgress {
+    /// Pages to save.
+    pub total: u64,
+    /// Pages in the file.
+    pub saved: AtomicU64,
+    /// Pages saved by the fault handler, before a write.
+    pub faults: AtomicU64,
+    /// How long each copy-before-write took, from reading the fault to un-protecting
+    /// the page (µs).
+    latencies: Mutex<Vec<u32>>,
+}
+
+impl LiveProgress {
+    /// p50, p99 and max of the copy-before-write times, in µs.
+    pub fn fault_latency_us(&self) -> Option<(u32, u32, u32)> {
+        let mut s = self.latencies.lock().expect("poisoned").clone();
+        if s.is_empty() {
+            return None;
+        }
+        s.sort_unstable();
+        let at = |per_mille: usize| s[((s.len() - 1) * per_mille + 500) / 1000];
+        Some((at(500), at(990), at(1000)))
+    }
+}
+
+struct Shared {
+    uffd: Uffd,
+    ram: TrackedRam,
+    file: File,
+    todo: PageSet,
+    progress: Arc<LiveProgress>,
+    error: Mutex<Option<String>>,
+    failed: AtomicBool,
+}
+
+impl Shared {
+    fn fail(&self, msg: String) {
+        tracing::error!("live snapshot: {msg}");
+        self.error.lock().expect("poisoned").get_or_insert(msg);
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// The memfd page of host address `addr`, and the page's host address.
+    fn page_of(&self, addr: u64) -> Option<(usize, u64)> {
+        self.ram
+            .regions
+            .iter()
+            .find(|r| addr >= r.host_addr && addr < r.host_addr + r.size)
+            .map(|r| {
+                let in_region = (addr - r.host_addr) & !(PAGE_SIZE - 1);
+                (
+                    page_index((r.file_offset + in_region) / PAGE_SIZE),
+                    r.host_addr + in_region,
+                )
+            })
+    }
+
+    /// Copies memfd pages `first..first+count` to the file at the same offset.
+    fn save(&self, first: usize, count: usize, buf: &mut [u8]) -> Result<(), LiveError> {
+        let offset = first as u64 * PAGE_SIZE;
+        let bytes = &mut buf[..count * PAGE_BYTES];
+        // Reading the memfd, not the mapping: a read never waits on write-protect.
+        self.ram
+            .memfd
+            .read_exact_at(bytes, offset)
+            .map_err(|e| LiveError::Read(e.to_string()))?;
+        self.file
+            .write_all_at(bytes, offset)
+            .map_err(|e| LiveError::Write(e.to_string()))?;
+        self.progress
+            .saved
+            .fetch_add(count as u64, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Runs `op` on the host ranges of memfd pages `first..first+count`, one per region
+    /// the run crosses.
+    fn each_host_range(
+        &self,
+        first: usize,
+        count: usize,
+        op: impl Fn(*mut libc::c_void, usize) -> userfaultfd::Result<()>,
+    ) -> Result<(), LiveError> {
+        let (from, to) = (first as u64 * PAGE_SIZE, (first + count) as u64 * PAGE_SIZE);
+        for r in &self.ram.regions {
+            let (a, b) = (from.max(r.file_offset), to.min(r.file_offset + r.size));
+            if a < b {
+                let addr = r.host_addr + (a - r.file_offset);
+                op(
+                    addr as *mut libc::c_void,
+                    usize::try_from(b - a).unwrap_or(usize::MAX),
+                )
+                .map_err(|source| {
+                    LiveError::Setup(DirtyError::Uffd {
+                        what: "UFFDIO_WRITEPROTECT",
+                        source,
+                    })
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets writes to pages `first..first+count` go on, waking those that wait.
+    fn unprotect(&self, first: usize, count: usize) -> Result<(), LiveError> {
+        self.each_host_range(first, count, |addr, len| {
+            self.uffd.remove_write_protection(addr, len, true)
+        })
+    }
+}
+
+/// A live save in progress; see the module doc.
+pub struct LiveSave {
+    shared: Arc<Shared>,
+    stop: EventFd,
+    handler: Option<JoinHandle<()>>,
+    writer: Option<JoinHandle<()>>,
+    _claim: Claim,
+}
+
+impl LiveSave {
+    /// Protects every page of `ram` that holds data and starts saving them to `file`
+    /// (sized by the caller to the memfd's size). Guest RAM must not change during this
+    /// call: the VM is paused.
+    pub fn start(ram: &GuestRam, file: File) -> Result<LiveSave, LiveError> {
+        let tracked = ram.tracked();
+        let claim = tracked.writes.claim(Mechanism::Userfaultfd)?;
+        let pages = total_pages(&tracked.regions);
+        let mut data = DirtyBitmap::new(&tracked.regions);
+        for (offset, len) in ram
+            .data_extents()
+            .map_err(|e| LiveError::Read(e.to_string()))?
+        {
+            data.set_run(
+                page_index(offset / PAGE_SIZE),
+                page_index(len.div_ceil(PAGE_SIZE)),
+            );
+        }
+        let uffd = uffd::open(&[features::WP, features::WP_SHMEM], "live snapshot")?;
+        uffd::register(&uffd, &tracked)?;
+        let progress = Arc::new(LiveProgress {
+            total: data.count() as u64,
+            ..Default::default()
+        });
+        let shared = Arc::new(Shared {
+            uffd,
+            ram: tracked,
+            file,
+            todo: PageSet::from_bitmap(&data, pages),
+            progress,
+            error: Mutex::new(None),
+            failed: AtomicBool::new(false),
+        });
+        let fail_setup = |shared: &Shared, e: LiveError| {
+            let _ = uffd::unregister(&shared.uffd, &shared.ram);
+            e
+        };
+        // The handler runs before the first page is protected: a write to a protected
+        // page with nobody to serve it would wait forever.
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
+            fail_setup(
+                &shared,
+                LiveError::Setup(DirtyError::Sys {
+                    what: "eventfd",
+                    source,
+                }),
+            )
+        })?;
+        let thread_stop = stop.try_clone().map_err(|source| {
+            fail_setup(
+                &shared,
+                LiveError::Setup(DirtyError::Sys {
+                    what: "eventfd",
+                    source,
+                }),
+            )
+        })?;
+        let s = shared.clone();
+        let handler = std::thread::Builder::new()
+            .name("snapshot-cbw".into())
+            .spawn(move || handle_faults(&s, &thread_stop))
+            .map_err(|source| {
+                fail_setup(
+                    &shared,
+                    LiveError::Setup(DirtyError::Sys {
+                        what: "spawn the copy-before-write thread",
+                        source,
+                    }),
+                )
+            })?;
+        let mut live = LiveSave {
+            shared: shared.clone(),
+            stop,
+            handler: Some(handler),
+            writer: None,
+            _claim: claim,
+        };
+        for (first, count) in data.runs() {
+            let protected = shared.each_host_range(first, count, |addr, len| {
+                shared.uffd.write_protect(addr, len)
+            });
+            if let Err(e) = protected {
+                live.finish_threads();
+                return Err(e);
+            }
+        }
+        let s = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("snapshot-writer".into())
+            .spawn(move || write_all(&s))
+            .map_err(|source| {
+                LiveError::Setup(DirtyError::Sys {
+                    what: "spawn the snapshot writer",
+                    source,
+                })
+            });
+        match writer {
+            Ok(w) => live.writer = Some(w),
+            Err(e) => {
+                live.finish_threads();
+                return Err(e);
+            }
+        }
+        Ok(live)
+    }
+
+    /// Counters for progress reports.
+    pub fn progress(&self) -> Arc<LiveProgress> {
+        self.shared.progress.clone()
+    }
+
+    /// Waits until every page is in the file, or the save failed; then removes all
+    /// protection (the guest writes freely again) and stops the threads.
+    pub fn finish(mut self) -> Result<(), LiveError> {
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        // Pages the handler took may still be on their way.
+        let progress = &self.shared.progress;
+        while !self.shared.failed.load(Ordering::Acquire)
+            && progress.saved.load(Ordering::Acquire) < progress.total
+        {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        self.finish_threads();
+        match self.shared.error.lock().expect("poisoned").take() {
+            Some(e) => Err(LiveError::Failed(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Unregisters guest RAM, which drops every protection and wakes every waiting
+    /// write, then stops the handler.
+    fn finish_threads(&mut self) {
+        if let Err(e) = uffd::unregister(&self.shared.uffd, &self.shared.ram) {
+            tracing::error!("live snapshot: cannot unregister guest RAM: {e}");
+        }
+        let _ = self.stop.write(1);
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for LiveSave {
+    fn drop(&mut self) {
+        self.shared.failed.store(true, Ordering::Release);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        if self.handler.is_some() {
+            self.finish_threads();
+        }
+    }
+}
+
+/// The writer: every page still to take, in order, a run at a time.
+fn write_all(shared: &Shared) {
+    let mut buf = vec![0u8; RUN_PAGES * PAGE_BYTES];
+    let mut from = 0;
+    while let Some(first) = shared.todo.next(from) {
+        if first < from || shared.failed.load(Ordering::Acquire) {
+            // Wrapped around: every page is taken.
+            return;
+        }
+        // Take a run of consecutive pages, stopping at one the handler took.
+        let mut count = 0;
+        while count < RUN_PAGES && shared.todo.take(first + count) {
+            count += 1;
+        }
+        from = first + count.max(1);
+        if count == 0 {
+            continue;
+        }
+        let saved = shared.save(first, count, &mut buf);
+        // Protection comes off whatever happened: a failed save must not leave the
+        // guest waiting. The failure ends the save.
+        let unprotected = shared.unprotect(first, count);
+        if let Err(e) = saved.and(unprotected) {
+            shared.fail(e.to_string());
+            return;
+        }
+    }
+}
+
+/// The copy-before-write handler.
+fn handle_faults(shared: &Shared, stop: &EventFd) {
+    let mut buf = vec![0u8; PAGE_BYTES];
+    loop {
+        match crate::sys::wait_readable(shared.uffd.as_raw_fd(), stop.as_raw_fd()) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => return shared.fail(format!("poll: {e}")),
+        }
+        loop {
+            match shared.uffd.read_event() {
+                Ok(Some(Event::Pagefault { addr, .. })) => {
+                    let since = Instant::now();
+                    let Some((page, page_addr)) = shared.page_of(addr as u64) else {
+                        continue;
+                    };
+                    if !shared.todo.take(page) {
+                        // Saved already, or being saved by the writer, whose
+                        // un-protect wakes this write.
+                        continue;
+                    }
+                    let saved = shared.save(page, 1, &mut buf);
+                    let unprotected = shared.uffd.remove_write_protection(
+                        page_addr as *mut libc::c_void,
+                        PAGE_BYTES,
+                        true,
+                    );
+                    shared.progress.faults.fetch_add(1, Ordering::Relaxed);
+                    let us = u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX);
+                    shared.progress.latencies.lock().expect("poisoned").push(us);
+                    if let Err(e) = saved {
+                        shared.fail(e.to_string());
+                    }
+                    if let Err(e) = unprotected {
+                        shared.fail(format!("cannot un-protect {page_addr:#x}: {e}"));
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    shared.fail(format!("reading faults: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn temp_file(name: &str) -> (std::path::PathBuf, File) {
+        let path = std::env::temp_dir().join(format!("ferry-live-{}-{name}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("create");
+        (path, file)
+    }
+
+    /// Host threads rewrite every page while the save runs, from the top down and in
+    /// the writer's own order, through the registered mapping as a device would: the
+    /// file holds every page as it was at the start, pages that held nothing stay
+    /// holes, and RAM holds the new values.
+    #[test]
+    fn test_the_file_holds_memory_as_it_was_while_writes_race_the_save() {
+        let ram = GuestRam::new(64, 46).expect("ram");
+        let pages = total_pages(ram.regions());
+        let at = |p: usize| crate::dirty::page_to_guest(ram.regions(), p).expect("page");
+        // Two of every three pages hold their number; the third never held anything.
+        let held = |p: usize| p % 3 != 2;
+        for p in (0..pages).filter(|p| held(*p)) {
+            ram.memory().write_obj(p as u64 + 1, at(p)).expect("fill");
+        }
+        let (path, file) = temp_file("race");
+        file.set_len(ram.size()).expect("size");
+        let live = LiveSave::start(&ram, file).expect("start");
+        let progress = live.progress();
+        assert_eq!(
+            progress.total,
+            (0..pages).filter(|p| held(*p)).count() as u64
+        );
+        std::thread::scope(|s| {
+            for t in 0..2 {
+                let ram = &ram;
+                s.spawn(move || {
+                    for i in 0..pages {
+                        let p = if t == 0 { pages - 1 - i } else { i };
+                        ram.memory()
+                            .write_obj(0xdead_0000_0000 + p as u64, at(p))
+                            .expect("write");
+                    }
+                });
+            }
+        });
+        live.finish().expect("finish");
+        let saved = std::fs::read(&path).expect("read the file");
+        assert_eq!(saved.len() as u64, ram.size());
+        for p in 0..pages {
+            let word = u64::from_le_bytes(saved[p * PAGE_BYTES..][..8].try_into().expect("8"));
+            let want = if held(p) { p as u64 + 1 } else { 0 };
+            assert_eq!(word, want, "page {p} in the file");
+            let now: u64 = ram.memory().read_obj(at(p)).expect("read");
+            assert_eq!(now, 0xdead_0000_0000 + p as u64, "page {p} in RAM");
+        }
+        assert_eq!(progress.saved.load(Ordering::Acquire), progress.total);
+        assert!(
+            progress.faults.load(Ordering::Acquire) > 0,
+            "some writes came before the writer"
+        );
+        // Never-held pages stay holes in the file.
+        let file = File::open(&path).expect("open");
+        let extents = crate::sys::data_extents(&file, ram.size()).expect("extents");
+        let in_file: u64 = extents.iter().map(|e| e.1).sum();
+        assert!(in_file < ram.size(), "{extents:?}");
+        // Nothing stays protected: a write after the end goes straight through.
+        ram.memory()
+            .write_obj(7u64, GuestAddress(0))
+            .expect("write after");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// A file that cannot take the pages fails the save with the reason, and removes
+    /// every protection: writes go on.
+    #[test]
+    fn test_a_write_error_fails_the_save_and_unprotects_everything() {
+        let ram = GuestRam::new(64, 46).expect("ram");
+        for p in 0..1024u64 {
+            ram.memory()
+                .write_obj(p, GuestAddress(p * PAGE_SIZE))
+                .expect("fill");
+        }
+        // Read-only: every write fails (EBADF), as a full disk would (ENOSPC).
+        let (path, file) = temp_file("ro");
+        drop(file);
+        let ro = File::open(&path).expect("open read-only");
+        let live = LiveSave::start(&ram, ro).expect("start");
+        let e = live.finish().expect_err("the file takes nothing");
+        assert!(
+            e.to_string().contains("cannot write the memory file"),
+            "{e}"
+        );
+        for p in 0..1024u64 {
+            ram.memory()
+                .write_obj(p + 1, GuestAddress(p * PAGE_SIZE))
+                .expect("write after the failure");
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}

@@ -1,0 +1,179 @@
+//! Live snapshots: the guest pauses only while its state is saved and its memory
+//! write-protected; its memory goes to the file while it runs on (`memory::live`), and
+//! the request is answered when both files are complete.
+//!
+//! Who touches what: the VMM thread starts the snapshot and reads its status for
+//! `GET /snapshot`; the snapshot's thread waits for the memory file, writes the state
+//! file, renames both into place, sets the final status and answers the request. The
+//! status is one mutex; the page counters are atomics of `memory::live`.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use api::migration::FaultLatency;
+use api::models::{SnapshotCreateParams, SnapshotStatus};
+use api::{ApiError, VmmData, VmmResult};
+use memory::live::{LiveProgress, LiveSave};
+
+use super::{file, io, partial, MachineState, SnapshotError};
+use crate::{VmState, Vmm};
+
+/// A live snapshot, running or ended.
+pub struct LiveSnapshot {
+    status: Mutex<SnapshotStatus>,
+    progress: Arc<LiveProgress>,
+    started: Instant,
+}
+
+impl LiveSnapshot {
+    /// Whether it still runs.
+    pub fn running(&self) -> bool {
+        self.status.lock().expect("poisoned").state == "active"
+    }
+
+    /// Its status, with the page counts as they are now.
+    pub fn status(&self) -> SnapshotStatus {
+        let mut s = self.status.lock().expect("poisoned").clone();
+        let p = &self.progress;
+        let saved = p.saved.load(std::sync::atomic::Ordering::Acquire);
+        s.pages_saved = saved;
+        s.pages_left = p.total.saturating_sub(saved);
+        s.copy_before_write_faults = p.faults.load(std::sync::atomic::Ordering::Acquire);
+        s.fault_latency_us = p.fault_latency_us().map(|(p50, p99, max)| FaultLatency {
+            p50: f64::from(p50),
+            p99: f64::from(p99),
+            max: f64::from(max),
+        });
+        s
+    }
+
+    fn end(&self, result: &Result<(), SnapshotError>) {
+        let mut s = self.status.lock().expect("poisoned");
+        s.total_ms = Some(self.started.elapsed().as_secs_f64() * 1e3);
+        match result {
+            Ok(()) => s.state = "completed".into(),
+            Err(e) => {
+                s.state = "failed".into();
+                s.error = Some(e.to_string());
+            }
+        }
+    }
+}
+
+impl Vmm {
+    /// Starts a live snapshot: pauses the VM (if it runs) for its state and the
+    /// write-protection of its memory, resumes it, and saves memory on a thread of its
+    /// own, which answers `reply` once both files are complete. A snapshot that fails
+    /// to start leaves the VM as it was and no file behind.
+    pub fn start_live_snapshot(
+        &mut self,
+        config: &api::VmConfig,
+        params: &SnapshotCreateParams,
+        reply: Sender<VmmResult>,
+    ) -> Result<Arc<LiveSnapshot>, SnapshotError> {
+        let started = Instant::now();
+        self.memory_settled()?;
+        if self.memory_from_handler() {
+            return Err(SnapshotError::Live(
+                "guest RAM is served by an external page-fault handler, so it cannot be write-protected: take a Full snapshot".into(),
+            ));
+        }
+        let (mem_path, state_path) = (params.mem_file_path.clone(), params.snapshot_path.clone());
+        let mem_tmp = partial(&mem_path);
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&mem_tmp)
+            .map_err(io(&mem_tmp))?;
+        let sized = file.set_len(self.vm.ram().size()).map_err(io(&mem_tmp));
+        let was_running = self.state == VmState::Running;
+        let begun = sized.and_then(|()| {
+            if was_running {
+                self.pause()?;
+            }
+            let paused = Instant::now();
+            let begun = self.machine_state(config).and_then(|state| {
+                let save = LiveSave::start(self.vm.ram(), file)
+                    .map_err(|e| SnapshotError::Live(e.to_string()))?;
+                Ok((state, save))
+            });
+            if was_running {
+                if let Err(e) = self.resume() {
+                    tracing::error!("live snapshot: cannot resume the guest: {e}");
+                }
+            }
+            begun.map(|(state, save)| (state, save, paused.elapsed()))
+        });
+        let (state, save, pause) = match begun {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_file(&mem_tmp);
+                return Err(e);
+            }
+        };
+        let live = Arc::new(LiveSnapshot {
+            status: Mutex::new(SnapshotStatus {
+                state: "active".into(),
+                mem_file_path: Some(mem_path.display().to_string()),
+                pause_ms: pause.as_secs_f64() * 1e3,
+                ..Default::default()
+            }),
+            progress: save.progress(),
+            started,
+        });
+        let job = Job {
+            save,
+            state,
+            mem_path,
+            state_path,
+        };
+        let thread_live = live.clone();
+        std::thread::Builder::new()
+            .name("snapshot-live".into())
+            .spawn(move || {
+                let result = job.run();
+                thread_live.end(&result);
+                let _ = reply.send(result.map(|()| VmmData::Empty).map_err(|e| {
+                    ApiError::bad_request(format!("cannot create the snapshot: {e}"))
+                }));
+            })
+            .map_err(|e| SnapshotError::Live(format!("cannot start its thread: {e}")))?;
+        Ok(live)
+    }
+}
+
+/// What the snapshot's thread finishes.
+struct Job {
+    save: LiveSave,
+    state: MachineState,
+    mem_path: PathBuf,
+    state_path: PathBuf,
+}
+
+impl Job {
+    /// Waits for the memory file, then writes the state file and renames both into
+    /// place; on failure removes both partial files.
+    fn run(self) -> Result<(), SnapshotError> {
+        let mem_tmp = partial(&self.mem_path);
+        let state_tmp = partial(&self.state_path);
+        let result = (|| {
+            self.save.finish().map_err(|e| SnapshotError::Io {
+                path: mem_tmp.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            file::write(&state_tmp, &self.state)?;
+            std::fs::rename(&mem_tmp, &self.mem_path).map_err(io(&self.mem_path))?;
+            std::fs::rename(&state_tmp, &self.state_path).map_err(io(&self.state_path))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&mem_tmp);
+            let _ = std::fs::remove_file(&state_tmp);
+        }
+        result
+    }
+}
