@@ -360,7 +360,7 @@ pub fn serve(listener: &UnixListener, mut handle: impl FnMut(Request) -> Answer)
                     alive = conn.write();
                 }
             }
-            if alive && conn.closing && conn.output.is_empty() {
+            if alive && conn.closing && conn.output.is_empty() && conn.later.is_none() {
                 alive = conn.linger();
             }
             keep.push(alive);
@@ -513,6 +513,47 @@ mod tests {
         client.read_to_string(&mut answer).expect("the answer");
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
         assert!(answer.contains("the limit is 65536"), "{answer}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An answer that comes later reaches a client that asked to close after it, and
+    /// one that keeps its connection alive, in order.
+    #[test]
+    fn test_a_later_answer_reaches_closing_and_keep_alive_clients() {
+        let dir = std::env::temp_dir().join(format!("ferry-http-later-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("api.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind");
+        std::thread::spawn(move || {
+            serve(&listener, |request| {
+                let started = std::time::Instant::now();
+                let path = request.path;
+                Answer::Later(Box::new(move || {
+                    (started.elapsed() > std::time::Duration::from_millis(20)).then(|| Response {
+                        status: 200,
+                        body: Some(format!("\"{path}\"")),
+                    })
+                }))
+            })
+        });
+        let mut closing = UnixStream::connect(&path).expect("connect");
+        closing
+            .write_all(b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .expect("send");
+        let mut answer = String::new();
+        closing.read_to_string(&mut answer).expect("the answer");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        assert!(answer.ends_with("\"/a\""), "{answer:?}");
+        // Two pipelined requests on a keep-alive connection, answered in order.
+        let mut alive = UnixStream::connect(&path).expect("connect");
+        alive
+            .write_all(b"GET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .expect("send");
+        let mut answer = String::new();
+        alive.read_to_string(&mut answer).expect("the answers");
+        let (b, c) = (answer.find("\"/b\""), answer.find("\"/c\""));
+        assert!(b.is_some() && c.is_some() && b < c, "{answer:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

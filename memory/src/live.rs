@@ -300,13 +300,20 @@ impl LiveSave {
     /// protection (the guest writes freely again) and stops the threads.
     pub fn finish(mut self) -> Result<(), LiveError> {
         if let Some(w) = self.writer.take() {
-            let _ = w.join();
+            if w.join().is_err() {
+                self.shared.fail("the writer thread panicked".into());
+            }
         }
         // Pages the handler took may still be on their way.
         let progress = &self.shared.progress;
         while !self.shared.failed.load(Ordering::Acquire)
             && progress.saved.load(Ordering::Acquire) < progress.total
         {
+            if self.handler.as_ref().is_none_or(|h| h.is_finished()) {
+                self.shared
+                    .fail("the copy-before-write thread ended early".into());
+                break;
+            }
             std::thread::sleep(Duration::from_micros(100));
         }
         self.finish_threads();

@@ -98,7 +98,7 @@ fn test_live_snapshot_while_block_reads_fill_guest_ram() {
         "workload=blk op=read passes=0 req=1M depth=32",
         1,
         256,
-        json!({ "drives": [{ "drive_id": "disk0", "path_on_host": disk, "is_root_device": false }] }),
+        json!({ "drives": [{ "drive_id": "disk0", "path_on_host": disk, "is_root_device": false, "is_read_only": true }] }),
     );
     let mut vm = Vm::boot(&dir, "src", &cfg);
     vm.ferry.expect_line("blk pass 2 ok", BOOT);
@@ -224,4 +224,40 @@ fn test_twenty_live_snapshots_of_one_running_guest_each_restore() {
         started.elapsed()
     );
     assert!(!vm.ferry.console().iter().any(|l| l.contains("corrupt")));
+}
+
+/// What a live snapshot cannot do is refused with 400, naming why and what to do, and
+/// the guest runs on: a writable drive (its file would not match memory at the pause),
+/// and guest RAM's userfaultfd taken by Diff tracking.
+#[test]
+fn test_live_snapshots_are_refused_where_they_cannot_be_right() {
+    let dir = TempDir::new("live-refused");
+    let disk = dir.write("disk.img", vec![0u8; 1 << 20]);
+    let (state, mem) = (dir.path().join("r.state"), dir.path().join("r.mem"));
+    let body = json!({ "snapshot_type": "Live", "snapshot_path": state, "mem_file_path": mem });
+    let cfg = config(
+        "workload=verify start=16M size=8M",
+        1,
+        128,
+        json!({ "drives": [{ "drive_id": "scratch", "path_on_host": disk, "is_root_device": false }] }),
+    );
+    let mut vm = Vm::boot(&dir, "rw", &cfg);
+    vm.ferry.expect_line("pass 2 ok", BOOT);
+    let m = vm.refused("PUT", "/snapshot/create", body.clone());
+    assert!(m.contains("drive \"scratch\" is writable"), "{m}");
+    vm.ferry.expect_line("pass 4 ok", BOOT);
+    drop(vm);
+
+    let cfg = config(
+        "workload=verify start=16M size=8M",
+        1,
+        128,
+        json!({ "machine-config": { "track_dirty_pages": true } }),
+    );
+    let mut vm = Vm::boot(&dir, "tracked", &cfg);
+    vm.ferry.expect_line("pass 2 ok", BOOT);
+    let m = vm.refused("PUT", "/snapshot/create", body);
+    assert!(m.contains("\"dirty_tracking\": \"kvm-dirty-log\""), "{m}");
+    vm.ferry.expect_line("pass 4 ok", BOOT);
+    assert!(!mem.exists(), "no file is left");
 }

@@ -12,7 +12,13 @@
 //!   to the guest's next verified pass on the console, and to all of memory loaded;
 //! - **eager copy**: the other way to load a File, copying its data extents into a
 //!   fresh guest RAM before the guest runs, timed alone;
-//! - **load, Uffd**: the same as File, served by `ferry-uffd-handler`.
+//! - **load, Uffd**: the same as File, served by `ferry-uffd-handler`;
+//! - **create, Live** of a running guest that touched `--touched` MiB, idle (halted,
+//!   its memory filled by the host) and rewriting 32 MiB at full speed: the guest's
+//!   pause, the time to complete files against a Full create of the same paused guest,
+//!   the guest's passes per second during the snapshot against before it, and the
+//!   copy-before-write faults with their p50/p99 beside the floor of one uffd-wp sync
+//!   fault (a host thread writing protected pages, each served by a handler thread).
 
 mod common;
 
@@ -229,7 +235,126 @@ fn run(args: &Args, guest: &Path, size: u64) -> Result<(), String> {
     let _ = handler.kill();
     let _ = handler.wait();
     let _ = std::fs::remove_dir_all(&dir);
+    live(args, guest, size, "idle")?;
+    live(args, guest, size, "writer")?;
     Ok(())
+}
+
+/// The last `pass N ok` in `console`.
+fn last_pass(console: &Path) -> u64 {
+    std::fs::read_to_string(console)
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("pass ")?.strip_suffix(" ok")?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A live snapshot of a running guest, `idle` (halted) or a `writer` of 32 MiB at full
+/// speed; the rest of `--touched` MiB is filled by the host.
+fn live(args: &Args, guest: &Path, size: u64, kind: &str) -> Result<(), String> {
+    let dir = args
+        .dir
+        .join(format!("ferry-bench-live-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let console = dir.join("console.txt");
+    let (workload, written) = match kind {
+        "idle" => ("workload=idle".to_string(), 0),
+        _ => ("workload=verify start=16M size=32M".to_string(), 32),
+    };
+    let cfg = serde_json::json!({
+        "boot-source": { "kernel_image_path": guest, "boot_args": format!("console=ttyS0 {workload}") },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": size },
+        "serial": { "serial_out_path": console },
+    });
+    let config = VmConfig::from_json(&cfg.to_string()).map_err(|e| e.to_string())?;
+    let mut vm = vmm::build(&config).map_err(|e| e.to_string())?;
+    vm.start().map_err(|e| e.to_string())?;
+    if written > 0 {
+        next_pass(&console, 0, Duration::from_secs(30)).ok_or("the guest never passed")?;
+    }
+    // The rest of the touched memory, from the host.
+    let page = vec![0x3cu8; 1 << 20];
+    for mib in 16 + written..16 + args.touched {
+        vm.ram()
+            .write(&page, GuestAddress(mib << 20))
+            .map_err(|e| e.to_string())?;
+    }
+    // The guest's pace untracked.
+    let (p0, t0) = (last_pass(&console), Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let before = (last_pass(&console) - p0) as f64 / t0.elapsed().as_secs_f64();
+
+    let params = SnapshotCreateParams {
+        snapshot_type: Some(SnapshotType::Live),
+        snapshot_path: dir.join("live.state"),
+        mem_file_path: dir.join("live.mem"),
+        version: None,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (p0, start) = (last_pass(&console), Instant::now());
+    let snap = vm
+        .start_live_snapshot(&config, &params, tx)
+        .map_err(|e| e.to_string())?;
+    rx.recv_timeout(Duration::from_secs(600))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.message)?;
+    let total = start.elapsed();
+    let during = (last_pass(&console) - p0) as f64 / total.as_secs_f64();
+    let status = snap.status();
+
+    // A Full create of the same guest, paused, for comparison.
+    vm.pause().map_err(|e| e.to_string())?;
+    let full = SnapshotCreateParams {
+        snapshot_type: Some(SnapshotType::Full),
+        snapshot_path: dir.join("full.state"),
+        mem_file_path: dir.join("full.mem"),
+        version: None,
+    };
+    let start = Instant::now();
+    vm.create_snapshot(&config, &full)
+        .map_err(|e| e.to_string())?;
+    let full_ms = ms(start.elapsed());
+    drop(vm);
+    let latency = status.fault_latency_us.map_or("-".to_string(), |l| {
+        format!("p50 {:.0} µs p99 {:.0} µs", l.p50, l.p99)
+    });
+    let throughput = if written > 0 {
+        format!("  guest {:.2} of untracked", during / before.max(1.0))
+    } else {
+        String::new()
+    };
+    println!(
+        "{size:>5} MiB  live {kind:<6}  pause {:>5.2} ms  total {:>7.1} ms  ({:.2} of Full {:>7.1} ms, paused throughout){throughput}  cbw faults {} {latency}",
+        status.pause_ms,
+        ms(total),
+        ms(total) / full_ms,
+        full_ms,
+        status.copy_before_write_faults,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The floor of one copy-before-write: µs per uffd-wp sync fault, a host thread
+/// writing one word into each of 8192 protected pages, each served (recorded and
+/// un-protected) by ferry's uffd-sync handler thread.
+fn sync_fault_floor() -> Result<f64, String> {
+    use memory::dirty::{DirtyTracker, UffdSync};
+    let ram = memory::GuestRam::new(64, 46).map_err(|e| e.to_string())?;
+    let page = vec![1u8; 32 << 20];
+    ram.write(&page, GuestAddress(0))
+        .map_err(|e| e.to_string())?;
+    let mut tracker = UffdSync::new(ram.tracked());
+    tracker.start().map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    for p in 0..8192u64 {
+        ram.write(&[2u8], GuestAddress(p * 4096))
+            .map_err(|e| e.to_string())?;
+    }
+    let us = start.elapsed().as_secs_f64() * 1e6 / 8192.0;
+    tracker.stop().map_err(|e| e.to_string())?;
+    Ok(us)
 }
 
 fn main() -> std::process::ExitCode {
@@ -241,6 +366,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    match sync_fault_floor() {
+        Ok(us) => println!("floor: one uffd-wp sync fault (host write, handler thread) {us:.1} µs"),
+        Err(e) => eprintln!("ferry-bench-snapshot: the uffd-wp sync floor: {e}"),
+    }
     for &size in &args.sizes {
         if let Err(e) = run(&args, &guest, size) {
             eprintln!("ferry-bench-snapshot: {size} MiB: {e}");

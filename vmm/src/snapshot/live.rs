@@ -75,6 +75,19 @@ impl Vmm {
         reply: Sender<VmmResult>,
     ) -> Result<Arc<LiveSnapshot>, SnapshotError> {
         let started = Instant::now();
+        // Memory is saved as at the pause, a drive's file as it is whenever it is read:
+        // a drive the guest writes meanwhile would not match the memory (its page cache,
+        // its filesystem's journal), and nothing would say so.
+        if let Some(d) = config
+            .drives
+            .iter()
+            .find(|d| !d.is_read_only.unwrap_or(false))
+        {
+            return Err(SnapshotError::Live(format!(
+                "drive \"{}\" is writable: the guest would go on writing it while memory is saved as it was at the pause, and the two would not match; a Live snapshot takes read-only drives only (pause and take a Full snapshot, copying the drive, for writable ones)",
+                d.drive_id
+            )));
+        }
         self.memory_settled()?;
         if self.memory_from_handler() {
             return Err(SnapshotError::Live(
@@ -97,9 +110,18 @@ impl Vmm {
                 self.pause()?;
             }
             let paused = Instant::now();
+            let tracking = self.dirty.as_ref().map(|t| t.mode());
             let begun = self.machine_state(config).and_then(|state| {
-                let save = LiveSave::start(self.vm.ram(), file)
-                    .map_err(|e| SnapshotError::Live(e.to_string()))?;
+                let save = LiveSave::start(self.vm.ram(), file).map_err(|e| {
+                    let hint = match tracking {
+                        Some(m) if m != memory::dirty::TrackingMode::KvmDirtyLog => format!(
+                            " (track_dirty_pages uses {} here, which takes guest RAM's userfaultfd: set \"dirty_tracking\": \"kvm-dirty-log\" in machine-config)",
+                            m.name()
+                        ),
+                        _ => String::new(),
+                    };
+                    SnapshotError::Live(format!("{e}{hint}"))
+                })?;
                 Ok((state, save))
             });
             if was_running {
@@ -142,7 +164,12 @@ impl Vmm {
                     ApiError::bad_request(format!("cannot create the snapshot: {e}"))
                 }));
             })
-            .map_err(|e| SnapshotError::Live(format!("cannot start its thread: {e}")))?;
+            .map_err(|e| {
+                // The job went with the closure: its save is dropped, which lifts every
+                // protection.
+                let _ = std::fs::remove_file(partial(&params.mem_file_path));
+                SnapshotError::Live(format!("cannot start its thread: {e}"))
+            })?;
         Ok(live)
     }
 }
