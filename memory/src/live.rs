@@ -31,7 +31,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -66,8 +66,8 @@ pub enum LiveError {
 /// Counters of a running live save, for progress reports.
 #[derive(Debug, Default)]
 pub struct LiveProgress {
-    /// Pages to save.
-    pub total: u64,
+    /// Pages to save, known once protected.
+    pub total: AtomicU64,
     /// Pages in the file.
     pub saved: AtomicU64,
     /// Pages saved by the fault handler, before a write.
@@ -94,7 +94,8 @@ struct Shared {
     uffd: Uffd,
     ram: TrackedRam,
     file: File,
-    todo: PageSet,
+    /// Set by `protect`; no fault comes before.
+    todo: OnceLock<PageSet>,
     progress: Arc<LiveProgress>,
     error: Mutex<Option<String>>,
     failed: AtomicBool,
@@ -182,39 +183,30 @@ pub struct LiveSave {
     stop: EventFd,
     handler: Option<JoinHandle<()>>,
     writer: Option<JoinHandle<()>>,
+    /// The data runs at `prepare`.
+    earlier: Vec<(usize, usize)>,
     _claim: Claim,
 }
 
 impl LiveSave {
-    /// Protects every page of `ram` that holds data and starts saving them to `file`
-    /// (sized by the caller to the memfd's size). Guest RAM must not change during this
-    /// call: the VM is paused.
-    pub fn start(ram: &GuestRam, file: File) -> Result<LiveSave, LiveError> {
+    /// Everything that may happen while the guest still runs: claims guest RAM's
+    /// userfaultfd, lists the pages that hold data now, registers guest RAM for
+    /// write-protect (nothing is protected yet) and starts the fault handler. `protect`
+    /// follows, with the VM paused. `file` is sized by the caller to the memfd's size.
+    pub fn prepare(ram: &GuestRam, file: File) -> Result<LiveSave, LiveError> {
         let tracked = ram.tracked();
         let claim = tracked.writes.claim(Mechanism::Userfaultfd)?;
-        let pages = total_pages(&tracked.regions);
-        let mut data = DirtyBitmap::new(&tracked.regions);
-        for (offset, len) in ram
-            .data_extents()
-            .map_err(|e| LiveError::Read(e.to_string()))?
-        {
-            data.set_run(
-                page_index(offset / PAGE_SIZE),
-                page_index(len.div_ceil(PAGE_SIZE)),
-            );
-        }
+        let earlier = tracked
+            .data_pages()
+            .map_err(|e| LiveError::Read(e.to_string()))?;
         let uffd = uffd::open(&[features::WP, features::WP_SHMEM], "live snapshot")?;
         uffd::register(&uffd, &tracked)?;
-        let progress = Arc::new(LiveProgress {
-            total: data.count() as u64,
-            ..Default::default()
-        });
         let shared = Arc::new(Shared {
             uffd,
             ram: tracked,
             file,
-            todo: PageSet::from_bitmap(&data, pages),
-            progress,
+            todo: OnceLock::new(),
+            progress: Arc::default(),
             error: Mutex::new(None),
             failed: AtomicBool::new(false),
         });
@@ -222,8 +214,6 @@ impl LiveSave {
             let _ = uffd::unregister(&shared.uffd, &shared.ram);
             e
         };
-        // The handler runs before the first page is protected: a write to a protected
-        // page with nobody to serve it would wait forever.
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
             fail_setup(
                 &shared,
@@ -242,6 +232,8 @@ impl LiveSave {
                 }),
             )
         })?;
+        // The handler runs before the first page is protected: a write to a protected
+        // page with nobody to serve it would wait forever.
         let s = shared.clone();
         let handler = std::thread::Builder::new()
             .name("snapshot-cbw".into())
@@ -255,21 +247,41 @@ impl LiveSave {
                     }),
                 )
             })?;
-        let mut live = LiveSave {
-            shared: shared.clone(),
+        Ok(LiveSave {
+            shared,
             stop,
             handler: Some(handler),
             writer: None,
+            earlier,
             _claim: claim,
-        };
-        for (first, count) in data.runs() {
-            let protected = shared.each_host_range(first, count, |addr, len| {
+        })
+    }
+
+    /// The instant of the snapshot, with the VM paused (guest RAM must not change during
+    /// this call): lists the pages that hold data (walking only what held none at
+    /// `prepare`), protects them, and starts the writer.
+    pub fn protect(&mut self) -> Result<(), LiveError> {
+        let shared = self.shared.clone();
+        let runs = shared
+            .ram
+            .data_pages_since(&self.earlier)
+            .map_err(|e| LiveError::Read(e.to_string()))?;
+        let mut data = DirtyBitmap::new(&shared.ram.regions);
+        for &(first, count) in &runs {
+            data.set_run(first, count);
+        }
+        shared
+            .progress
+            .total
+            .store(data.count() as u64, Ordering::Release);
+        let pages = total_pages(&shared.ram.regions);
+        if shared.todo.set(PageSet::from_bitmap(&data, pages)).is_err() {
+            return Err(LiveError::Failed("protect was called twice".into()));
+        }
+        for (first, count) in runs {
+            shared.each_host_range(first, count, |addr, len| {
                 shared.uffd.write_protect(addr, len)
-            });
-            if let Err(e) = protected {
-                live.finish_threads();
-                return Err(e);
-            }
+            })?;
         }
         let s = shared.clone();
         let writer = std::thread::Builder::new()
@@ -280,14 +292,16 @@ impl LiveSave {
                     what: "spawn the snapshot writer",
                     source,
                 })
-            });
-        match writer {
-            Ok(w) => live.writer = Some(w),
-            Err(e) => {
-                live.finish_threads();
-                return Err(e);
-            }
-        }
+            })?;
+        self.writer = Some(writer);
+        Ok(())
+    }
+
+    /// `prepare` and `protect` at once, for a caller whose guest RAM does not change
+    /// meanwhile.
+    pub fn start(ram: &GuestRam, file: File) -> Result<LiveSave, LiveError> {
+        let mut live = LiveSave::prepare(ram, file)?;
+        live.protect()?;
         Ok(live)
     }
 
@@ -307,7 +321,7 @@ impl LiveSave {
         // Pages the handler took may still be on their way.
         let progress = &self.shared.progress;
         while !self.shared.failed.load(Ordering::Acquire)
-            && progress.saved.load(Ordering::Acquire) < progress.total
+            && progress.saved.load(Ordering::Acquire) < progress.total.load(Ordering::Acquire)
         {
             if self.handler.as_ref().is_none_or(|h| h.is_finished()) {
                 self.shared
@@ -350,16 +364,19 @@ impl Drop for LiveSave {
 
 /// The writer: every page still to take, in order, a run at a time.
 fn write_all(shared: &Shared) {
+    let Some(todo) = shared.todo.get() else {
+        return;
+    };
     let mut buf = vec![0u8; RUN_PAGES * PAGE_BYTES];
     let mut from = 0;
-    while let Some(first) = shared.todo.next(from) {
+    while let Some(first) = todo.next(from) {
         if first < from || shared.failed.load(Ordering::Acquire) {
             // Wrapped around: every page is taken.
             return;
         }
         // Take a run of consecutive pages, stopping at one the handler took.
         let mut count = 0;
-        while count < RUN_PAGES && shared.todo.take(first + count) {
+        while count < RUN_PAGES && todo.take(first + count) {
             count += 1;
         }
         from = first + count.max(1);
@@ -393,7 +410,8 @@ fn handle_faults(shared: &Shared, stop: &EventFd) {
                     let Some((page, page_addr)) = shared.page_of(addr as u64) else {
                         continue;
                     };
-                    if !shared.todo.take(page) {
+                    // No page is protected before `todo` is set.
+                    if !shared.todo.get().is_some_and(|t| t.take(page)) {
                         // Saved already, or being saved by the writer, whose
                         // un-protect wakes this write.
                         continue;
@@ -461,7 +479,7 @@ mod tests {
         let live = LiveSave::start(&ram, file).expect("start");
         let progress = live.progress();
         assert_eq!(
-            progress.total,
+            progress.total.load(Ordering::Acquire),
             (0..pages).filter(|p| held(*p)).count() as u64
         );
         std::thread::scope(|s| {
@@ -487,7 +505,10 @@ mod tests {
             let now: u64 = ram.memory().read_obj(at(p)).expect("read");
             assert_eq!(now, 0xdead_0000_0000 + p as u64, "page {p} in RAM");
         }
-        assert_eq!(progress.saved.load(Ordering::Acquire), progress.total);
+        assert_eq!(
+            progress.saved.load(Ordering::Acquire),
+            progress.total.load(Ordering::Acquire)
+        );
         assert!(
             progress.faults.load(Ordering::Acquire) > 0,
             "some writes came before the writer"
@@ -501,6 +522,27 @@ mod tests {
         ram.memory()
             .write_obj(7u64, GuestAddress(0))
             .expect("write after");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// A page that gains data between `prepare` (the guest still running) and `protect`
+    /// (the instant of the snapshot) is saved as it was at `protect`.
+    #[test]
+    fn test_pages_written_before_the_instant_are_saved() {
+        let ram = GuestRam::new(64, 46).expect("ram");
+        ram.memory().write_obj(1u64, GuestAddress(0)).expect("fill");
+        let (path, file) = temp_file("instant");
+        file.set_len(ram.size()).expect("size");
+        let mut live = LiveSave::prepare(&ram, file).expect("prepare");
+        // A page that held nothing at `prepare`, written before the instant.
+        let late = GuestAddress(40 * PAGE_SIZE);
+        ram.memory().write_obj(2u64, late).expect("write before");
+        live.protect().expect("protect");
+        ram.memory().write_obj(3u64, late).expect("write after");
+        live.finish().expect("finish");
+        let saved = std::fs::read(&path).expect("read the file");
+        let word = u64::from_le_bytes(saved[40 * PAGE_BYTES..][..8].try_into().expect("8"));
+        assert_eq!(word, 2, "the page as it was at the instant");
         let _ = std::fs::remove_file(&path);
     }
 

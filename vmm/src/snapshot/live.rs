@@ -40,7 +40,10 @@ impl LiveSnapshot {
         let p = &self.progress;
         let saved = p.saved.load(std::sync::atomic::Ordering::Acquire);
         s.pages_saved = saved;
-        s.pages_left = p.total.saturating_sub(saved);
+        s.pages_left = p
+            .total
+            .load(std::sync::atomic::Ordering::Acquire)
+            .saturating_sub(saved);
         s.copy_before_write_faults = p.faults.load(std::sync::atomic::Ordering::Acquire);
         s.fault_latency_us = p.fault_latency_us().map(|(p50, p99, max)| FaultLatency {
             p50: f64::from(p50),
@@ -104,32 +107,35 @@ impl Vmm {
             .open(&mem_tmp)
             .map_err(io(&mem_tmp))?;
         let sized = file.set_len(self.vm.ram().size()).map_err(io(&mem_tmp));
+        let tracking = self.dirty.as_ref().map(|t| t.mode());
+        let live_err = |e: memory::live::LiveError| {
+            let hint = match tracking {
+                Some(m) if m != memory::dirty::TrackingMode::KvmDirtyLog => format!(
+                    " (track_dirty_pages uses {} here, which takes guest RAM's userfaultfd: set \"dirty_tracking\": \"kvm-dirty-log\" in machine-config)",
+                    m.name()
+                ),
+                _ => String::new(),
+            };
+            SnapshotError::Live(format!("{e}{hint}"))
+        };
+        // What can happen while the guest runs happens before the pause.
+        let prepared =
+            sized.and_then(|()| LiveSave::prepare(self.vm.ram(), file).map_err(live_err));
         let was_running = self.state == VmState::Running;
-        let begun = sized.and_then(|()| {
+        let begun = prepared.and_then(|mut save| {
+            let paused = Instant::now();
             if was_running {
                 self.pause()?;
             }
-            let paused = Instant::now();
-            let tracking = self.dirty.as_ref().map(|t| t.mode());
-            let begun = self.machine_state(config).and_then(|state| {
-                let save = LiveSave::start(self.vm.ram(), file).map_err(|e| {
-                    let hint = match tracking {
-                        Some(m) if m != memory::dirty::TrackingMode::KvmDirtyLog => format!(
-                            " (track_dirty_pages uses {} here, which takes guest RAM's userfaultfd: set \"dirty_tracking\": \"kvm-dirty-log\" in machine-config)",
-                            m.name()
-                        ),
-                        _ => String::new(),
-                    };
-                    SnapshotError::Live(format!("{e}{hint}"))
-                })?;
-                Ok((state, save))
-            });
+            let begun = self
+                .machine_state(config)
+                .and_then(|state| save.protect().map(|()| state).map_err(live_err));
             if was_running {
                 if let Err(e) = self.resume() {
                     tracing::error!("live snapshot: cannot resume the guest: {e}");
                 }
             }
-            begun.map(|(state, save)| (state, save, paused.elapsed()))
+            begun.map(|state| (state, save, paused.elapsed()))
         });
         let (state, save, pause) = match begun {
             Ok(b) => b,
