@@ -125,6 +125,15 @@ fn test_ferryctl_snapshot_create_and_load() {
     let (code, _, stderr) = ferryctl(&sock, &["snapshot", "create", "--state", s, "--mem", m]);
     assert_eq!(code, 1);
     assert!(stderr.contains("must be paused"), "{stderr}");
+    // A live one of the running VM; it runs on.
+    let (ls, lm) = (dir.path().join("live.state"), dir.path().join("live.mem"));
+    let (ls, lm) = (ls.to_str().expect("utf-8"), lm.to_str().expect("utf-8"));
+    ok(
+        &sock,
+        &["snapshot", "create", "--live", "--state", ls, "--mem", lm],
+    );
+    assert_eq!(ok(&sock, &["info"])["state"], "Running");
+    assert!(std::path::Path::new(lm).exists() && std::path::Path::new(ls).exists());
     ok(&sock, &["pause"]);
     ok(&sock, &["snapshot", "create", "--state", s, "--mem", m]);
     drop(ferry);

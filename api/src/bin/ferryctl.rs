@@ -142,7 +142,7 @@ enum Verb {
 
 #[derive(Subcommand)]
 enum SnapshotVerb {
-    /// Write the state file and the memory file (the VM must be paused).
+    /// Write the state file and the memory file (the VM must be paused, unless --live).
     Create {
         /// The state file.
         #[arg(long)]
@@ -151,8 +151,12 @@ enum SnapshotVerb {
         #[arg(long)]
         mem: PathBuf,
         /// Only the pages written since the previous snapshot (needs track_dirty_pages).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "live")]
         diff: bool,
+        /// Of the running VM: a pause of a few milliseconds, memory saved while the guest
+        /// runs on; answers when both files are complete.
+        #[arg(long)]
+        live: bool,
     },
     /// Load a snapshot into this (fresh) ferry.
     Load {
@@ -189,8 +193,17 @@ fn pairs(list: &[String], key: &str, value: &str) -> Vec<serde_json::Value> {
 
 fn snapshot(verb: SnapshotVerb) -> serde_json::Value {
     match verb {
-        SnapshotVerb::Create { state, mem, diff } => json!({
-            "snapshot_type": if diff { "Diff" } else { "Full" },
+        SnapshotVerb::Create {
+            state,
+            mem,
+            diff,
+            live,
+        } => json!({
+            "snapshot_type": match (diff, live) {
+                (true, _) => "Diff",
+                (_, true) => "Live",
+                _ => "Full",
+            },
             "snapshot_path": state,
             "mem_file_path": mem,
         }),
