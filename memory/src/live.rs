@@ -210,43 +210,19 @@ impl LiveSave {
             error: Mutex::new(None),
             failed: AtomicBool::new(false),
         });
-        let fail_setup = |shared: &Shared, e: LiveError| {
+        let failed = |what: &'static str, source: std::io::Error| {
             let _ = uffd::unregister(&shared.uffd, &shared.ram);
-            e
+            LiveError::Setup(DirtyError::Sys { what, source })
         };
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
-            fail_setup(
-                &shared,
-                LiveError::Setup(DirtyError::Sys {
-                    what: "eventfd",
-                    source,
-                }),
-            )
-        })?;
-        let thread_stop = stop.try_clone().map_err(|source| {
-            fail_setup(
-                &shared,
-                LiveError::Setup(DirtyError::Sys {
-                    what: "eventfd",
-                    source,
-                }),
-            )
-        })?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| failed("eventfd", e))?;
+        let thread_stop = stop.try_clone().map_err(|e| failed("eventfd", e))?;
         // The handler runs before the first page is protected: a write to a protected
         // page with nobody to serve it would wait forever.
         let s = shared.clone();
         let handler = std::thread::Builder::new()
             .name("snapshot-cbw".into())
             .spawn(move || handle_faults(&s, &thread_stop))
-            .map_err(|source| {
-                fail_setup(
-                    &shared,
-                    LiveError::Setup(DirtyError::Sys {
-                        what: "spawn the copy-before-write thread",
-                        source,
-                    }),
-                )
-            })?;
+            .map_err(|e| failed("spawn the copy-before-write thread", e))?;
         Ok(LiveSave {
             shared,
             stop,
@@ -522,6 +498,45 @@ mod tests {
         ram.memory()
             .write_obj(7u64, GuestAddress(0))
             .expect("write after");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// Pages that hold data but were never mapped in this process (written with
+    /// `pwrite`, as an incoming migration or a memfd handed over by another process
+    /// leaves them): protection still catches the first write through the mapping.
+    #[test]
+    fn test_pages_never_mapped_here_are_protected_too() {
+        const PAGES: usize = 4096;
+        let ram = GuestRam::new(64, 46).expect("ram");
+        let mut data = vec![0u8; PAGES * PAGE_BYTES];
+        data.iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (i / PAGE_BYTES % 251) as u8 + 1);
+        ram.fill(&data, GuestAddress(0))
+            .expect("pwrite, no mapping touched");
+        let (path, file) = temp_file("unmapped");
+        file.set_len(ram.size()).expect("size");
+        let live = LiveSave::start(&ram, file).expect("start");
+        let progress = live.progress();
+        // From the top, where the writer (from the bottom) is not yet.
+        for p in (0..PAGES as u64).rev() {
+            ram.memory()
+                .write_obj(0xffu8, GuestAddress(p * PAGE_SIZE))
+                .expect("write");
+        }
+        live.finish().expect("finish");
+        assert!(
+            progress.faults.load(Ordering::Acquire) > 0,
+            "writes came first"
+        );
+        let saved = std::fs::read(&path).expect("read the file");
+        for p in 0..PAGES {
+            assert_eq!(
+                saved[p * PAGE_BYTES],
+                (p % 251) as u8 + 1,
+                "page {p} in the file"
+            );
+        }
         let _ = std::fs::remove_file(&path);
     }
 
