@@ -53,7 +53,7 @@ struct Args {
 }
 
 /// A create request for `name.state` and `name.mem` in `dir`.
-fn create(dir: &Path, kind: SnapshotType, name: &str) -> SnapshotCreateParams {
+fn request(dir: &Path, kind: SnapshotType, name: &str) -> SnapshotCreateParams {
     SnapshotCreateParams {
         snapshot_type: Some(kind),
         snapshot_path: dir.join(format!("{name}.state")),
@@ -147,7 +147,7 @@ fn run(args: &Args, guest: &Path, size: u64) -> Result<(), String> {
     next_pass(&console, 0, Duration::from_secs(30)).ok_or("the guest never passed")?;
     vm.pause().map_err(|e| e.to_string())?;
 
-    let full = create(&dir, SnapshotType::Full, "full");
+    let full = request(&dir, SnapshotType::Full, "full");
     let start = Instant::now();
     let stats = vm
         .create_snapshot(&config, &full)
@@ -169,7 +169,7 @@ fn run(args: &Args, guest: &Path, size: u64) -> Result<(), String> {
             .write(&page, GuestAddress((16 << 20) + i * 4096))
             .map_err(|e| e.to_string())?;
     }
-    let diff = create(&dir, SnapshotType::Diff, "diff");
+    let diff = request(&dir, SnapshotType::Diff, "diff");
     let start = Instant::now();
     let stats = vm
         .create_snapshot(&config, &diff)
@@ -285,7 +285,7 @@ fn live(args: &Args, guest: &Path, size: u64, kind: &str) -> Result<(), String> 
     std::thread::sleep(Duration::from_secs(1));
     let before = (last_pass(&console) - p0) as f64 / t0.elapsed().as_secs_f64();
 
-    let params = create(&dir, SnapshotType::Live, "live");
+    let params = request(&dir, SnapshotType::Live, "live");
     let (tx, rx) = std::sync::mpsc::channel();
     let (p0, start) = (last_pass(&console), Instant::now());
     let snap = vm
@@ -300,7 +300,7 @@ fn live(args: &Args, guest: &Path, size: u64, kind: &str) -> Result<(), String> 
 
     // A Full create of the same guest, paused, for comparison.
     vm.pause().map_err(|e| e.to_string())?;
-    let full = create(&dir, SnapshotType::Full, "full");
+    let full = request(&dir, SnapshotType::Full, "full");
     let start = Instant::now();
     vm.create_snapshot(&config, &full)
         .map_err(|e| e.to_string())?;
