@@ -507,11 +507,12 @@ mod tests {
     #[test]
     fn test_pages_never_mapped_here_are_protected_too() {
         const PAGES: usize = 4096;
+        let mark = |p: usize| u8::try_from(p % 251).unwrap_or(0) + 1;
         let ram = GuestRam::new(64, 46).expect("ram");
         let mut data = vec![0u8; PAGES * PAGE_BYTES];
         data.iter_mut()
             .enumerate()
-            .for_each(|(i, b)| *b = (i / PAGE_BYTES % 251) as u8 + 1);
+            .for_each(|(i, b)| *b = mark(i / PAGE_BYTES));
         ram.fill(&data, GuestAddress(0))
             .expect("pwrite, no mapping touched");
         let (path, file) = temp_file("unmapped");
@@ -531,11 +532,7 @@ mod tests {
         );
         let saved = std::fs::read(&path).expect("read the file");
         for p in 0..PAGES {
-            assert_eq!(
-                saved[p * PAGE_BYTES],
-                (p % 251) as u8 + 1,
-                "page {p} in the file"
-            );
+            assert_eq!(saved[p * PAGE_BYTES], mark(p), "page {p} in the file");
         }
         let _ = std::fs::remove_file(&path);
     }
