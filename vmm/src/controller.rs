@@ -918,8 +918,11 @@ impl MutEventSubscriber for Controller {
     }
 }
 
+/// How long ferry waits at exit for a live snapshot to be complete.
+const LIVE_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Runs the VMM thread's loop until the VM ends (or ferry is told to stop), stops the
-/// VM, and returns why it ended.
+/// VM, waits for a live snapshot still being written, and returns why it ended.
 pub fn run_until_exit(controller: Controller) -> Result<ExitReason, EventLoopError> {
     let setup = |e: &dyn std::fmt::Debug| EventLoopError::Setup(format!("{e:?}"));
     // Published only for as long as the loop (and so the eventfd) lives: the guard
@@ -938,6 +941,16 @@ pub fn run_until_exit(controller: Controller) -> Result<ExitReason, EventLoopErr
             if let Some(reason) = c.exit.take() {
                 if let Some(vmm) = c.vmm.as_mut() {
                     vmm.stop();
+                }
+                // A live snapshot still being written finishes (its thread has its own
+                // mapping of guest RAM, which the stopped guest no longer writes), so
+                // that no half-written file is left behind.
+                if let Some(live) = c.live.as_ref().filter(|l| l.running()) {
+                    if !live.wait(LIVE_AT_EXIT) {
+                        tracing::error!(
+                            "the live snapshot did not finish within {LIVE_AT_EXIT:?}; its .partial files stay"
+                        );
+                    }
                 }
                 return Ok(reason);
             }

@@ -261,3 +261,48 @@ fn test_live_snapshots_are_refused_where_they_cannot_be_right() {
     vm.ferry.expect_line("pass 4 ok", BOOT);
     assert!(!mem.exists(), "no file is left");
 }
+
+/// ferry told to stop while a live snapshot is being written finishes it first: both
+/// files are complete, none is left `.partial`, and the snapshot loads.
+#[test]
+fn test_sigterm_during_a_live_snapshot_finishes_it() {
+    let dir = TempDir::new("live-exit");
+    let (state, mem) = (dir.path().join("x.state"), dir.path().join("x.mem"));
+    let cfg = config("workload=verify start=16M size=256M", 1, 512, json!({}));
+    let mut vm = Vm::boot(&dir, "src", &cfg);
+    vm.ferry.expect_line("pass 2 ok", BOOT);
+    let sock = vm.sock.clone();
+    let body = json!({ "snapshot_type": "Live", "snapshot_path": state, "mem_file_path": mem });
+    let request =
+        std::thread::spawn(move || curl(&sock, "PUT", "/snapshot/create", Some(&body.to_string())));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, s) = curl(&vm.sock, "GET", "/snapshot", None);
+        if s["state"] == "active" {
+            break;
+        }
+        assert!(
+            s["state"] != "completed",
+            "the snapshot ended before the signal: {s}"
+        );
+        assert!(Instant::now() < deadline, "never active: {s}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    vm.ferry.signal(libc::SIGTERM);
+    let Vm { ferry, .. } = vm;
+    let (status, _, stderr) = ferry.wait(Duration::from_secs(30));
+    assert!(status.success(), "{status}: {stderr}");
+    let _ = request.join();
+    let partial = |p: &Path| {
+        p.with_extension(format!(
+            "{}.partial",
+            p.extension().and_then(|e| e.to_str()).unwrap_or("")
+        ))
+    };
+    assert!(state.exists() && mem.exists(), "{stderr}");
+    assert!(!partial(&state).exists() && !partial(&mem).exists());
+    let mut restored = Vm::fresh(&dir, "dst");
+    restored.load_file(&state, &mem);
+    let line = restored.ferry.expect_line("pass ", BOOT);
+    assert!(!line.contains("corrupt"), "{line}");
+}

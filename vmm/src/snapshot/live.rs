@@ -34,6 +34,18 @@ impl LiveSnapshot {
         self.status.lock().expect("poisoned").state == "active"
     }
 
+    /// Waits until it has ended, at most `timeout`; whether it has.
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.running() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        true
+    }
+
     /// Its status, with the page counts as they are now.
     pub fn status(&self) -> SnapshotStatus {
         let mut s = self.status.lock().expect("poisoned").clone();
