@@ -40,7 +40,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::dirty::uffd::{self, features};
 use crate::dirty::{total_pages, Claim, DirtyBitmap, DirtyError, Mechanism, TrackedRam};
-use crate::{page_index, GuestRam, PageSet, PAGE_BYTES, PAGE_SIZE};
+use crate::{GuestRam, PageSet, PAGE_BYTES, PAGE_SIZE};
 
 /// Pages the writer saves and un-protects at a time: large enough for efficient file
 /// writes, small enough that a write fault on a page of the run waits briefly.
@@ -106,21 +106,6 @@ impl Shared {
         tracing::error!("live snapshot: {msg}");
         self.error.lock().expect("poisoned").get_or_insert(msg);
         self.failed.store(true, Ordering::Release);
-    }
-
-    /// The memfd page of host address `addr`, and the page's host address.
-    fn page_of(&self, addr: u64) -> Option<(usize, u64)> {
-        self.ram
-            .regions
-            .iter()
-            .find(|r| addr >= r.host_addr && addr < r.host_addr + r.size)
-            .map(|r| {
-                let in_region = (addr - r.host_addr) & !(PAGE_SIZE - 1);
-                (
-                    page_index((r.file_offset + in_region) / PAGE_SIZE),
-                    r.host_addr + in_region,
-                )
-            })
     }
 
     /// Copies memfd pages `first..first+count` to the file at the same offset.
@@ -383,7 +368,7 @@ fn handle_faults(shared: &Shared, stop: &EventFd) {
             match shared.uffd.read_event() {
                 Ok(Some(Event::Pagefault { addr, .. })) => {
                     let since = Instant::now();
-                    let Some((page, page_addr)) = shared.page_of(addr as u64) else {
+                    let Some((page, page_addr)) = shared.ram.page_at(addr as u64) else {
                         continue;
                     };
                     // No page is protected before `todo` is set.

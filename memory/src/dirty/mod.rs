@@ -163,6 +163,21 @@ pub struct TrackedRam {
 }
 
 impl TrackedRam {
+    /// The memfd page that host address `host_addr` falls in, and that page's host
+    /// address; `None` outside guest RAM (a fault a userfaultfd reports, say).
+    pub(crate) fn page_at(&self, host_addr: u64) -> Option<(usize, u64)> {
+        self.regions
+            .iter()
+            .find(|r| host_addr >= r.host_addr && host_addr < r.host_addr + r.size)
+            .map(|r| {
+                let in_region = (host_addr - r.host_addr) & !(crate::PAGE_SIZE - 1);
+                (
+                    crate::page_index((r.file_offset + in_region) / crate::PAGE_SIZE),
+                    r.host_addr + in_region,
+                )
+            })
+    }
+
     /// The memfd ranges that hold pages, as (first page, pages).
     pub fn data_pages(&self) -> std::io::Result<Vec<(usize, usize)>> {
         let size = self.regions.iter().map(|r| r.size).sum();

@@ -27,22 +27,6 @@ struct Shared {
     order: Mutex<()>,
 }
 
-impl Shared {
-    fn page_of(&self, host_addr: u64) -> Option<(usize, u64)> {
-        self.ram
-            .regions
-            .iter()
-            .find(|r| host_addr >= r.host_addr && host_addr < r.host_addr + r.size)
-            .map(|r| {
-                let in_region = (host_addr - r.host_addr) & !(PAGE_SIZE - 1);
-                (
-                    ((r.file_offset + in_region) / PAGE_SIZE) as usize,
-                    r.host_addr + in_region,
-                )
-            })
-    }
-}
-
 /// What a started tracker holds.
 struct Running {
     shared: Arc<Shared>,
@@ -78,7 +62,7 @@ fn handle_faults(shared: &Shared, stop: &EventFd) {
         loop {
             match shared.uffd.read_event() {
                 Ok(Some(Event::Pagefault { addr, .. })) => {
-                    let Some((page, page_addr)) = shared.page_of(addr as u64) else {
+                    let Some((page, page_addr)) = shared.ram.page_at(addr as u64) else {
                         continue;
                     };
                     let _order = shared.order.lock().expect("poisoned");
