@@ -21,11 +21,11 @@ cargo build --workspace --bins --release --quiet
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --release 2>&1 | tee "$log"
+cargo test --workspace --release --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # The unit tests and fuzzers of the library crates again, with overflow checks and
 # debug assertions (the release profile has neither).
-cargo test --profile checked -p memory -p devices -p api --lib 2>&1 | tee -a "$log"
+cargo test --profile checked --no-fail-fast -p memory -p devices -p api --lib 2>&1 | tee -a "$log"
 checked=${PIPESTATUS[0]}
 [ "$status" -ne 0 ] || status=$checked
 set -e

@@ -47,7 +47,7 @@ impl InstanceStatus {
     /// The `GET /` body.
     pub fn instance_info(&self) -> serde_json::Value {
         serde_json::json!({
-            "id": "anonymous-instance",
+            "id": logger::instance_id(),
             "state": self.name(),
             "vmm_version": env!("CARGO_PKG_VERSION"),
             "app_name": "ferry",
@@ -80,6 +80,8 @@ pub enum VmmAction {
     PutSerial(SerialConfig),
     /// `PUT /metrics`.
     PutMetrics(MetricsConfig),
+    /// `PUT /logger`.
+    PutLogger(LoggerConfig),
     /// `GET /metrics`.
     GetMetrics,
     /// `PUT /actions` InstanceStart.
@@ -179,6 +181,28 @@ pub struct NetworkInterfaceUpdate {
     /// Transmit rate limiter (not supported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<serde_json::Value>,
+}
+
+/// `PUT /logger`, in Firecracker's fields. Each may be left out: the level then goes
+/// back to Info, and the rest stays as it was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggerConfig {
+    /// A file or FIFO to log to (created if missing).
+    #[serde(default)]
+    pub log_path: Option<PathBuf>,
+    /// Error, Warning, Info, Debug, Trace or Off, in any case.
+    #[serde(default)]
+    pub level: Option<String>,
+    /// Whether each line shows its level.
+    #[serde(default)]
+    pub show_level: Option<bool>,
+    /// Whether each line shows the source file and line that logged it.
+    #[serde(default)]
+    pub show_log_origin: Option<bool>,
+    /// Only log from modules whose path starts with this.
+    #[serde(default)]
+    pub module: Option<String>,
 }
 
 /// `PUT /metrics`: where `FlushMetrics` writes.

@@ -4,7 +4,7 @@
 //! the API needs neither, and this bounds both threads and memory.
 //!
 //! Every length is bounded: a request head at most `MAX_HEAD` bytes, a body at most
-//! `MAX_BODY` (as `Content-Length`; chunked bodies are refused), an answer waiting for a
+//! `max_body()` (`--http-api-max-payload-size`, as `Content-Length`; chunked bodies are refused), an answer waiting for a
 //! slow reader at most one response per connection (nothing more is read from it until
 //! the answer is out). A connection that is closing shuts its sending side and discards
 //! at most `MAX_LINGER` more bytes until the client closes, so a client refused while
@@ -13,11 +13,25 @@
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::action::ApiError;
 
-/// Largest request body accepted.
-pub const MAX_BODY: usize = 64 * 1024;
+/// Largest request body accepted unless `set_max_body` says otherwise: Firecracker's
+/// default for `--http-api-max-payload-size`.
+pub const MAX_BODY: usize = 51_200;
+/// The limit in force; set once at start, before the server thread runs.
+static BODY_LIMIT: AtomicUsize = AtomicUsize::new(MAX_BODY);
+
+/// Sets the largest request body accepted (`--http-api-max-payload-size`).
+pub fn set_max_body(bytes: usize) {
+    BODY_LIMIT.store(bytes, Ordering::Relaxed);
+}
+
+/// The largest request body accepted.
+pub fn max_body() -> usize {
+    BODY_LIMIT.load(Ordering::Relaxed)
+}
 /// Largest request head (request line and headers).
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Connections served at once. One more is answered 503 and closed.
@@ -149,9 +163,10 @@ fn parse(buf: &[u8]) -> Parse {
             };
         }
     }
-    if length > MAX_BODY {
+    let limit = max_body();
+    if length > limit {
         return Parse::Refuse(ApiError::bad_request(format!(
-            "the body is {length} bytes; the limit is {MAX_BODY}"
+            "the body is {length} bytes; the limit is {limit}"
         )));
     }
     if buf.len() < head_len + length {
@@ -193,7 +208,7 @@ impl Conn {
                 Ok(n) => {
                     self.input.extend_from_slice(&chunk[..n]);
                     // Never more than one request's worth: the rest waits in the socket.
-                    if self.input.len() > MAX_HEAD + MAX_BODY {
+                    if self.input.len() > MAX_HEAD + max_body() {
                         return true;
                     }
                 }
@@ -465,7 +480,7 @@ mod tests {
         };
         assert_eq!(
             refused("PUT / HTTP/1.1\r\nContent-Length: 70000\r\n\r\n"),
-            "the body is 70000 bytes; the limit is 65536"
+            "the body is 70000 bytes; the limit is 51200"
         );
         assert!(
             refused("PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -512,7 +527,7 @@ mod tests {
         let mut answer = String::new();
         client.read_to_string(&mut answer).expect("the answer");
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-        assert!(answer.contains("the limit is 65536"), "{answer}");
+        assert!(answer.contains("the limit is 51200"), "{answer}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -4,7 +4,9 @@
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::action::{ApiError, DriveUpdate, MetricsConfig, NetworkInterfaceUpdate, VmmAction};
+use crate::action::{
+    ApiError, DriveUpdate, LoggerConfig, MetricsConfig, NetworkInterfaceUpdate, VmmAction,
+};
 use crate::migration::{MigrationReceiveParams, MigrationSendParams};
 use crate::models::{
     BootSource, ConfigError, Drive, MachineConfig, MachineConfigUpdate, NetworkInterface,
@@ -30,6 +32,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/vm"),
     ("GET", "/metrics"),
     ("PUT", "/metrics"),
+    ("PUT", "/logger"),
     ("PUT", "/snapshot/create"),
     ("PUT", "/snapshot/load"),
     ("GET", "/migration"),
@@ -42,7 +45,6 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// Firecracker's endpoints that ferry does not implement yet. They get a 400 that says
 /// so, not a 404, so that Firecracker tooling learns why. Also in docs/openapi.json.
 pub const UNSUPPORTED: &[(&str, &str)] = &[
-    ("PUT", "/logger"),
     ("GET", "/mmds"),
     ("PUT", "/mmds"),
     ("PATCH", "/mmds"),
@@ -223,6 +225,15 @@ pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<Parsed, ApiError>
         }
         ("PUT", "/serial") => VmmAction::PutSerial(body::<SerialConfig>(bytes)?),
         ("PUT", "/metrics") => VmmAction::PutMetrics(body::<MetricsConfig>(bytes)?),
+        ("PUT", "/logger") => {
+            let config: LoggerConfig = body(bytes)?;
+            if let Some(level) = &config.level {
+                level
+                    .parse::<logger::Level>()
+                    .map_err(|e| ApiError::bad_request(format!("invalid JSON body: level: {e}")))?;
+            }
+            VmmAction::PutLogger(config)
+        }
         ("PUT", "/actions") => match body::<ActionBody>(bytes)?.action_type {
             ActionType::InstanceStart => VmmAction::StartInstance,
             ActionType::SendCtrlAltDel => VmmAction::SendCtrlAltDel,

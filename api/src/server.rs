@@ -19,7 +19,11 @@ use crate::action::{ApiError, InstanceStatus, VmmData, VmmRequest};
 use crate::http::{Answer, Response};
 use crate::routes::{self, Parsed};
 
-pub use crate::http::{MAX_BODY, MAX_CONNECTIONS};
+pub use crate::http::{max_body, set_max_body, MAX_BODY, MAX_CONNECTIONS};
+
+/// The Firecracker API version whose dialect ferry speaks (`GET /version`'s
+/// `firecracker_version`): its paths and fields, up to `PUT /serial`, which 1.14 added.
+pub const FIRECRACKER_API_VERSION: &str = "1.14.0";
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -76,19 +80,93 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
-/// Counts answered requests by status code.
+/// The API server's counts of answered requests, for the metrics. Written by the API
+/// thread as each answer goes out, read by the VMM thread when it reports metrics; the
+/// mutex is held only for an insert or a copy, so neither waits on the other.
 #[derive(Default)]
-struct StatusCounts(BTreeMap<u16, u64>);
+pub struct RequestCounts {
+    by_status: BTreeMap<u16, u64>,
+    /// (Firecracker's group, name) to (answered, failed).
+    by_route: BTreeMap<(&'static str, String), (u64, u64)>,
+}
 
-impl StatusCounts {
-    fn json(&self) -> serde_json::Value {
+impl RequestCounts {
+    fn count(&mut self, method: &str, path: &str, status: u16) {
+        *self.by_status.entry(status).or_default() += 1;
+        // Not a route (404, 405): not a name of its own, or any client could add keys.
+        if status == 404 || status == 405 {
+            return;
+        }
+        if let Some(key) = route_key(method, path) {
+            let entry = self.by_route.entry(key).or_default();
+            entry.0 += 1;
+            if status >= 400 {
+                entry.1 += 1;
+            }
+        }
+    }
+
+    /// Firecracker's `get_api_requests`, `put_api_requests` and `patch_api_requests`
+    /// (`<name>_count`, `<name>_fails`), and ferry's `api_server.requests_by_status`.
+    pub fn json(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut out = serde_json::Map::new();
+        for group in ["get_api_requests", "put_api_requests", "patch_api_requests"] {
+            out.insert(group.into(), serde_json::json!({}));
+        }
+        for ((group, name), (count, fails)) in &self.by_route {
+            let g = &mut out[*group];
+            g[format!("{name}_count")] = (*count).into();
+            g[format!("{name}_fails")] = (*fails).into();
+        }
         let by_status: serde_json::Map<String, serde_json::Value> = self
-            .0
+            .by_status
             .iter()
             .map(|(k, v)| (k.to_string(), (*v).into()))
             .collect();
-        serde_json::json!({ "requests_by_status": by_status, "requests": self.0.values().sum::<u64>() })
+        out.insert(
+            "api_server".into(),
+            serde_json::json!({
+                "requests_by_status": by_status,
+                "requests": self.by_status.values().sum::<u64>(),
+            }),
+        );
+        out
     }
+}
+
+/// A request's metrics group and name: Firecracker's where it has the route
+/// (`machine_cfg`, `drive`, `network`, `instance_info`, ...), else the path's
+/// segments joined with `_` (`snapshot_create`, `migration_send`).
+fn route_key(method: &str, path: &str) -> Option<(&'static str, String)> {
+    let group = match method {
+        "GET" => "get_api_requests",
+        "PUT" => "put_api_requests",
+        "PATCH" => "patch_api_requests",
+        _ => return None,
+    };
+    let path = path.split('?').next().unwrap_or_default();
+    let first = path
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let name = match (method, first) {
+        ("GET", "") => "instance_info".to_string(),
+        ("GET", "version") => "vmm_version".to_string(),
+        (_, "machine-config") => "machine_cfg".to_string(),
+        (_, "cpu-config") => "cpu_cfg".to_string(),
+        (_, "boot-source") => "boot_source".to_string(),
+        (_, "drives") => "drive".to_string(),
+        (_, "network-interfaces") => "network".to_string(),
+        _ => {
+            let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+            if segments.is_empty() || segments.len() > 2 || segments.iter().any(|s| s.len() > 32) {
+                return None;
+            }
+            segments.join("_").replace('-', "_")
+        }
+    };
+    Some((group, name))
 }
 
 /// The VMM thread's end of the API: requests, and the eventfd that signals them.
@@ -99,6 +177,8 @@ pub struct ApiChannel {
     pub wake: EventFd,
     /// Where the VMM thread publishes its lifecycle state.
     pub status: Arc<InstanceStatus>,
+    /// The API server's request counts, for the metrics.
+    pub counts: Arc<Mutex<RequestCounts>>,
 }
 
 /// Starts the server thread on `listener`. Each request waits at most `timeout` for the
@@ -112,23 +192,28 @@ pub fn start(
         .try_clone()
         .map_err(|e| ServerError::Start(e.to_string()))?;
     let status = Arc::new(InstanceStatus::default());
+    let counts = Arc::new(Mutex::new(RequestCounts::default()));
     let (tx, rx) = mpsc::channel();
     let serving = Serving {
         vmm: tx,
         wake: thread_wake,
         status: status.clone(),
         timeout,
-        counts: Arc::default(),
+        counts: counts.clone(),
     };
     let handle = std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || serving.run(&listener))
+        .spawn(move || {
+            seccomp::apply(seccomp::Thread::Api);
+            serving.run(&listener)
+        })
         .map_err(|e| ServerError::Start(e.to_string()))?;
     Ok((
         ApiChannel {
             requests: rx,
             wake,
             status,
+            counts,
         },
         handle,
     ))
@@ -140,7 +225,7 @@ struct Serving {
     wake: EventFd,
     status: Arc<InstanceStatus>,
     timeout: Duration,
-    counts: Arc<Mutex<StatusCounts>>,
+    counts: Arc<Mutex<RequestCounts>>,
 }
 
 /// What `handle` makes of a request: answered on this thread, or sent to the VMM thread.
@@ -150,7 +235,6 @@ enum Handled {
     Later {
         answer: Receiver<VmmResult>,
         deadline: Option<Instant>,
-        is_metrics: bool,
     },
 }
 
@@ -189,25 +273,18 @@ impl Serving {
             let done = move |result: Result<VmmData, ApiError>| {
                 let response = response(result);
                 let status = response.status;
-                *counts
+                counts
                     .lock()
                     .expect("poisoned")
-                    .0
-                    .entry(status)
-                    .or_default() += 1;
+                    .count(&method, &url, status);
                 let duration_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
                 tracing::info!(method, url, status, duration_us, "api request");
                 response
             };
             match handled {
                 Handled::Now(result) => Answer::Now(done(result)),
-                Handled::Later {
-                    answer,
-                    deadline,
-                    is_metrics,
-                } => {
+                Handled::Later { answer, deadline } => {
                     let timeout_ms = self.timeout.as_millis();
-                    let counts = self.counts.clone();
                     Answer::Later(Box::new(move || {
                         let result = match answer.try_recv() {
                             Ok(result) => result,
@@ -224,15 +301,7 @@ impl Serving {
                             }
                             Err(TryRecvError::Disconnected) => Err(stopped()),
                         };
-                        Some(done(match result {
-                            // The API server's own counts belong in the metrics the VMM
-                            // reports.
-                            Ok(VmmData::Json(mut v)) if is_metrics => {
-                                v["api_server"] = counts.lock().expect("poisoned").json();
-                                Ok(VmmData::Json(v))
-                            }
-                            other => other,
-                        }))
+                        Some(done(result))
                     }))
                 }
             }
@@ -247,7 +316,7 @@ impl Serving {
         let action = match parsed {
             Parsed::Version => {
                 return Handled::Now(Ok(VmmData::Json(serde_json::json!({
-                    "firecracker_version": env!("CARGO_PKG_VERSION"),
+                    "firecracker_version": FIRECRACKER_API_VERSION,
                     "ferry_version": env!("CARGO_PKG_VERSION"),
                 }))))
             }
@@ -256,7 +325,6 @@ impl Serving {
             }
             Parsed::Vmm(action) => action,
         };
-        let is_metrics = action == crate::action::VmmAction::GetMetrics;
         // A live snapshot answers when its files are complete, however long that takes;
         // GET /snapshot reports its progress meanwhile.
         let live = matches!(
@@ -271,7 +339,6 @@ impl Serving {
         Handled::Later {
             answer,
             deadline: (!live).then(|| Instant::now() + self.timeout),
-            is_metrics,
         }
     }
 }

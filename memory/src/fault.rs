@@ -184,14 +184,20 @@ impl LazyLoad {
         load.threads.push(
             std::thread::Builder::new()
                 .name("page-faults".into())
-                .spawn(move || serve_faults(&s, &handler_stop))
+                .spawn(move || {
+                    seccomp::apply(seccomp::Thread::Memory);
+                    serve_faults(&s, &handler_stop)
+                })
                 .map_err(FaultError::Setup)?,
         );
         let s = shared;
         load.threads.push(
             std::thread::Builder::new()
                 .name("page-prefetch".into())
-                .spawn(move || prefetch(&s))
+                .spawn(move || {
+                    seccomp::apply(seccomp::Thread::Memory);
+                    prefetch(&s)
+                })
                 .map_err(FaultError::Setup)?,
         );
         Ok(load)

@@ -206,7 +206,10 @@ impl LiveSave {
         let s = shared.clone();
         let handler = std::thread::Builder::new()
             .name("snapshot-cbw".into())
-            .spawn(move || handle_faults(&s, &thread_stop))
+            .spawn(move || {
+                seccomp::apply(seccomp::Thread::Memory);
+                handle_faults(&s, &thread_stop)
+            })
             .map_err(|e| failed("spawn the copy-before-write thread", e))?;
         Ok(LiveSave {
             shared,
@@ -247,7 +250,10 @@ impl LiveSave {
         let s = shared.clone();
         let writer = std::thread::Builder::new()
             .name("snapshot-writer".into())
-            .spawn(move || write_all(&s))
+            .spawn(move || {
+                seccomp::apply(seccomp::Thread::Memory);
+                write_all(&s)
+            })
             .map_err(|source| {
                 LiveError::Setup(DirtyError::Sys {
                     what: "spawn the snapshot writer",

@@ -6,8 +6,7 @@
 //! - SIGINT and SIGTERM;
 //! - console input, when stdin is a terminal.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +19,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::migration::{self, Control, ControlChannel, Progress};
 use crate::{ExitReason, VmState, Vmm};
@@ -121,7 +121,12 @@ pub struct Controller {
     stop: EventFd,
     stdin: bool,
     exit: Option<ExitReason>,
-    metrics_file: Option<File>,
+    /// Where `FlushMetrics` and the timer write (`PUT /metrics`).
+    metrics_file: Option<crate::metrics::MetricsFile>,
+    /// Fires every `metrics::PERIOD` once metrics have a destination.
+    metrics_timer: Option<TimerFd>,
+    /// How long this process took to start, as its launcher measures it.
+    startup: crate::metrics::Startup,
     /// Set by the first configuration request: a snapshot then no longer loads.
     configured: bool,
     /// The migration threads' requests.
@@ -181,6 +186,8 @@ impl Controller {
             stdin,
             exit: None,
             metrics_file: None,
+            metrics_timer: None,
+            startup: crate::metrics::Startup::default(),
             configured: false,
         })
     }
@@ -191,6 +198,7 @@ impl Controller {
         let stdin = self.stdin.then_some(libc::STDIN_FILENO);
         watch(ops, vmm.exit_fds().into_iter().chain(stdin));
         watch_devices(vmm, ops);
+        confine();
     }
 
     /// Stops watching every fd of a VM that is going away; before its fds close, as
@@ -236,7 +244,61 @@ impl Controller {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         m["utc_timestamp_ms"] = u64::try_from(now.as_millis()).unwrap_or(u64::MAX).into();
+        if let Some(api) = &self.api {
+            for (k, v) in api.counts.lock().expect("poisoned").json() {
+                m[k] = v;
+            }
+        }
+        if let Some(migration) = &self.migration {
+            m["migration"] = serde_json::json!(migration.status());
+        }
+        let missed = self.metrics_file.as_ref().map_or(0, |f| f.missed);
+        crate::metrics::add_firecracker_groups(&mut m, &self.startup, missed);
         m
+    }
+
+    /// How long this process took to start, for `api_server`'s startup times.
+    pub fn set_startup(&mut self, startup: crate::metrics::Startup) {
+        self.startup = startup;
+    }
+
+    /// Sends metrics to `path` (`--metrics-path`, `PUT /metrics`). Once only, as with
+    /// Firecracker.
+    pub fn set_metrics_path(&mut self, path: &std::path::Path) -> Result<(), ApiError> {
+        if self.metrics_file.is_some() {
+            return Err(ApiError::bad_request(
+                "metrics are already configured: their destination is set once",
+            ));
+        }
+        let file = crate::metrics::MetricsFile::open(path).map_err(|e| {
+            ApiError::bad_request(format!("metrics_path: cannot open {}: {e}", path.display()))
+        })?;
+        self.metrics_file = Some(file);
+        Ok(())
+    }
+
+    /// Starts the periodic flush, once metrics have a destination.
+    fn start_metrics_timer(&mut self, ops: &mut EventOps) {
+        if self.metrics_file.is_none() || self.metrics_timer.is_some() {
+            return;
+        }
+        let timer = TimerFd::new().and_then(|mut t| {
+            t.reset(crate::metrics::PERIOD, Some(crate::metrics::PERIOD))?;
+            Ok(t)
+        });
+        match timer {
+            Ok(timer) => {
+                watch(ops, [timer.as_raw_fd()].into_iter());
+                self.metrics_timer = Some(timer);
+            }
+            Err(e) => tracing::error!("cannot start the metrics timer: {e}"),
+        }
+    }
+
+    /// Writes one metrics line; false when the destination did not take it.
+    fn flush_metrics(&mut self) -> Option<bool> {
+        let m = self.metrics();
+        self.metrics_file.as_mut().map(|f| f.write(&m))
     }
 
     /// Whether a migration is running.
@@ -253,6 +315,7 @@ impl Controller {
                     | VmmAction::GetMachineConfig
                     | VmmAction::GetMetrics
                     | VmmAction::PutMetrics(_)
+                    | VmmAction::PutLogger(_)
                     | VmmAction::FlushMetrics
                     | VmmAction::GetMigration
                     | VmmAction::MigrationCancel
@@ -408,28 +471,36 @@ impl Controller {
                 Ok(VmmData::Empty)
             }
             VmmAction::PutMetrics(MetricsConfig { metrics_path }) => {
-                let file = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&metrics_path)
-                    .map_err(|e| {
-                        ApiError::bad_request(format!(
-                            "metrics_path: cannot open {}: {e}",
-                            metrics_path.display()
-                        ))
-                    })?;
-                self.metrics_file = Some(file);
+                self.set_metrics_path(&metrics_path)?;
+                self.start_metrics_timer(ops);
                 Ok(VmmData::Empty)
             }
-            VmmAction::FlushMetrics => {
-                let line = format!("{}\n", self.metrics());
-                let file = self.metrics_file.as_mut().ok_or_else(|| {
-                    ApiError::bad_request("metrics are not configured: PUT /metrics first")
-                })?;
-                file.write_all(line.as_bytes())
-                    .map_err(|e| ApiError::bad_request(format!("cannot write metrics: {e}")))?;
+            VmmAction::PutLogger(config) => {
+                let level = config
+                    .level
+                    .as_deref()
+                    .map(str::parse::<logger::Level>)
+                    .transpose()
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                logger::configure(&logger::Config {
+                    log_path: config.log_path,
+                    level,
+                    show_level: config.show_level,
+                    show_log_origin: config.show_log_origin,
+                    module: config.module,
+                })
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
                 Ok(VmmData::Empty)
             }
+            VmmAction::FlushMetrics => match self.flush_metrics() {
+                None => Err(ApiError::bad_request(
+                    "metrics are not configured: PUT /metrics first",
+                )),
+                Some(false) => Err(ApiError::bad_request(
+                    "cannot write metrics: the destination did not take the line (a FIFO nobody reads?)",
+                )),
+                Some(true) => Ok(VmmData::Empty),
+            },
             VmmAction::StartInstance => {
                 if self.vmm.is_some() {
                     return Err(ApiError::bad_request("the microVM is already started"));
@@ -822,6 +893,14 @@ impl Controller {
     }
 }
 
+/// Confines the VMM thread once a microVM runs here, as Firecracker does: configuring
+/// and building it come before, unconfined; everything after runs under the `vmm`
+/// filter, which the threads this one starts inherit.
+fn confine() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| seccomp::apply(seccomp::Thread::Vmm));
+}
+
 /// Probes, once per process and on a thread of its own, the MSRs that saving a vCPU
 /// reads (a scratch VM, about 13 ms here), so that no snapshot or migration switch-over
 /// pays for it while the guest is paused, nor a migration request while it waits.
@@ -831,6 +910,7 @@ fn prepare_saves() {
         let spawned = std::thread::Builder::new()
             .name("msr-probe".into())
             .spawn(|| {
+                seccomp::apply(seccomp::Thread::Vmm);
                 if let Ok(host) = crate::vm::host() {
                     crate::vcpu::state::saved_msrs(host);
                 }
@@ -892,6 +972,7 @@ impl MutEventSubscriber for Controller {
         let control = self.control.wake.as_raw_fd();
         watch(ops, [self.stop.as_raw_fd(), control].into_iter().chain(api));
         self.watch_vm(ops);
+        self.start_metrics_timer(ops);
         self.publish_state();
     }
 
@@ -904,6 +985,17 @@ impl MutEventSubscriber for Controller {
             self.serve_api(ops);
         } else if fd == self.control.wake.as_raw_fd() {
             self.serve_control(ops);
+        } else if self
+            .metrics_timer
+            .as_ref()
+            .is_some_and(|t| t.as_raw_fd() == fd)
+        {
+            if let Some(timer) = &mut self.metrics_timer {
+                let _ = timer.wait();
+            }
+            if self.flush_metrics() == Some(false) {
+                tracing::warn!("metrics: the destination did not take a line");
+            }
         } else if fd == libc::STDIN_FILENO {
             self.console_input(events, ops);
         } else if self

@@ -5,6 +5,7 @@
 pub mod arch;
 pub mod builder;
 pub mod controller;
+pub mod metrics;
 pub mod migration;
 pub mod snapshot;
 pub mod vcpu;
@@ -20,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use builder::{build, BuildError};
 pub use controller::{run_until_exit, Controller};
+pub use metrics::Startup;
 use vcpu::{VcpuCommand, VcpuError, VcpuEvent, VcpuHandle};
 
 /// Where the VM is in its life.
@@ -368,6 +370,8 @@ impl Vmm {
                 "missed_write_count": self.devices.console.dropped(),
             },
             "virtio": self.devices.virtio.metrics(),
+            // ferry's own: which mechanism tracks dirty pages for Diff snapshots.
+            "dirty": { "snapshot_tracking": self.dirty.as_ref().map(|t| t.mode().name()) },
         })
     }
 

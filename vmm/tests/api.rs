@@ -3,38 +3,16 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{curl, guest_image, wait_for_socket, Ferry, TempDir};
+use common::{curl, expect, guest_image, spawn_api, Ferry, TempDir};
 use serde_json::json;
 
 const BOOT: Duration = Duration::from_secs(20);
 
-fn spawn_api(dir: &TempDir, extra: &[&str]) -> (Ferry, std::path::PathBuf) {
-    let sock = dir.path().join("api.sock");
-    let mut args: Vec<&std::ffi::OsStr> = vec!["--api-sock".as_ref(), sock.as_os_str()];
-    args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
-    let ferry = Ferry::spawn_args(&args);
-    wait_for_socket(&sock);
-    (ferry, sock)
-}
-
 fn boot_source(args: &str) -> String {
     json!({ "kernel_image_path": guest_image(), "boot_args": format!("console=ttyS0 {args}") })
         .to_string()
-}
-
-fn expect(
-    sock: &Path,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    status: u16,
-) -> serde_json::Value {
-    let (got, json) = curl(sock, method, path, body);
-    assert_eq!(got, status, "{method} {path} {body:?}: {json}");
-    json
 }
 
 #[test]
@@ -266,7 +244,7 @@ fn test_bad_requests_get_400_404_405_naming_the_problem() {
             "/boot-source",
             Some(big),
             400,
-            "the body is 70025 bytes; the limit is 65536",
+            "the body is 70025 bytes; the limit is 51200",
         ),
         (
             "PUT",

@@ -105,12 +105,13 @@ fn precopy(tracking: &str) {
     let dir = TempDir::new(&format!("mig-{tracking}"));
     let src = verify_guest(&dir, "src");
     let mut dst = Vm::fresh(&dir, "dst");
-    let listen = format!("tcp:127.0.0.1:{}", free_port());
-    receive(&dst, &listen);
+    let port = free_port();
+    receive(&dst, &format!("tcp:127.0.0.1:{port}"));
+    // By name: the sending thread resolves it under its seccomp filter.
     src.expect(
         "PUT",
         "/migration/send",
-        json!({ "destination": listen, "tracking": tracking, "verify": true }),
+        json!({ "destination": format!("tcp:localhost:{port}"), "tracking": tracking, "verify": true }),
         204,
     );
     let s = assert_moved(src, &mut dst, Duration::from_secs(5));

@@ -67,6 +67,30 @@ fn test_blk_guest_writes_reads_back_and_the_file_holds_its_data() {
     assert_disk_holds_pass(&disk, 3);
 }
 
+/// The virtio spec lets a driver queue requests before `DRIVER_OK`: the vCPU thread
+/// that handles that register write serves them, under its seccomp filter.
+#[test]
+fn test_blk_request_queued_before_driver_ok_is_served() {
+    let dir = TempDir::new("blk-early");
+    let disk = dir.write("disk.img", vec![0u8; DISK]);
+    let cfg = vm_json(
+        "workload=blk passes=1 early=1",
+        json!([drive("disk0", &disk, false)]),
+        json!([]),
+    );
+    let path = dir.write("vm.json", cfg.to_string());
+    let mut ferry = Ferry::spawn(&path);
+    ferry.expect_line("ferry-guest: done", RUN);
+    let (status, console, stderr) = ferry.wait(RUN);
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(
+        console
+            .iter()
+            .any(|l| l == "ferry-guest: blk request queued before DRIVER_OK completed"),
+        "{console:#?}"
+    );
+}
+
 #[test]
 fn test_read_only_drive_fails_the_guests_write() {
     let dir = TempDir::new("blk-ro");

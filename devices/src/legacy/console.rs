@@ -65,7 +65,10 @@ impl Console {
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("console".into())
-            .spawn(move || write_out(&thread_shared, sink))?;
+            .spawn(move || {
+                seccomp::apply(seccomp::Thread::Console);
+                write_out(&thread_shared, sink)
+            })?;
         Ok(Console {
             shared,
             thread: Some(thread),

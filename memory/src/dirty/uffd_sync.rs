@@ -118,7 +118,10 @@ impl DirtyTracker for UffdSync {
         let thread_shared = shared.clone();
         let spawned = std::thread::Builder::new()
             .name("uffd-wp".into())
-            .spawn(move || handle_faults(&thread_shared, &thread_stop));
+            .spawn(move || {
+                seccomp::apply(seccomp::Thread::Memory);
+                handle_faults(&thread_shared, &thread_stop)
+            });
         let thread = match spawned {
             Ok(thread) => thread,
             Err(source) => {

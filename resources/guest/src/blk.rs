@@ -39,6 +39,9 @@ pub struct BlkParams {
     /// blk with `op=read`: only read the disk, which the host filled with pass 1's
     /// pattern, and check it every pass.
     pub readonly: bool,
+    /// `early=1`: queue one read before `DRIVER_OK`, as the virtio spec lets a driver
+    /// do; the device must serve it once `DRIVER_OK` is set.
+    pub early: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -94,14 +97,8 @@ impl Blk {
         let Some(q) = dev.queue(0, QUEUE_SIZE, p.start) else {
             error(format_args!("the device has no queue of {QUEUE_SIZE}"));
         };
-        if !dev.driver_ok() {
-            error(format_args!(
-                "the device failed to start (status {:#x})",
-                dev.status()
-            ));
-        }
         let capacity = dev.config32(0) as u64 | ((dev.config32(4) as u64) << 32);
-        let blk = Blk {
+        let mut blk = Blk {
             dev,
             q,
             flush: features & F_FLUSH != 0,
@@ -118,6 +115,25 @@ impl Blk {
             }; MAX_DEPTH],
             in_flight: 0,
         };
+        if p.early {
+            blk.submit(0, T_IN, 0, p.req as u32);
+            blk.q.kick();
+        }
+        if !blk.dev.driver_ok() {
+            error(format_args!(
+                "the device failed to start (status {:#x})",
+                blk.dev.status()
+            ));
+        }
+        if p.early {
+            let (_, status) = blk.complete();
+            if status != 0 {
+                error(format_args!(
+                    "the request queued before DRIVER_OK failed: {status}"
+                ));
+            }
+            println!("ferry-guest: blk request queued before DRIVER_OK completed");
+        }
         println!(
             "ferry-guest: blk capacity {} sectors req={} depth={}",
             capacity, p.req, p.depth

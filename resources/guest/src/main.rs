@@ -148,6 +148,7 @@ fn blk_params(info: &BootInfo, p: &workload::Params) -> Result<blk::BlkParams, &
         total: arg_size(info, "total", 256 << 20)?,
         write,
         readonly: info.arg("op") == Some(b"read"),
+        early: info.arg("early") == Some(b"1"),
     })
 }
 

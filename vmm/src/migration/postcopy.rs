@@ -253,7 +253,10 @@ impl Incoming {
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("postcopy-faults".into())
-            .spawn(move || serve_faults(&s, conn, &thread_stop, &progress))
+            .spawn(move || {
+                seccomp::apply(seccomp::Thread::Memory);
+                serve_faults(&s, conn, &thread_stop, &progress)
+            })
             .map_err(|e| MigrationError::Vm(format!("post-copy: cannot start a thread: {e}")))?;
         Ok(Incoming {
             shared,

@@ -44,6 +44,8 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("migration-recv".into())
         .spawn(move || {
+            // It builds the VM, whose vCPU and console threads start under this filter.
+            seccomp::apply(seccomp::Thread::Vmm);
             let result = run(job, &link, &progress);
             if let Err(e) = &result {
                 tracing::warn!("incoming migration failed: {e}");
@@ -211,7 +213,11 @@ fn receive(
     let vm_ram = ram.clone();
     let creating = std::thread::Builder::new()
         .name("migration-vm".into())
-        .spawn(move || crate::vm::Vm::new(host, vm_ram))
+        .spawn(move || {
+            // Started by migration-recv, confined already: its filter is this thread's.
+            seccomp::inherit();
+            crate::vm::Vm::new(host, vm_ram)
+        })
         .map_err(|e| refused(format!("cannot create the VM: {e}")))?;
     progress.update(|s| s.local = hello.local);
     conn.send_json(

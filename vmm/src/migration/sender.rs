@@ -68,6 +68,8 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("migration-send".into())
         .spawn(move || {
+            // Started by the confined VMM thread: its filter is this thread's.
+            seccomp::inherit();
             let result = run(job, &link, &progress);
             // The VMM thread hears of the end before the API may start another
             // migration (`end` reopens it), so this Abort is always taken before any
@@ -500,6 +502,7 @@ fn postcopy(
         let answering = std::thread::Builder::new()
             .name("postcopy-answer".into())
             .spawn_scoped(scope, || {
+                seccomp::apply(seccomp::Thread::Memory);
                 if let Err(e) = out.answer(fault_conn) {
                     tracing::warn!("post-copy: answering page requests: {e}");
                     *answer_error.lock().expect("poisoned") = Some(e);

@@ -176,6 +176,8 @@ impl Vmm {
         std::thread::Builder::new()
             .name("snapshot-live".into())
             .spawn(move || {
+                // Started by the confined VMM thread: its filter is this thread's.
+                seccomp::inherit();
                 let result = job.run();
                 thread_live.end(&result);
                 let _ = reply.send(result.map(|()| VmmData::Empty).map_err(|e| {

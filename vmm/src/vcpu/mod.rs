@@ -497,6 +497,7 @@ impl Vcpu {
     }
 
     fn run(mut self, link: Link, paused: bool) {
+        seccomp::apply(seccomp::Thread::Vcpu);
         let run: *mut kvm_run = self.fd.get_kvm_run();
         // SAFETY: `run` is this vCPU's live kvm_run mapping; only a field address is taken.
         let immediate_exit = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
@@ -672,6 +673,11 @@ impl VcpuHandle {
     /// Reads the state of this (paused) vCPU on its own thread, waiting at most until
     /// `deadline`.
     pub fn save(&mut self, deadline: Instant) -> Result<VcpuState, VcpuError> {
+        // Which MSRs to save is probed once, on a scratch VM: here, never on the vCPU's
+        // thread, whose seccomp filter does not let it create one.
+        if let Ok(host) = crate::vm::host() {
+            state::saved_msrs(host);
+        }
         let seq = self.send(VcpuCommand::Save)?;
         self.wait_ack(seq, VcpuCommand::Save, deadline)?;
         // The state is sent before the ack; older ones belong to Saves that timed out.

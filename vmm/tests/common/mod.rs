@@ -291,6 +291,29 @@ pub fn wait_for_socket(path: &Path) {
     }
 }
 
+/// `ferry --api-sock DIR/api.sock EXTRA…`, once its socket accepts connections.
+pub fn spawn_api(dir: &TempDir, extra: &[&str]) -> (Ferry, PathBuf) {
+    let sock = dir.path().join("api.sock");
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--api-sock".as_ref(), sock.as_os_str()];
+    args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+    let ferry = Ferry::spawn_args(&args);
+    wait_for_socket(&sock);
+    (ferry, sock)
+}
+
+/// One request with curl that must get `status`; returns the body.
+pub fn expect(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    status: u16,
+) -> serde_json::Value {
+    let (got, json) = curl(sock, method, path, body);
+    assert_eq!(got, status, "{method} {path} {body:?}: {json}");
+    json
+}
+
 /// One request with curl, a real HTTP client: returns (status, body as JSON or Null).
 pub fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
     let mut cmd = Command::new("curl");
@@ -392,6 +415,7 @@ impl InProcess {
             requests: rx,
             wake: wake.try_clone().expect("clone"),
             status: Arc::new(InstanceStatus::default()),
+            counts: Arc::default(),
         };
         let controller =
             vmm::Controller::with_vmm(config, vm, Some(api), false).expect("controller");
