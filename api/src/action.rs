@@ -205,6 +205,19 @@ pub struct LoggerConfig {
     pub module: Option<String>,
 }
 
+impl LoggerConfig {
+    /// The logger's settings: what the request gives, with its level parsed.
+    pub fn settings(&self) -> Result<logger::Config, logger::BadLevel> {
+        Ok(logger::Config {
+            log_path: self.log_path.clone(),
+            level: self.level.as_deref().map(str::parse).transpose()?,
+            show_level: self.show_level,
+            show_log_origin: self.show_log_origin,
+            module: self.module.clone(),
+        })
+    }
+}
+
 /// `PUT /metrics`: where `FlushMetrics` writes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

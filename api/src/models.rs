@@ -443,11 +443,13 @@ pub struct VmConfig {
     /// Console output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
+    /// Where and how ferry logs, as `PUT /logger`; applied at start.
+    #[serde(default, skip_serializing)]
+    pub logger: Option<crate::action::LoggerConfig>,
+    /// Where metrics go, as `PUT /metrics`; applied at start.
+    #[serde(default, skip_serializing)]
+    pub metrics: Option<crate::action::MetricsConfig>,
     /// Firecracker sections that ferry parses but does not implement: present means refused.
-    #[serde(default, skip_serializing)]
-    logger: Option<serde_json::Value>,
-    #[serde(default, skip_serializing)]
-    metrics: Option<serde_json::Value>,
     #[serde(default, skip_serializing)]
     balloon: Option<serde_json::Value>,
     #[serde(default, skip_serializing)]
@@ -509,9 +511,12 @@ impl VmConfig {
 
     /// Checks every section.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(level) = self.logger.as_ref().and_then(|l| l.level.as_deref()) {
+            level
+                .parse::<logger::Level>()
+                .map_err(|e| invalid("logger.level", e.to_string()))?;
+        }
         let unsupported = [
-            ("logger", self.logger.is_some()),
-            ("metrics", self.metrics.is_some()),
             ("balloon", self.balloon.is_some()),
             ("vsock", self.vsock.is_some()),
             ("mmds-config", self.mmds_config.is_some()),

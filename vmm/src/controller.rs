@@ -476,20 +476,9 @@ impl Controller {
                 Ok(VmmData::Empty)
             }
             VmmAction::PutLogger(config) => {
-                let level = config
-                    .level
-                    .as_deref()
-                    .map(str::parse::<logger::Level>)
-                    .transpose()
-                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
-                logger::configure(&logger::Config {
-                    log_path: config.log_path,
-                    level,
-                    show_level: config.show_level,
-                    show_log_origin: config.show_log_origin,
-                    module: config.module,
-                })
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                let bad = |e: &dyn std::fmt::Display| ApiError::bad_request(e.to_string());
+                let settings = config.settings().map_err(|e| bad(&e))?;
+                logger::configure(&settings).map_err(|e| bad(&e))?;
                 Ok(VmmData::Empty)
             }
             VmmAction::FlushMetrics => match self.flush_metrics() {

@@ -179,6 +179,15 @@ fn run(cli: Cli, listener: Option<UnixListener>) -> Result<ExitReason, Box<dyn s
     if cli.no_api && config.is_none() {
         return Err("--no-api needs --config-file FILE".into());
     }
+    // The file's "logger" and "metrics" sections, as Firecracker applies them: after
+    // the command line's.
+    if let Some(section) = config.as_ref().and_then(|c| c.logger.as_ref()) {
+        let settings = section
+            .settings()
+            .map_err(|e| format!("the config file's \"logger\": {e}"))?;
+        logger::configure(&settings).map_err(|e| format!("the config file's \"logger\": {e}"))?;
+    }
+    let file_metrics = config.as_ref().and_then(|c| c.metrics.clone());
     let api = match listener {
         Some(listener) => {
             let (channel, _thread) =
@@ -210,6 +219,11 @@ fn run(cli: Cli, listener: Option<UnixListener>) -> Result<ExitReason, Box<dyn s
         controller
             .set_metrics_path(path)
             .map_err(|e| format!("--metrics-path: {}", e.message))?;
+    }
+    if let Some(metrics) = &file_metrics {
+        controller
+            .set_metrics_path(&metrics.metrics_path)
+            .map_err(|e| format!("the config file's \"metrics\": {}", e.message))?;
     }
     Ok(vmm::run_until_exit(controller)?)
 }

@@ -486,21 +486,33 @@ fn test_a_forbidden_syscall_ends_ferry_naming_thread_and_syscall() {
     assert!(stderr.contains("is not a compiled filter map"), "{stderr}");
 }
 
-/// Metrics reach their file every 60 s without a `FlushMetrics`, as Firecracker's do.
+/// A config file's `logger` and `metrics` sections, as Firecracker's; metrics reach
+/// their file every 60 s without a `FlushMetrics`, as Firecracker's do.
 #[test]
-fn test_metrics_are_written_every_minute_unasked() {
+fn test_config_file_logger_and_metrics_and_the_minute_flush() {
     let dir = TempDir::new("fc-metrics-timer");
     let path = dir.path().join("metrics.json");
-    let config = dir.write("vm.json", guest_config(1, 64, "workload=idle"));
-    let (_ferry, sock) = spawn_api(
-        &dir,
-        &[
-            "--config-file",
-            config.to_str().expect("utf-8"),
-            "--metrics-path",
-            path.to_str().expect("utf-8"),
-        ],
+    let log = dir.path().join("ferry.log");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&guest_config(1, 64, "workload=idle")).expect("JSON");
+    config["logger"] = json!({ "log_path": log, "level": "Info", "show_level": true });
+    config["metrics"] = json!({ "metrics_path": path });
+    let file = dir.write("vm.json", config.to_string());
+    // A level that is none of Firecracker's is refused, naming the field.
+    config["logger"]["level"] = json!("Loud");
+    let bad = dir.write("bad.json", config.to_string());
+    let out = std::process::Command::new(common::ferry_binary())
+        .args(["--no-api", "--config-file"])
+        .arg(&bad)
+        .output()
+        .expect("run ferry");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("logger.level: invalid log level \"Loud\""),
+        "{stderr}"
     );
+
+    let (ferry, sock) = spawn_api(&dir, &["--config-file", file.to_str().expect("utf-8")]);
     let start = Instant::now();
     let lines = loop {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
@@ -520,4 +532,17 @@ fn test_metrics_are_written_every_minute_unasked() {
     assert!(line.get("vcpu").is_some(), "{line}");
     // The API still answers: the timer runs on the VMM thread's loop.
     expect(&sock, "GET", "/", None, 200);
+    ferry.signal(libc::SIGTERM);
+    let (status, _, stderr) = ferry.wait(BOOT);
+    assert!(status.success(), "{status}: {stderr}");
+    let text = std::fs::read_to_string(&log).expect("the log file");
+    let line = logged(&text, "url=\"/\"");
+    assert!(
+        line.contains("[anonymous-instance:api:INFO] api request"),
+        "{line}"
+    );
+    assert!(
+        !stderr.contains("api request"),
+        "the log went to the file: {stderr}"
+    );
 }
