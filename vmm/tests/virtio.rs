@@ -33,20 +33,23 @@ fn drive(id: &str, path: &Path, read_only: bool) -> serde_json::Value {
     json!({ "drive_id": id, "path_on_host": path, "is_root_device": false, "is_read_only": read_only })
 }
 
-#[test]
-fn test_blk_guest_writes_reads_back_and_the_file_holds_its_data() {
-    let dir = TempDir::new("blk");
+/// Runs the guest's `args` with one writable drive, `disk0`, on a zeroed disk, until
+/// it is done and ferry exits 0; returns the directory, the disk and the console.
+fn run_blk(tag: &str, args: &str) -> (TempDir, PathBuf, Vec<String>) {
+    let dir = TempDir::new(tag);
     let disk = dir.write("disk.img", vec![0u8; DISK]);
-    let cfg = vm_json(
-        "workload=blk passes=3 depth=8",
-        json!([drive("disk0", &disk, false)]),
-        json!([]),
-    );
+    let cfg = vm_json(args, json!([drive("disk0", &disk, false)]), json!([]));
     let path = dir.write("vm.json", cfg.to_string());
     let mut ferry = Ferry::spawn(&path);
     ferry.expect_line("ferry-guest: done", RUN);
     let (status, console, stderr) = ferry.wait(RUN);
     assert!(status.success(), "{status}: {stderr}");
+    (dir, disk, console)
+}
+
+#[test]
+fn test_blk_guest_writes_reads_back_and_the_file_holds_its_data() {
+    let (_dir, disk, console) = run_blk("blk", "workload=blk passes=3 depth=8");
     assert_eq!(
         console[1],
         "ferry-guest: cmdline console=ttyS0 workload=blk passes=3 depth=8 \
@@ -71,18 +74,7 @@ fn test_blk_guest_writes_reads_back_and_the_file_holds_its_data() {
 /// that handles that register write serves them, under its seccomp filter.
 #[test]
 fn test_blk_request_queued_before_driver_ok_is_served() {
-    let dir = TempDir::new("blk-early");
-    let disk = dir.write("disk.img", vec![0u8; DISK]);
-    let cfg = vm_json(
-        "workload=blk passes=1 early=1",
-        json!([drive("disk0", &disk, false)]),
-        json!([]),
-    );
-    let path = dir.write("vm.json", cfg.to_string());
-    let mut ferry = Ferry::spawn(&path);
-    ferry.expect_line("ferry-guest: done", RUN);
-    let (status, console, stderr) = ferry.wait(RUN);
-    assert!(status.success(), "{status}: {stderr}");
+    let (_dir, _, console) = run_blk("blk-early", "workload=blk passes=1 early=1");
     assert!(
         console
             .iter()
