@@ -81,7 +81,7 @@ pub enum VmmAction {
     /// `PUT /metrics`.
     PutMetrics(MetricsConfig),
     /// `PUT /logger`.
-    PutLogger(LoggerConfig),
+    PutLogger(logger::Config),
     /// `GET /metrics`.
     GetMetrics,
     /// `PUT /actions` InstanceStart.

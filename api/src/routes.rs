@@ -226,13 +226,10 @@ pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<Parsed, ApiError>
         ("PUT", "/serial") => VmmAction::PutSerial(body::<SerialConfig>(bytes)?),
         ("PUT", "/metrics") => VmmAction::PutMetrics(body::<MetricsConfig>(bytes)?),
         ("PUT", "/logger") => {
-            let config: LoggerConfig = body(bytes)?;
-            if let Some(level) = &config.level {
-                level
-                    .parse::<logger::Level>()
-                    .map_err(|e| ApiError::bad_request(format!("invalid JSON body: level: {e}")))?;
-            }
-            VmmAction::PutLogger(config)
+            let settings = body::<LoggerConfig>(bytes)?
+                .settings()
+                .map_err(|e| ApiError::bad_request(format!("invalid JSON body: level: {e}")))?;
+            VmmAction::PutLogger(settings)
         }
         ("PUT", "/actions") => match body::<ActionBody>(bytes)?.action_type {
             ActionType::InstanceStart => VmmAction::StartInstance,

@@ -3,10 +3,11 @@
 //!
 //! A line is `<UTC time> [<instance id>:<thread>(:LEVEL)(:file:line)] message`, as
 //! Firecracker writes it. Lines are formatted on the stack and written with one
-//! `write(2)`, so logging never allocates, never takes a lock a writer could hold for
-//! long, and never blocks: the destination is opened non-blocking, and a line a full
-//! FIFO cannot take is dropped and counted (`logger.missed_log_count`), as Firecracker
-//! does. The same path serves the seccomp signal handler (`Line::finish`).
+//! `write(2)`, so logging never allocates and never takes a lock a writer could hold
+//! for long. A configured file or FIFO is opened non-blocking, so logging to it never
+//! blocks: a line a full FIFO cannot take is dropped and counted
+//! (`logger.missed_log_count`), as Firecracker does. (stderr is written as it was
+//! given.) The same path serves the seccomp signal handler (`Line::finish`).
 //!
 //! Shared state, all in `STATE`: the level, flags and module prefix are atomics or a
 //! `RwLock` read per event, written only by `configure` on the VMM thread. Lines go to
@@ -112,7 +113,7 @@ impl FromStr for Level {
 
 /// What `PUT /logger` (or the command line) sets. `None` leaves a setting as it is,
 /// except the level, which Firecracker resets to `Info` when a request omits it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Config {
     /// A file or FIFO to log to instead of stderr.
     pub log_path: Option<PathBuf>,
@@ -196,37 +197,61 @@ pub fn missed_log_count() -> u64 {
     STATE.missed.load(Ordering::Relaxed)
 }
 
+/// The log's own fd, a copy of stderr until a destination is configured: made by the
+/// first caller (`init`, or `configure` in a library test that never called it).
+fn own_fd() -> Result<i32, std::io::Error> {
+    let fd = STATE.fd.load(Ordering::Acquire);
+    if fd >= 0 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC makes a new fd for stderr's open file; no memory is
+    // touched.
+    let copy = unsafe { libc::fcntl(libc::STDERR_FILENO, libc::F_DUPFD_CLOEXEC, 3) };
+    if copy < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    match STATE
+        .fd
+        .compare_exchange(-1, copy, Ordering::AcqRel, Ordering::Acquire)
+    {
+        Ok(_) => Ok(copy),
+        Err(current) => {
+            // SAFETY: `copy` is this call's own fd, used by nobody; another call won.
+            unsafe { libc::close(copy) };
+            Ok(current)
+        }
+    }
+}
+
 /// Starts logging: sets the instance id and the first configuration, and routes
 /// `tracing`'s events here. Call once, before any thread starts.
 pub fn init(id: &str, config: &Config) -> Result<(), LoggerError> {
     check_instance_id(id)?;
     let _ = INSTANCE_ID.set(id.to_string());
-    // SAFETY: F_DUPFD_CLOEXEC makes a new fd for stderr's open file; no memory is
-    // touched.
-    let fd = unsafe { libc::fcntl(libc::STDERR_FILENO, libc::F_DUPFD_CLOEXEC, 3) };
-    if fd >= 0 {
-        let _ = STATE
-            .fd
-            .compare_exchange(-1, fd, Ordering::AcqRel, Ordering::Acquire);
-    }
+    // Without its own fd the log stays on stderr itself, and a destination cannot be
+    // configured later (`configure` says why).
+    let _ = own_fd();
     configure(config)?;
     // A second subscriber (in tests) keeps the first; ours is then simply not used.
     let _ = tracing_subscriber::registry().with(FcLayer).try_init();
     Ok(())
 }
 
-/// Applies `PUT /logger`: nothing changes unless the new file opens.
+/// Applies `PUT /logger`: nothing changes unless the new destination is in place.
 pub fn configure(config: &Config) -> Result<(), LoggerError> {
-    let file = config
-        .log_path
-        .as_deref()
-        .map(|path| {
-            open_sink(path).map_err(|source| LoggerError::Open {
-                path: path.to_path_buf(),
-                source,
-            })
-        })
-        .transpose()?;
+    if let Some(path) = &config.log_path {
+        let failed = |source| LoggerError::Open {
+            path: path.clone(),
+            source,
+        };
+        let file = open_sink(path).map_err(failed)?;
+        let fd = own_fd().map_err(failed)?;
+        // SAFETY: both fds are open; dup3 atomically makes `fd` refer to the new file
+        // (closing what it referred to); `file` closes its own fd after.
+        if unsafe { libc::dup3(file.as_raw_fd(), fd, libc::O_CLOEXEC) } < 0 {
+            return Err(failed(std::io::Error::last_os_error()));
+        }
+    }
     let level = config.level.unwrap_or(Level::Info);
     STATE.level.store(level as u8, Ordering::Relaxed);
     if let Some(show) = config.show_level {
@@ -237,39 +262,6 @@ pub fn configure(config: &Config) -> Result<(), LoggerError> {
     }
     if let Some(module) = &config.module {
         *STATE.module.write().unwrap_or_else(|e| e.into_inner()) = Some(module.clone());
-    }
-    if let Some(file) = file {
-        let fd = STATE.fd.load(Ordering::Acquire);
-        let fd = if fd >= 0 {
-            fd
-        } else {
-            // No `init` (a library test): the first file's fd becomes the log's.
-            let raw = std::os::fd::IntoRawFd::into_raw_fd(file.try_clone().map_err(|source| {
-                LoggerError::Open {
-                    path: config.log_path.clone().unwrap_or_default(),
-                    source,
-                }
-            })?);
-            match STATE
-                .fd
-                .compare_exchange(-1, raw, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return Ok(()),
-                Err(current) => {
-                    // SAFETY: `raw` is ours and nobody else's; it is not needed.
-                    unsafe { libc::close(raw) };
-                    current
-                }
-            }
-        };
-        // SAFETY: both fds are open; dup3 atomically makes `fd` refer to the new file
-        // (closing what it referred to); `file` closes its own fd after.
-        if unsafe { libc::dup3(file.as_raw_fd(), fd, libc::O_CLOEXEC) } < 0 {
-            return Err(LoggerError::Open {
-                path: config.log_path.clone().unwrap_or_default(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
     }
     Ok(())
 }
@@ -346,12 +338,6 @@ impl fmt::Write for Line {
     }
 }
 
-/// The current thread's name as Firecracker shows it: `-` for none.
-fn thread_name(f: impl FnOnce(&str)) {
-    let current = std::thread::current();
-    f(current.name().unwrap_or("-"));
-}
-
 /// Routes `tracing` events into Firecracker-format lines.
 struct FcLayer;
 
@@ -380,11 +366,15 @@ impl<S: Subscriber> Layer<S> for FcLayer {
     fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
         let meta = event.metadata();
         let origin = meta.file().zip(meta.line());
-        thread_name(|thread| {
-            let mut line = Line::start(thread, Level::of(meta.level()), origin);
-            event.record(&mut Fields(&mut line));
-            line.finish();
-        });
+        // Firecracker shows a thread without a name as `-`.
+        let current = std::thread::current();
+        let mut line = Line::start(
+            current.name().unwrap_or("-"),
+            Level::of(meta.level()),
+            origin,
+        );
+        event.record(&mut Fields(&mut line));
+        line.finish();
     }
 }
 

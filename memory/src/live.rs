@@ -134,22 +134,13 @@ impl Shared {
         count: usize,
         op: impl Fn(*mut libc::c_void, usize) -> userfaultfd::Result<()>,
     ) -> Result<(), LiveError> {
-        let (from, to) = (first as u64 * PAGE_SIZE, (first + count) as u64 * PAGE_SIZE);
-        for r in &self.ram.regions {
-            let (a, b) = (from.max(r.file_offset), to.min(r.file_offset + r.size));
-            if a < b {
-                let addr = r.host_addr + (a - r.file_offset);
-                op(
-                    addr as *mut libc::c_void,
-                    usize::try_from(b - a).unwrap_or(usize::MAX),
-                )
-                .map_err(|source| {
-                    LiveError::Setup(DirtyError::Uffd {
-                        what: "UFFDIO_WRITEPROTECT",
-                        source,
-                    })
-                })?;
-            }
+        for (addr, len) in self.ram.host_ranges(first, count) {
+            op(addr, len).map_err(|source| {
+                LiveError::Setup(DirtyError::Uffd {
+                    what: "UFFDIO_WRITEPROTECT",
+                    source,
+                })
+            })?;
         }
         Ok(())
     }

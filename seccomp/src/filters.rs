@@ -21,7 +21,10 @@ use kvm_bindings::{
     kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_regs,
     kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
-use seccompiler::{BpfProgram, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
 use linux_raw_sys::ioctl;
@@ -128,8 +131,8 @@ const MEMORY: &[i64] = &[
     libc::SYS_shutdown,
 ];
 
+/// What only the VMM thread does; its filter also holds every other role's (`rules`).
 const VMM: &[i64] = &[
-    libc::SYS_accept4,
     libc::SYS_access,
     libc::SYS_bind,
     libc::SYS_chmod,
@@ -140,37 +143,20 @@ const VMM: &[i64] = &[
     libc::SYS_dup3,
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
-    libc::SYS_epoll_pwait,
-    libc::SYS_epoll_wait,
     libc::SYS_eventfd2,
     libc::SYS_fallocate,
     libc::SYS_fchmod,
-    libc::SYS_fcntl,
-    libc::SYS_fdatasync,
     libc::SYS_fstat,
-    libc::SYS_fsync,
     libc::SYS_ftruncate,
     libc::SYS_getsockname,
     libc::SYS_getsockopt,
     libc::SYS_listen,
-    libc::SYS_lseek,
     libc::SYS_memfd_create,
-    libc::SYS_newfstatat,
     libc::SYS_openat,
     libc::SYS_pipe2,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
     libc::SYS_prctl,
-    libc::SYS_pread64,
-    libc::SYS_preadv,
     libc::SYS_prlimit64,
-    libc::SYS_pwrite64,
-    libc::SYS_pwritev,
-    libc::SYS_read,
-    libc::SYS_readv,
-    libc::SYS_recvfrom,
     libc::SYS_recvmmsg,
-    libc::SYS_recvmsg,
     libc::SYS_rename,
     libc::SYS_renameat,
     libc::SYS_renameat2,
@@ -180,13 +166,9 @@ const VMM: &[i64] = &[
     libc::SYS_seccomp,
     // A migration's destination given by name: glibc's resolver.
     libc::SYS_sendmmsg,
-    libc::SYS_sendmsg,
-    libc::SYS_sendto,
     libc::SYS_set_robust_list,
     libc::SYS_setsockopt,
-    libc::SYS_shutdown,
     libc::SYS_socket,
-    libc::SYS_statx,
     libc::SYS_timerfd_create,
     libc::SYS_timerfd_settime,
     libc::SYS_umask,
@@ -194,7 +176,6 @@ const VMM: &[i64] = &[
     libc::SYS_unlink,
     libc::SYS_unlinkat,
     libc::SYS_userfaultfd,
-    libc::SYS_writev,
 ];
 
 fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompRule {
@@ -286,7 +267,10 @@ pub(crate) fn rules(thread: Thread) -> Rules {
             ioctl_types(&mut rules, &[UFFDIO]);
         }
         Thread::Vmm => {
-            allow(&mut rules, VMM);
+            // The threads it starts inherit its filter: it holds what each of them does.
+            for calls in [VMM, API, CONSOLE, VCPU, MEMORY] {
+                allow(&mut rules, calls);
+            }
             ioctl_types(&mut rules, &[KVMIO, UFFDIO]);
             ioctl_requests(&mut rules, VMM_IOCTLS);
         }
@@ -294,10 +278,21 @@ pub(crate) fn rules(thread: Thread) -> Rules {
     rules
 }
 
+/// The filter that traps every syscall not in `rules`.
+fn filter(rules: Rules) -> Result<BpfProgram, seccompiler::Error> {
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )?;
+    Ok(filter.try_into()?)
+}
+
 /// ferry's own filters, one per role.
 pub fn builtin() -> Result<HashMap<Thread, BpfProgram>, seccompiler::Error> {
     Thread::ALL
         .into_iter()
-        .map(|t| Ok((t, crate::filter(rules(t))?)))
+        .map(|t| Ok((t, filter(rules(t))?)))
         .collect()
 }

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::BpfProgram;
 
 mod filters;
 mod names;
@@ -253,9 +253,11 @@ fn load(path: &Path) -> Result<HashMap<Thread, BpfProgram>, SeccompError> {
     }
     if !unknown.is_empty() {
         unknown.sort();
+        let ours: Vec<&str> = Thread::ALL.iter().map(|t| t.key()).collect();
         return Err(bad(format!(
-            "unknown thread categories: {} (ferry's are vmm, api, vcpu, console and memory)",
-            unknown.join(", ")
+            "unknown thread categories: {} (ferry's are {})",
+            unknown.join(", "),
+            ours.join(", ")
         )));
     }
     if let Some(missing) = Thread::ALL
@@ -276,19 +278,6 @@ fn instruction(raw: u64) -> seccompiler::sock_filter {
         jf: b[3],
         k: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
     }
-}
-
-/// The filter that traps every syscall not in `rules`.
-fn filter(
-    rules: std::collections::BTreeMap<i64, Vec<seccompiler::SeccompRule>>,
-) -> Result<BpfProgram, seccompiler::Error> {
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Trap,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )?;
-    Ok(filter.try_into()?)
 }
 
 #[cfg(test)]

@@ -306,8 +306,10 @@ impl Controller {
         self.migration.as_ref().is_some_and(|m| !m.finished())
     }
 
-    fn handle(&mut self, action: VmmAction, ops: &mut EventOps) -> VmmResult {
-        let bad = |e: api::ConfigError| ApiError::bad_request(e.to_string());
+    /// Refuses what cannot run now: most requests while a migration runs, snapshots and
+    /// migrations while a live snapshot is written, and running or saving a guest whose
+    /// memory is incomplete here.
+    fn refuse_now(&self, action: &VmmAction) -> Result<(), ApiError> {
         if self.migrating()
             && !matches!(
                 action,
@@ -345,6 +347,12 @@ impl Controller {
                 "the guest's memory is incomplete here: a post-copy migration into this ferry failed (see GET /migration), and the source holds the guest",
             ));
         }
+        Ok(())
+    }
+
+    fn handle(&mut self, action: VmmAction, ops: &mut EventOps) -> VmmResult {
+        let bad = |e: api::ConfigError| ApiError::bad_request(e.to_string());
+        self.refuse_now(&action)?;
         if matches!(
             action,
             VmmAction::PutMachineConfig(_)
@@ -475,10 +483,8 @@ impl Controller {
                 self.start_metrics_timer(ops);
                 Ok(VmmData::Empty)
             }
-            VmmAction::PutLogger(config) => {
-                let bad = |e: &dyn std::fmt::Display| ApiError::bad_request(e.to_string());
-                let settings = config.settings().map_err(|e| bad(&e))?;
-                logger::configure(&settings).map_err(|e| bad(&e))?;
+            VmmAction::PutLogger(settings) => {
+                logger::configure(&settings).map_err(|e| ApiError::bad_request(e.to_string()))?;
                 Ok(VmmData::Empty)
             }
             VmmAction::FlushMetrics => match self.flush_metrics() {
@@ -806,24 +812,11 @@ impl Controller {
 
     fn start_live_snapshot(
         &mut self,
+        action: &VmmAction,
         params: &api::models::SnapshotCreateParams,
         reply: std::sync::mpsc::Sender<VmmResult>,
     ) -> Result<(), ApiError> {
-        if self.migrating() {
-            return Err(ApiError::bad_request(
-                "a migration is running: wait for it, or PUT /migration/cancel",
-            ));
-        }
-        if self.incomplete.is_some() {
-            return Err(ApiError::bad_request(
-                "the guest's memory is incomplete here: a post-copy migration into this ferry failed (see GET /migration), and the source holds the guest",
-            ));
-        }
-        if self.live_running() {
-            return Err(ApiError::bad_request(
-                "a live snapshot is running: wait for it (GET /snapshot)",
-            ));
-        }
+        self.refuse_now(action)?;
         let config = self.resources.to_config()?;
         let vmm = self
             .vmm
@@ -844,7 +837,9 @@ impl Controller {
             if let VmmAction::CreateSnapshot(params) = &request.action {
                 if params.snapshot_type == Some(api::models::SnapshotType::Live) {
                     // Answered by the snapshot's thread once its files are complete.
-                    if let Err(e) = self.start_live_snapshot(params, request.reply.clone()) {
+                    if let Err(e) =
+                        self.start_live_snapshot(&request.action, params, request.reply.clone())
+                    {
                         let _ = request.reply.send(Err(e));
                     }
                     self.publish_state();

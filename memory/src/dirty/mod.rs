@@ -178,6 +178,30 @@ impl TrackedRam {
             })
     }
 
+    /// The host ranges, as (address, bytes), of memfd pages `first..first+count`: one
+    /// per region the run crosses (memfd pages are numbered on across the gap below
+    /// 4 GiB, host addresses are not).
+    pub(crate) fn host_ranges(
+        &self,
+        first: usize,
+        count: usize,
+    ) -> impl Iterator<Item = (*mut libc::c_void, usize)> + '_ {
+        let (from, to) = (
+            first as u64 * crate::PAGE_SIZE,
+            (first + count) as u64 * crate::PAGE_SIZE,
+        );
+        self.regions.iter().filter_map(move |r| {
+            let (a, b) = (from.max(r.file_offset), to.min(r.file_offset + r.size));
+            (a < b).then(|| {
+                let addr = r.host_addr + (a - r.file_offset);
+                (
+                    addr as *mut libc::c_void,
+                    usize::try_from(b - a).unwrap_or(usize::MAX),
+                )
+            })
+        })
+    }
+
     /// The memfd ranges that hold pages, as (first page, pages).
     pub fn data_pages(&self) -> std::io::Result<Vec<(usize, usize)>> {
         let size = self.regions.iter().map(|r| r.size).sum();

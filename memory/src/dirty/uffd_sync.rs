@@ -15,7 +15,7 @@ use super::{
     TrackedRam, TrackingMode, WriteSubscription,
 };
 use crate::dirty::bitmap::total_pages;
-use crate::{page_index, PAGE_BYTES, PAGE_SIZE};
+use crate::PAGE_BYTES;
 
 struct Shared {
     uffd: Uffd,
@@ -159,22 +159,16 @@ impl DirtyTracker for UffdSync {
             let _order = shared.order.lock().expect("poisoned");
             shared.seen.take_into(&mut bitmap);
             for (first, count) in bitmap.runs() {
-                // A run can cross from low RAM into RAM above 4 GiB (memfd pages are
-                // numbered on across the boundary): re-protect its part in each region.
-                for r in &self.ram.regions {
-                    let region_first = page_index(r.file_offset / PAGE_SIZE);
-                    let region_end = region_first + page_index(r.size / PAGE_SIZE);
-                    let (from, to) = (first.max(region_first), (first + count).min(region_end));
-                    if from < to {
-                        let addr = r.host_addr + (from - region_first) as u64 * PAGE_SIZE;
-                        shared
-                            .uffd
-                            .write_protect(addr as *mut libc::c_void, (to - from) * PAGE_BYTES)
-                            .map_err(|source| DirtyError::Uffd {
-                                what: "UFFDIO_WRITEPROTECT",
-                                source,
-                            })?;
-                    }
+                // A run can cross from low RAM into RAM above 4 GiB: re-protect its part
+                // in each region.
+                for (addr, len) in self.ram.host_ranges(first, count) {
+                    shared
+                        .uffd
+                        .write_protect(addr, len)
+                        .map_err(|source| DirtyError::Uffd {
+                            what: "UFFDIO_WRITEPROTECT",
+                            source,
+                        })?;
                 }
             }
         }
