@@ -5,8 +5,10 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::migration::{Endpoint, MigrationReceiveParams, MigrationSendParams};
 use crate::models::{
@@ -152,7 +154,34 @@ pub struct VmmRequest {
     /// What to do.
     pub action: VmmAction,
     /// Where the VMM thread sends the result.
-    pub reply: Sender<VmmResult>,
+    pub reply: Reply,
+}
+
+/// Where a request's result goes: a channel, and the eventfd that wakes the API
+/// thread to look at it (without it, the API thread would find the answer only at its
+/// next timed look).
+#[derive(Clone)]
+pub struct Reply {
+    tx: Sender<VmmResult>,
+    answered: Option<Arc<EventFd>>,
+}
+
+impl Reply {
+    /// Results go to `tx`; `answered`, if any, is written after each.
+    pub fn new(tx: Sender<VmmResult>, answered: Option<Arc<EventFd>>) -> Reply {
+        Reply { tx, answered }
+    }
+
+    /// Sends `result`; false when nobody waits for it any more.
+    pub fn send(&self, result: VmmResult) -> bool {
+        let sent = self.tx.send(result).is_ok();
+        // After the send: the API thread reads the eventfd before it looks at answers,
+        // so a wake-up never comes before the answer it announces.
+        if let Some(answered) = &self.answered {
+            let _ = answered.write(1);
+        }
+        sent
+    }
 }
 
 /// `PATCH /drives/{id}`: what may change on a running VM.

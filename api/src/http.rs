@@ -15,6 +15,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::action::ApiError;
 
 /// Largest request body accepted unless `set_max_body` says otherwise: Firecracker's
@@ -302,11 +304,19 @@ impl Conn {
     }
 }
 
-/// How often answers that come later are looked for.
+/// How often answers that come later are looked for, when nothing says they came.
 const LATER_POLL_MS: libc::c_int = 2;
+/// How often they are looked for when `answered` says they came: only deadlines need
+/// the look.
+const LATER_DEADLINE_POLL_MS: libc::c_int = 50;
 
 /// Serves `listener` forever on this thread, answering each request with `handle`.
-pub fn serve(listener: &UnixListener, mut handle: impl FnMut(Request) -> Answer) {
+/// `answered`, if given, becomes readable when an answer that comes later is there.
+pub fn serve(
+    listener: &UnixListener,
+    answered: Option<&EventFd>,
+    mut handle: impl FnMut(Request) -> Answer,
+) {
     if let Err(e) = listener.set_nonblocking(true) {
         tracing::error!("API socket: cannot make it non-blocking: {e}");
         return;
@@ -329,13 +339,18 @@ pub fn serve(listener: &UnixListener, mut handle: impl FnMut(Request) -> Answer)
             },
             revents: 0,
         }))
+        .chain(answered.map(|a| libc::pollfd {
+            fd: a.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }))
         .collect();
-        // At most MAX_CONNECTIONS + 1 entries.
+        // At most MAX_CONNECTIONS + 2 entries.
         let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(libc::nfds_t::MAX);
-        let timeout = if conns.iter().any(|c| c.later.is_some()) {
-            LATER_POLL_MS
-        } else {
-            -1
+        let timeout = match (conns.iter().any(|c| c.later.is_some()), answered) {
+            (false, _) => -1,
+            (true, None) => LATER_POLL_MS,
+            (true, Some(_)) => LATER_DEADLINE_POLL_MS,
         };
         // SAFETY: `fds` is a valid array of `nfds` pollfds that lives across the call.
         let ret = unsafe { libc::poll(fds.as_mut_ptr(), nfds, timeout) };
@@ -346,6 +361,11 @@ pub fn serve(listener: &UnixListener, mut handle: impl FnMut(Request) -> Answer)
                 return;
             }
             continue;
+        }
+        // Before answers are looked at, so that one sent after this read wakes the
+        // next poll.
+        if let Some(a) = answered {
+            let _ = a.read();
         }
         // Connections first: `fds[i + 1]` is `conns[i]`, and accepting appends.
         let mut keep = Vec::with_capacity(conns.len());
@@ -501,7 +521,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).expect("bind");
         std::thread::spawn(move || {
-            serve(&listener, |_| {
+            serve(&listener, None, |_| {
                 Answer::Now(Response {
                     status: 204,
                     body: None,
@@ -541,7 +561,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).expect("bind");
         std::thread::spawn(move || {
-            serve(&listener, |request| {
+            serve(&listener, None, |request| {
                 let started = std::time::Instant::now();
                 let path = request.path;
                 Answer::Later(Box::new(move || {
@@ -569,6 +589,58 @@ mod tests {
         alive.read_to_string(&mut answer).expect("the answers");
         let (b, c) = (answer.find("\"/b\""), answer.find("\"/c\""));
         assert!(b.is_some() && c.is_some() && b < c, "{answer:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An answer that comes later goes out when `answered` says it is there, not at
+    /// the next timed look (every `LATER_DEADLINE_POLL_MS`).
+    #[test]
+    fn test_a_later_answer_goes_out_when_announced() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+
+        let dir = std::env::temp_dir().join(format!("ferry-http-wake-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("api.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind");
+        let answered = Arc::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
+        let ready = Arc::new(AtomicBool::new(false));
+        let (server_answered, server_ready) = (answered.clone(), ready.clone());
+        std::thread::spawn(move || {
+            serve(&listener, Some(&server_answered), |_| {
+                let ready = server_ready.clone();
+                Answer::Later(Box::new(move || {
+                    ready.swap(false, Ordering::AcqRel).then_some(Response {
+                        status: 204,
+                        body: None,
+                    })
+                }))
+            })
+        });
+        let mut client = UnixStream::connect(&path).expect("connect");
+        let rounds = 5;
+        let started = Instant::now();
+        for _ in 0..rounds {
+            client
+                .write_all(b"PATCH /vm HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+                .expect("send");
+            // The server is waiting on its answer by now, or takes it at once.
+            std::thread::sleep(Duration::from_millis(1));
+            ready.store(true, Ordering::Release);
+            answered.write(1).expect("announce");
+            let mut head = [0u8; 64];
+            let n = client.read(&mut head).expect("the answer");
+            assert!(head[..n].starts_with(b"HTTP/1.1 204"), "{:?}", &head[..n]);
+        }
+        // Without the announcement each answer waits for a timed look: at least
+        // `rounds` x 50 ms.
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(LATER_DEADLINE_POLL_MS as u64 * rounds as u64 * 4 / 5),
+            "{rounds} announced answers took {took:?}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

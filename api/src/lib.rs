@@ -10,7 +10,7 @@ pub mod models;
 pub mod routes;
 pub mod server;
 
-pub use action::{ApiError, VmmAction, VmmData, VmmRequest, VmmResult};
+pub use action::{ApiError, Reply, VmmAction, VmmData, VmmRequest, VmmResult};
 pub use models::{
     BootSource, ConfigError, Drive, MachineConfig, NetworkInterface, SerialConfig, VmConfig,
 };

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::action::VmmResult;
-use crate::action::{ApiError, InstanceStatus, VmmData, VmmRequest};
+use crate::action::{ApiError, InstanceStatus, Reply, VmmData, VmmRequest};
 use crate::http::{Answer, Response};
 use crate::routes::{self, Parsed};
 
@@ -194,9 +194,12 @@ pub fn start(
     let status = Arc::new(InstanceStatus::default());
     let counts = Arc::new(Mutex::new(RequestCounts::default()));
     let (tx, rx) = mpsc::channel();
+    let answered =
+        Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| ServerError::Start(e.to_string()))?);
     let serving = Serving {
         vmm: tx,
         wake: thread_wake,
+        answered,
         status: status.clone(),
         timeout,
         counts: counts.clone(),
@@ -223,6 +226,8 @@ pub fn start(
 struct Serving {
     vmm: Sender<VmmRequest>,
     wake: EventFd,
+    /// Written by the VMM thread after each answer.
+    answered: Arc<EventFd>,
     status: Arc<InstanceStatus>,
     timeout: Duration,
     counts: Arc<Mutex<RequestCounts>>,
@@ -264,7 +269,7 @@ fn stopped() -> ApiError {
 
 impl Serving {
     fn run(self, listener: &UnixListener) {
-        crate::http::serve(listener, |request| {
+        crate::http::serve(listener, Some(&self.answered), |request| {
             let start = Instant::now();
             let (method, url) = (request.method, request.path);
             let handled = self.handle(&method, &url, &request.body);
@@ -332,7 +337,8 @@ impl Serving {
             crate::action::VmmAction::CreateSnapshot(p)
                 if p.snapshot_type == Some(crate::models::SnapshotType::Live)
         );
-        let (reply, answer) = mpsc::channel();
+        let (tx, answer) = mpsc::channel();
+        let reply = Reply::new(tx, Some(self.answered.clone()));
         if self.vmm.send(VmmRequest { action, reply }).is_err() || self.wake.write(1).is_err() {
             return Handled::Now(Err(stopped()));
         }

@@ -652,8 +652,10 @@ impl Controller {
                 MigrationTracking::KvmDirtyLog => TrackingMode::KvmDirtyLogHot,
             };
             let start = |mode| -> Result<_, memory::dirty::DirtyError> {
+                let began = std::time::Instant::now();
                 let mut t = vmm.dirty_tracker(mode)?;
                 t.start()?;
+                tracing::debug!("migration: tracking started in {:?}", began.elapsed());
                 Ok(t)
             };
             Some(start(mode).map_err(|e| ApiError::bad_request(format!("cannot migrate: {e}")))?)
@@ -814,7 +816,7 @@ impl Controller {
         &mut self,
         action: &VmmAction,
         params: &api::models::SnapshotCreateParams,
-        reply: std::sync::mpsc::Sender<VmmResult>,
+        reply: api::Reply,
     ) -> Result<(), ApiError> {
         self.refuse_now(action)?;
         let config = self.resources.to_config()?;

@@ -635,6 +635,17 @@ fn test_receiver_refuses_bad_streams_and_receives_again() {
             vec![hello(), frame(6, &[])],
             "unexpected Ready",
         ),
+        // Kind 4 is the machine state; kind 17 Prepare, which must come before it.
+        (
+            "state before Prepare",
+            vec![hello(), frame(4, b"{}")],
+            "the state came before Prepare",
+        ),
+        (
+            "Prepare twice",
+            vec![hello(), frame(17, &[]), frame(17, &[])],
+            "unexpected Prepare",
+        ),
     ];
     for (name, writes, expected) in cases {
         let port = free_port();

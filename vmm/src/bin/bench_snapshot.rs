@@ -289,7 +289,7 @@ fn live(args: &Args, guest: &Path, size: u64, kind: &str) -> Result<(), String> 
     let (tx, rx) = std::sync::mpsc::channel();
     let (p0, start) = (last_pass(&console), Instant::now());
     let snap = vm
-        .start_live_snapshot(&config, &params, tx)
+        .start_live_snapshot(&config, &params, api::Reply::new(tx, None))
         .map_err(|e| e.to_string())?;
     rx.recv_timeout(Duration::from_secs(600))
         .map_err(|e| e.to_string())?

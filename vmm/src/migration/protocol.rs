@@ -24,7 +24,7 @@ use super::MigrationError;
 /// The first bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FRYM";
 /// The protocol version both sides must speak.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 24;
 /// Most page data in one batch.
@@ -75,6 +75,11 @@ pub enum Kind {
     Complete = 15,
     /// Source → destination: the source saw `Complete` and ends (empty).
     CompleteAck = 16,
+    /// Source → destination, just before the source pauses its guest: finish making
+    /// the VM (empty).
+    Prepare = 17,
+    /// Destination → source: the VM is made; the guest may pause (empty).
+    Prepared = 18,
 }
 
 impl Kind {
@@ -97,6 +102,8 @@ impl Kind {
             PushDone,
             Complete,
             CompleteAck,
+            Prepare,
+            Prepared,
         ]
         .into_iter()
         .find(|k| *k as u16 == v)
@@ -117,7 +124,9 @@ impl Kind {
             | Kind::Memfd
             | Kind::PushDone
             | Kind::Complete
-            | Kind::CompleteAck => 0,
+            | Kind::CompleteAck
+            | Kind::Prepare
+            | Kind::Prepared => 0,
             _ => MAX_JSON,
         }
     }

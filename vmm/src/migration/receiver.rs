@@ -211,14 +211,18 @@ fn receive(
     // Registering guest RAM with KVM takes milliseconds: on a thread of its own, while
     // the pages arrive.
     let vm_ram = ram.clone();
-    let creating = std::thread::Builder::new()
-        .name("migration-vm".into())
-        .spawn(move || {
-            // Started by migration-recv, confined already: its filter is this thread's.
-            seccomp::inherit();
-            crate::vm::Vm::new(host, vm_ram)
-        })
-        .map_err(|e| refused(format!("cannot create the VM: {e}")))?;
+    let mut creating = Some(
+        std::thread::Builder::new()
+            .name("migration-vm".into())
+            .spawn(move || {
+                // Started by migration-recv, confined already: its filter is this thread's.
+                seccomp::inherit();
+                crate::vm::Vm::new(host, vm_ram)
+            })
+            .map_err(|e| refused(format!("cannot create the VM: {e}")))?,
+    );
+    // The VM, once the source's Prepare waited for it.
+    let mut vm = None;
     progress.update(|s| s.local = hello.local);
     conn.send_json(
         Kind::HelloAck,
@@ -285,6 +289,22 @@ fn receive(
                 hashes =
                     Some(verify::decode(&body, total_pages).map_err(MigrationError::Protocol)?);
             }
+            Kind::Prepare if vm.is_none() => {
+                conn.read_payload(&header)?;
+                let made = creating
+                    .take()
+                    .ok_or_else(|| refused("the VM was made already"))?
+                    .join()
+                    .map_err(|_| refused("creating the VM panicked"))?
+                    .map_err(|e| refused(format!("cannot create the VM: {e}")))?;
+                vm = Some(made);
+                conn.send(Kind::Prepared, &[])?;
+            }
+            Kind::State if vm.is_none() => {
+                return Err(MigrationError::Protocol(
+                    "the state came before Prepare".into(),
+                ))
+            }
             Kind::State => {
                 let body = conn.read_payload(&header)?;
                 break serde_json::from_slice(&body).map_err(|e| {
@@ -331,10 +351,7 @@ fn receive(
     }
     tracing::debug!("switch-over: state in, verified after {:?}", t.elapsed());
     crate::snapshot::check_memory(&switch.state, &ram).map_err(|e| refused(e.to_string()))?;
-    let vm = creating
-        .join()
-        .map_err(|_| refused("creating the VM panicked"))?
-        .map_err(|e| refused(format!("cannot create the VM: {e}")))?;
+    let vm = vm.ok_or_else(|| refused("the VM was not made"))?;
     let mut vmm = crate::builder::restore_on(vm, &config, &switch.state, None)
         .map_err(|e| refused(format!("cannot build the VM from the source's state: {e}")))?;
     // Post-copy holds guest RAM's userfaultfd until all memory is here: tracking for

@@ -358,6 +358,12 @@ fn exchange(
     } else {
         None
     };
+    // The destination finishes making its VM (registering guest RAM with KVM takes
+    // milliseconds at 4 GiB) before the guest pauses here, not while it is paused.
+    let t = Instant::now();
+    pages.conn.send(Kind::Prepare, &[]).map_err(before)?;
+    pages.conn.recv_empty(Kind::Prepared).map_err(before)?;
+    tracing::debug!("switch-over: the destination prepared in {:?}", t.elapsed());
     // Switch-over: from here the guest is paused until one side runs it.
     let t = Instant::now();
     let (state, paused_at_ns) = link.ask(Control::Switchover).map_err(before)?;
@@ -440,12 +446,6 @@ fn exchange(
         .conn
         .send(Kind::Go, &[])
         .map_err(if lacks.is_some() { during } else { after })?;
-    // Unregistering guest RAM takes milliseconds for a large guest: not before the
-    // destination runs it. (On a failure, the thread's end drops the tracker before
-    // the guest resumes here.)
-    if let Some(mut tracker) = tracker.take() {
-        let _ = tracker.stop();
-    }
     let done: Done;
     match (lacks, fault_conn) {
         (Some(lacks), Some(fault_conn)) => {
@@ -457,6 +457,12 @@ fn exchange(
             )))
         }
         (None, _) => done = pages.conn.recv_json(Kind::Done).map_err(after)?,
+    }
+    // Unregistering guest RAM takes milliseconds for a large guest, and on two cores
+    // it would compete with the destination resuming: only once the guest runs there.
+    // (On a failure, the thread's end drops the tracker before the guest resumes here.)
+    if let Some(mut tracker) = tracker.take() {
+        let _ = tracker.stop();
     }
     pages
         .progress

@@ -9,13 +9,12 @@
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use api::migration::FaultLatency;
 use api::models::{SnapshotCreateParams, SnapshotStatus};
-use api::{ApiError, VmmData, VmmResult};
+use api::{ApiError, VmmData};
 use memory::live::{LiveProgress, LiveSave};
 
 use super::{file, io, partial, MachineState, SnapshotError};
@@ -87,7 +86,7 @@ impl Vmm {
         &mut self,
         config: &api::VmConfig,
         params: &SnapshotCreateParams,
-        reply: Sender<VmmResult>,
+        reply: api::Reply,
     ) -> Result<Arc<LiveSnapshot>, SnapshotError> {
         let started = Instant::now();
         // Memory is saved as at the pause, a drive's file as it is whenever it is read:

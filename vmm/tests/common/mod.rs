@@ -429,7 +429,8 @@ impl InProcess {
     }
 
     pub fn ask(&self, action: VmmAction) -> VmmResult {
-        let (reply, answer) = mpsc::channel();
+        let (tx, answer) = mpsc::channel();
+        let reply = api::Reply::new(tx, None);
         self.requests
             .send(VmmRequest { action, reply })
             .expect("VMM thread gone");
