@@ -35,6 +35,9 @@ pub struct UffdAsync {
     chunk: u64,
     /// With `retain_hot`: the pages the last scan found, and the hot pages.
     hot: Option<(DirtyBitmap, DirtyBitmap)>,
+    /// The pages that held data at the last scan: the next one walks only the holes
+    /// between them (walking populated extents costs about 7 ms per GiB here).
+    data: Option<Vec<(usize, usize)>>,
     retain_hot: bool,
 }
 
@@ -57,6 +60,7 @@ impl UffdAsync {
             regions_buf: vec![empty; SCAN_BATCH],
             chunk: 0,
             hot: None,
+            data: None,
             retain_hot: false,
         })
     }
@@ -89,10 +93,18 @@ impl UffdAsync {
         }
         // Only pages that hold data can have been written: a write to a hole
         // allocates the page first. So a big guest that touched little costs little.
-        let data = self.ram.data_pages().map_err(|source| DirtyError::Sys {
+        // A page that gains data while the holes are walked is found by the next
+        // scan, its write still marked; one punched since is listed on and scanned
+        // (a zapped page reads as written, and the discard is reported anyway).
+        let data = match &self.data {
+            Some(earlier) => self.ram.data_pages_since(earlier),
+            None => self.ram.data_pages(),
+        }
+        .map_err(|source| DirtyError::Sys {
             what: "SEEK_DATA on guest RAM",
             source,
         })?;
+        self.data = Some(data.clone());
         let hot = self
             .hot
             .as_ref()
@@ -239,6 +251,7 @@ impl DirtyTracker for UffdAsync {
             return Err(e);
         }
         self.uffd = Some((uffd, writes, claim));
+        self.data = None;
         self.hot = self.retain_hot.then(|| {
             (
                 DirtyBitmap::new(&self.ram.regions),
@@ -276,6 +289,7 @@ impl DirtyTracker for UffdAsync {
     fn stop(&mut self) -> Result<(), DirtyError> {
         let (uffd, _writes, _claim) = self.uffd.take().ok_or(DirtyError::State("not started"))?;
         self.hot = None;
+        self.data = None;
         uffd::unregister(&uffd, &self.ram)
     }
 }
@@ -298,7 +312,49 @@ impl Drop for UffdAsync {
 
 #[cfg(test)]
 mod tests {
-    use super::subtract_runs;
+    use super::{subtract_runs, UffdAsync};
+    use crate::dirty::DirtyTracker;
+    use crate::{GuestRam, PAGE_SIZE};
+
+    /// Writes as the guest does: through the mapping, not through vm-memory (which
+    /// would report the write to the tracker by itself).
+    fn guest_write(ram: &GuestRam, page: u64, value: u64) {
+        let r = &ram.regions()[0];
+        assert!((page + 1) * PAGE_SIZE <= r.size);
+        // SAFETY: the address lies in guest RAM's live mapping (checked above), which
+        // `ram` keeps mapped; a u64 at a page start is aligned.
+        unsafe { std::ptr::write_volatile((r.host_addr + page * PAGE_SIZE) as *mut u64, value) };
+    }
+
+    /// Each scan walks only the holes of the last one's listing: a page first written
+    /// after that listing, in what was a hole, is still found.
+    #[test]
+    fn test_pages_written_into_holes_after_a_scan_are_found() {
+        let ram = GuestRam::new(64, 46).expect("ram");
+        for hot in [false, true] {
+            let mut t = UffdAsync::new(ram.tracked())
+                .expect("tracker")
+                .retain_hot(hot);
+            t.start().expect("start");
+            guest_write(&ram, 10, 1);
+            assert_eq!(t.collect().expect("collect").runs(), vec![(10, 1)]);
+            for (round, pages) in [(2u64, vec![3u64, 4, 900]), (3, vec![5000, 16383])] {
+                for &p in &pages {
+                    guest_write(&ram, p, round);
+                }
+                // No page is written in two rounds: none is hot.
+                let got: Vec<u64> = t
+                    .collect()
+                    .expect("collect")
+                    .runs()
+                    .into_iter()
+                    .flat_map(|(f, c)| (f as u64..(f + c) as u64))
+                    .collect();
+                assert_eq!(got, pages, "hot {hot}, round {round}");
+            }
+            t.stop().expect("stop");
+        }
+    }
 
     #[test]
     fn test_subtract_runs() {

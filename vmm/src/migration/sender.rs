@@ -401,8 +401,13 @@ fn exchange(
     } else {
         if let Some(last) = last {
             let count = last.count() as u64;
+            tracing::debug!(
+                "switch-over: {count} last pages collected after {:?}",
+                t.elapsed()
+            );
             progress_round(pages.progress, count, 0.0);
             pages.send_bitmap(&last).map_err(before)?;
+            tracing::debug!("switch-over: last pages sent after {:?}", t.elapsed());
         }
         if job.params.verify && !job.params.local {
             let hashes =
