@@ -177,10 +177,22 @@ impl Reply {
         let sent = self.tx.send(result).is_ok();
         // After the send: the API thread reads the eventfd before it looks at answers,
         // so a wake-up never comes before the answer it announces.
+        self.wake();
+        sent
+    }
+
+    fn wake(&self) {
         if let Some(answered) = &self.answered {
             let _ = answered.write(1);
         }
-        sent
+    }
+}
+
+impl Drop for Reply {
+    /// A request dropped unanswered (the VMM thread ending) is seen at once, as a
+    /// disconnected channel, not at the API thread's next timed look.
+    fn drop(&mut self) {
+        self.wake();
     }
 }
 

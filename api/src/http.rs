@@ -311,7 +311,8 @@ const LATER_POLL_MS: libc::c_int = 2;
 const LATER_DEADLINE_POLL_MS: libc::c_int = 50;
 
 /// Serves `listener` forever on this thread, answering each request with `handle`.
-/// `answered`, if given, becomes readable when an answer that comes later is there.
+/// `answered`, if given, becomes readable when an answer that comes later is there; it
+/// must be non-blocking (the loop reads it whether or not it was written).
 pub fn serve(
     listener: &UnixListener,
     answered: Option<&EventFd>,

@@ -9,6 +9,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::api_vm::{assert_continues_after, config, last_pass, Vm, BOOT};
@@ -511,6 +512,99 @@ fn test_cutting_the_link_at_switch_over_resumes_the_source() {
         "only the source may run the guest"
     );
     assert_still_verifies(&mut src);
+}
+
+/// Reads one frame (header and payload) from `from`.
+fn read_frame(from: &mut TcpStream) -> Option<(u16, Vec<u8>)> {
+    let mut header = [0u8; 24];
+    from.read_exact(&mut header).ok()?;
+    let kind = u16::from_le_bytes([header[4], header[5]]);
+    let len = u64::from_le_bytes(header[8..16].try_into().ok()?);
+    let mut payload = vec![0u8; usize::try_from(len).ok()?];
+    from.read_exact(&mut payload).ok()?;
+    Some((kind, payload))
+}
+
+/// A JSON payload with its "version" set to `version`.
+fn with_version(payload: &[u8], version: u32) -> Vec<u8> {
+    let mut v: Value = serde_json::from_slice(payload).expect("JSON");
+    v["version"] = json!(version);
+    v.to_string().into_bytes()
+}
+
+/// A source that speaks version 2 of the protocol (no Prepare) migrates into this
+/// ferry, so that a running ferry of that version upgrades in place. The source here
+/// is this ferry behind a proxy that makes its stream a version 2 one: Hello says 2,
+/// Prepare never reaches the destination (the proxy answers it), and the
+/// destination's HelloAck, which must say 2, is turned back into 3 for the source.
+#[test]
+fn test_a_version_2_source_migrates_into_this_ferry() {
+    let dir = TempDir::new("mig-v2");
+    let src = verify_guest(&dir, "src");
+    let mut dst = Vm::fresh(&dir, "dst");
+    let port = free_port();
+    receive(&dst, &format!("tcp:127.0.0.1:{port}"));
+    let proxy = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy_addr = proxy.local_addr().expect("addr");
+    let forward = std::thread::spawn(move || {
+        let (mut from_src, _) = proxy.accept().expect("accept");
+        let mut to_dst = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let to_src = Arc::new(Mutex::new(from_src.try_clone().expect("clone")));
+        let mut from_dst = to_dst.try_clone().expect("clone");
+        let back = to_src.clone();
+        let backward = std::thread::spawn(move || {
+            let mut acked = None;
+            while let Some((kind, payload)) = read_frame(&mut from_dst) {
+                let payload = if kind == 2 {
+                    let ack: Value = serde_json::from_slice(&payload).expect("HelloAck");
+                    acked = ack["version"].as_u64();
+                    with_version(&payload, vmm::migration::VERSION)
+                } else {
+                    payload
+                };
+                if back
+                    .lock()
+                    .expect("lock")
+                    .write_all(&frame(kind, &payload))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            acked
+        });
+        let mut prepares = 0;
+        while let Some((kind, payload)) = read_frame(&mut from_src) {
+            let out = match kind {
+                1 => frame(1, &with_version(&payload, 2)),
+                17 => {
+                    prepares += 1;
+                    let _ = to_src.lock().expect("lock").write_all(&frame(18, &[]));
+                    continue;
+                }
+                _ => frame(kind, &payload),
+            };
+            if to_dst.write_all(&out).is_err() {
+                break;
+            }
+        }
+        let _ = to_dst.shutdown(Shutdown::Write);
+        (prepares, backward.join().expect("backward"))
+    });
+    src.expect(
+        "PUT",
+        "/migration/send",
+        json!({ "destination": format!("tcp:{proxy_addr}"), "verify": true }),
+        204,
+    );
+    assert_moved(src, &mut dst, Duration::from_secs(5));
+    let (prepares, acked) = forward.join().expect("proxy");
+    assert_eq!(prepares, 1, "the source sends one Prepare");
+    assert_eq!(
+        acked,
+        Some(2),
+        "the destination answers a version 2 Hello in kind"
+    );
 }
 
 /// One frame of the migration protocol, built by hand.

@@ -348,7 +348,7 @@ mod tests {
                     .expect("collect")
                     .runs()
                     .into_iter()
-                    .flat_map(|(f, c)| (f as u64..(f + c) as u64))
+                    .flat_map(|(f, c)| f as u64..(f + c) as u64)
                     .collect();
                 assert_eq!(got, pages, "hot {hot}, round {round}");
             }

@@ -53,7 +53,8 @@ struct Args {
     #[arg(long)]
     guest: Option<PathBuf>,
     /// Keep each ferry's log at debug level in this directory (the switch-over's
-    /// timings are there), as `<scenario>-<MiB>-<run>-src.log` and `-dst.log`.
+    /// timings are there), as `<scenario>-<MiB>-<run>-src.log` and `-dst.log`. Each
+    /// poll then writes a line on both sides too, which costs the figures a little.
     #[arg(long)]
     logs: Option<PathBuf>,
 }
@@ -421,6 +422,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Some(dir) = &args.logs {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("ferry-bench-migrate: {}: {e}", dir.display());
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let memcpy = memcpy_floor();
     let (tcp, tcp_busy) = match (tcp_floor(false), tcp_floor(true)) {
         (Ok(t), Ok(b)) => (t, b),

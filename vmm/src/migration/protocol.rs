@@ -25,6 +25,8 @@ use super::MigrationError;
 pub const MAGIC: [u8; 4] = *b"FRYM";
 /// The protocol version both sides must speak.
 pub const VERSION: u32 = 3;
+/// The oldest source version a destination takes (version 2 lacks only `Prepare`).
+pub const OLDEST_SOURCE: u32 = 2;
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 24;
 /// Most page data in one batch.

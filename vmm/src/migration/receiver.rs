@@ -54,6 +54,18 @@ pub fn spawn(
         })
 }
 
+/// The VM the `creating` thread made (once: later calls find it taken).
+fn made(
+    creating: &mut Option<std::thread::JoinHandle<Result<crate::vm::Vm, crate::vm::VmError>>>,
+) -> Result<crate::vm::Vm, MigrationError> {
+    creating
+        .take()
+        .ok_or_else(|| refused("the VM was taken already"))?
+        .join()
+        .map_err(|_| refused("creating the VM panicked"))?
+        .map_err(|e| refused(format!("cannot create the VM: {e}")))
+}
+
 fn refused(msg: impl Into<String>) -> MigrationError {
     MigrationError::Refused(msg.into())
 }
@@ -184,13 +196,17 @@ fn receive(
     incoming: &mut Option<Incoming>,
 ) -> Result<(), MigrationError> {
     let hello: Hello = conn.recv_json(Kind::Hello)?;
-    if hello.version != protocol::VERSION {
+    // A version 2 source (no Prepare) is taken too, so that a running ferry of that
+    // version upgrades in place to this one.
+    if !(protocol::OLDEST_SOURCE..=protocol::VERSION).contains(&hello.version) {
         return Err(refused(format!(
-            "the source speaks migration protocol version {}, this ferry {}",
+            "the source speaks migration protocol version {}, this ferry {} (and sources of {} and later)",
             hello.version,
-            protocol::VERSION
+            protocol::VERSION,
+            protocol::OLDEST_SOURCE
         )));
     }
+    let prepares = hello.version >= 3;
     let config = with_overrides(hello.config, params)?;
     let host = crate::vm::host().map_err(|e| refused(e.to_string()))?;
     let machine = &config.machine_config;
@@ -221,13 +237,14 @@ fn receive(
             })
             .map_err(|e| refused(format!("cannot create the VM: {e}")))?,
     );
-    // The VM, once the source's Prepare waited for it.
+    // The VM, once made; and whether the source's Prepare came.
     let mut vm = None;
+    let mut prepared = false;
     progress.update(|s| s.local = hello.local);
     conn.send_json(
         Kind::HelloAck,
         &HelloAck {
-            version: protocol::VERSION,
+            version: hello.version,
         },
     )?;
     // Post-copy's page requests come on a second stream from the same source.
@@ -254,6 +271,10 @@ fn receive(
     let mut received = 0u64;
     let mut hashes = None;
     let switch: Switch = loop {
+        // A VM that could not be made fails the migration now, not at the pause.
+        if creating.as_ref().is_some_and(|c| c.is_finished()) {
+            vm = Some(made(&mut creating)?);
+        }
         let header = conn.recv_header()?;
         match header.kind {
             Kind::Pages if !hello.local => {
@@ -289,18 +310,15 @@ fn receive(
                 hashes =
                     Some(verify::decode(&body, total_pages).map_err(MigrationError::Protocol)?);
             }
-            Kind::Prepare if vm.is_none() => {
+            Kind::Prepare if !prepared => {
                 conn.read_payload(&header)?;
-                let made = creating
-                    .take()
-                    .ok_or_else(|| refused("the VM was made already"))?
-                    .join()
-                    .map_err(|_| refused("creating the VM panicked"))?
-                    .map_err(|e| refused(format!("cannot create the VM: {e}")))?;
-                vm = Some(made);
+                if vm.is_none() {
+                    vm = Some(made(&mut creating)?);
+                }
+                prepared = true;
                 conn.send(Kind::Prepared, &[])?;
             }
-            Kind::State if vm.is_none() => {
+            Kind::State if prepares && !prepared => {
                 return Err(MigrationError::Protocol(
                     "the state came before Prepare".into(),
                 ))
@@ -351,7 +369,11 @@ fn receive(
     }
     tracing::debug!("switch-over: state in, verified after {:?}", t.elapsed());
     crate::snapshot::check_memory(&switch.state, &ram).map_err(|e| refused(e.to_string()))?;
-    let vm = vm.ok_or_else(|| refused("the VM was not made"))?;
+    let vm = match vm {
+        Some(vm) => vm,
+        // A version 2 source: the VM is waited for here, in the pause.
+        None => made(&mut creating)?,
+    };
     let mut vmm = crate::builder::restore_on(vm, &config, &switch.state, None)
         .map_err(|e| refused(format!("cannot build the VM from the source's state: {e}")))?;
     // Post-copy holds guest RAM's userfaultfd until all memory is here: tracking for
