@@ -14,6 +14,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -56,8 +57,9 @@ pub enum Answer {
     /// The response, now.
     Now(Response),
     /// Asked again, without blocking, until it gives the response; meanwhile the server
-    /// serves its other connections (this one takes nothing more until answered).
-    Later(Box<dyn FnMut() -> Option<Response>>),
+    /// serves its other connections (this one takes nothing more until answered). It is
+    /// asked again by the deadline, if one is given, however quiet the server is.
+    Later(Box<dyn FnMut() -> Option<Response>>, Option<Instant>),
 }
 
 /// An answer: the status and a JSON body, if any.
@@ -198,6 +200,8 @@ struct Conn {
     lingering: Option<usize>,
     /// The answer to the request being served, when it comes later.
     later: Option<Box<dyn FnMut() -> Option<Response>>>,
+    /// When `later` must be asked again at the latest.
+    later_by: Option<Instant>,
 }
 
 impl Conn {
@@ -289,8 +293,9 @@ impl Conn {
                     self.closing = !keep_alive;
                     match handle(request) {
                         Answer::Now(response) => self.output = encode(&response, self.closing),
-                        Answer::Later(f) => {
+                        Answer::Later(f, by) => {
                             self.later = Some(f);
+                            self.later_by = by;
                             self.poll_later();
                         }
                     }
@@ -306,8 +311,8 @@ impl Conn {
 
 /// How often answers that come later are looked for, when nothing says they came.
 const LATER_POLL_MS: libc::c_int = 2;
-/// How often they are looked for when `answered` says they came: only deadlines need
-/// the look.
+/// How often they are looked for, at most, when `answered` says they came: a deadline
+/// that falls sooner is looked at when it is due.
 const LATER_DEADLINE_POLL_MS: libc::c_int = 50;
 
 /// Serves `listener` forever on this thread, answering each request with `handle`.
@@ -351,7 +356,17 @@ pub fn serve(
         let timeout = match (conns.iter().any(|c| c.later.is_some()), answered) {
             (false, _) => -1,
             (true, None) => LATER_POLL_MS,
-            (true, Some(_)) => LATER_DEADLINE_POLL_MS,
+            (true, Some(_)) => conns
+                .iter()
+                .filter(|c| c.later.is_some())
+                .filter_map(|c| c.later_by)
+                .min()
+                .map_or(LATER_DEADLINE_POLL_MS, |by| {
+                    let us = by.saturating_duration_since(Instant::now()).as_micros();
+                    libc::c_int::try_from(us.div_ceil(1000))
+                        .unwrap_or(LATER_DEADLINE_POLL_MS)
+                        .min(LATER_DEADLINE_POLL_MS)
+                }),
         };
         // SAFETY: `fds` is a valid array of `nfds` pollfds that lives across the call.
         let ret = unsafe { libc::poll(fds.as_mut_ptr(), nfds, timeout) };
@@ -438,6 +453,7 @@ fn accept(listener: &UnixListener, conns: &mut Vec<Conn>) {
                     closing: false,
                     lingering: None,
                     later: None,
+                    later_by: None,
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -565,12 +581,17 @@ mod tests {
             serve(&listener, None, |request| {
                 let started = std::time::Instant::now();
                 let path = request.path;
-                Answer::Later(Box::new(move || {
-                    (started.elapsed() > std::time::Duration::from_millis(20)).then(|| Response {
-                        status: 200,
-                        body: Some(format!("\"{path}\"")),
-                    })
-                }))
+                Answer::Later(
+                    Box::new(move || {
+                        (started.elapsed() > std::time::Duration::from_millis(20)).then(|| {
+                            Response {
+                                status: 200,
+                                body: Some(format!("\"{path}\"")),
+                            }
+                        })
+                    }),
+                    None,
+                )
             })
         });
         let mut closing = UnixStream::connect(&path).expect("connect");
@@ -612,12 +633,15 @@ mod tests {
         std::thread::spawn(move || {
             serve(&listener, Some(&server_answered), |_| {
                 let ready = server_ready.clone();
-                Answer::Later(Box::new(move || {
-                    ready.swap(false, Ordering::AcqRel).then_some(Response {
-                        status: 204,
-                        body: None,
-                    })
-                }))
+                Answer::Later(
+                    Box::new(move || {
+                        ready.swap(false, Ordering::AcqRel).then_some(Response {
+                            status: 204,
+                            body: None,
+                        })
+                    }),
+                    None,
+                )
             })
         });
         let mut client = UnixStream::connect(&path).expect("connect");

@@ -290,24 +290,27 @@ impl Serving {
                 Handled::Now(result) => Answer::Now(done(result)),
                 Handled::Later { answer, deadline } => {
                     let timeout_ms = self.timeout.as_millis();
-                    Answer::Later(Box::new(move || {
-                        let result = match answer.try_recv() {
-                            Ok(result) => result,
-                            Err(TryRecvError::Empty) => {
-                                if deadline.is_none_or(|d| Instant::now() < d) {
-                                    return None;
-                                }
-                                Err(ApiError {
+                    Answer::Later(
+                        Box::new(move || {
+                            let result = match answer.try_recv() {
+                                Ok(result) => result,
+                                Err(TryRecvError::Empty) => {
+                                    if deadline.is_none_or(|d| Instant::now() < d) {
+                                        return None;
+                                    }
+                                    Err(ApiError {
                                     status: 503,
                                     message: format!(
                                         "the VMM did not answer within {timeout_ms} ms; the request may still take effect"
                                     ),
                                 })
-                            }
-                            Err(TryRecvError::Disconnected) => Err(stopped()),
-                        };
-                        Some(done(result))
-                    }))
+                                }
+                                Err(TryRecvError::Disconnected) => Err(stopped()),
+                            };
+                            Some(done(result))
+                        }),
+                        deadline,
+                    )
                 }
             }
         });

@@ -890,6 +890,13 @@ fn test_a_guest_rewriting_96_mib_at_full_speed_switches_over_within_max_rounds()
 /// checked every pass) over loopback TCP: the guest goes on from its pass on the
 /// destination while its memory arrives, and every pass there is `ok`.
 fn postcopy(name: &str, body: Value, mem_mib: u64, size: &str) -> Value {
+    let s = migrate_verifier(name, body, mem_mib, size);
+    assert_postcopied(&s);
+    s
+}
+
+/// Migrates a guest verifying `size` as `body` asks; the destination's status.
+fn migrate_verifier(name: &str, body: Value, mem_mib: u64, size: &str) -> Value {
     let dir = TempDir::new(name);
     let cfg = config(
         &format!("workload=verify start=16M size={size}"),
@@ -905,9 +912,7 @@ fn postcopy(name: &str, body: Value, mem_mib: u64, size: &str) -> Value {
     let mut body = body;
     body["destination"] = json!(listen);
     src.expect("PUT", "/migration/send", body, 204);
-    let s = assert_moved(src, &mut dst, Duration::from_secs(5));
-    assert_postcopied(&s);
-    s
+    assert_moved(src, &mut dst, Duration::from_secs(5))
 }
 
 /// The destination's status after a post-copy: every page arrived, asked for or
@@ -948,16 +953,30 @@ fn test_hybrid_over_tcp() {
 /// cannot converge: after `max_rounds` it falls back to post-copy instead of a stop.
 #[test]
 fn test_a_full_speed_writer_falls_back_to_postcopy() {
-    let s = postcopy(
-        "pc-fallback",
-        // One round: the decision follows a round that sent what the first pass left,
-        // long enough for the writer to dirty pages however the host schedules it (a
-        // round of a few hot pages was once over before the guest wrote one).
-        json!({ "max_rounds": 1, "downtime_limit_ms": 0, "postcopy_fallback": true }),
-        256,
-        "96M",
-    );
-    assert!(s["round"].as_u64() >= Some(2), "{s}");
+    // A guest starved of the CPU (the suite runs two tests at once on two cores) may
+    // write nothing for a whole round; pre-copy has then rightly converged, with
+    // nothing left to send. The fallback is what is tested: such a run is repeated.
+    for attempt in 0..3 {
+        let s = migrate_verifier(
+            &format!("pc-fallback-{attempt}"),
+            // One round: the decision follows a round that sent what the first pass
+            // left, long enough for the writer to dirty pages however the host
+            // schedules it (a round of a few hot pages was once over before the guest
+            // wrote one).
+            json!({ "max_rounds": 1, "downtime_limit_ms": 0, "postcopy_fallback": true }),
+            256,
+            "96M",
+        );
+        if s["postcopy"] == true {
+            assert_postcopied(&s);
+            assert!(s["round"].as_u64() >= Some(2), "{s}");
+            return;
+        }
+        eprintln!(
+            "attempt {attempt}: pre-copy converged (the guest wrote nothing in a round): {s}"
+        );
+    }
+    panic!("a full-speed writer never fell back to post-copy in 3 attempts");
 }
 
 #[test]

@@ -436,18 +436,30 @@ fn rest_of_memory(
 ) -> Result<(), MigrationError> {
     let failed = |incoming: &Incoming| incoming.error().map(MigrationError::Vm);
     let mut data = Vec::with_capacity(protocol::BATCH_BYTES);
+    let started = std::time::Instant::now();
+    let (mut bytes, mut placing) = (0u64, std::time::Duration::ZERO);
     loop {
         let header = conn.recv_header()?;
         match header.kind {
             Kind::Pages => {
                 let ranges = protocol::read_batch(conn, &header, &mut data)?;
+                let t = std::time::Instant::now();
                 incoming.pushed(&ranges, &data)?;
+                placing += t.elapsed();
+                bytes += data.len() as u64;
                 incoming.publish(progress);
                 if let Some(e) = failed(incoming) {
                     return Err(e);
                 }
             }
-            Kind::PushDone => break,
+            Kind::PushDone => {
+                tracing::debug!(
+                    "post-copy: {} MiB pushed in {:?}, {placing:?} of it placing them",
+                    bytes >> 20,
+                    started.elapsed()
+                );
+                break;
+            }
             other => {
                 return Err(MigrationError::Protocol(format!(
                     "unexpected {other:?} message during post-copy"
