@@ -162,19 +162,23 @@ pub struct VmmRequest {
 /// next timed look).
 #[derive(Clone)]
 pub struct Reply {
-    tx: Sender<VmmResult>,
+    /// `None` only while it is dropped.
+    tx: Option<Sender<VmmResult>>,
     answered: Option<Arc<EventFd>>,
 }
 
 impl Reply {
     /// Results go to `tx`; `answered`, if any, is written after each.
     pub fn new(tx: Sender<VmmResult>, answered: Option<Arc<EventFd>>) -> Reply {
-        Reply { tx, answered }
+        Reply {
+            tx: Some(tx),
+            answered,
+        }
     }
 
     /// Sends `result`; false when nobody waits for it any more.
     pub fn send(&self, result: VmmResult) -> bool {
-        let sent = self.tx.send(result).is_ok();
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(result).is_ok());
         // After the send: the API thread reads the eventfd before it looks at answers,
         // so a wake-up never comes before the answer it announces.
         self.wake();
@@ -192,6 +196,9 @@ impl Drop for Reply {
     /// A request dropped unanswered (the VMM thread ending) is seen at once, as a
     /// disconnected channel, not at the API thread's next timed look.
     fn drop(&mut self) {
+        // The channel first: woken before it closes, the API thread would find it
+        // still open, and only its next timed look would see it closed.
+        drop(self.tx.take());
         self.wake();
     }
 }

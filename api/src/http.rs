@@ -269,6 +269,11 @@ impl Conn {
 
     /// Takes the answer that was to come later, if it has.
     fn poll_later(&mut self) {
+        if self.later_by.is_some_and(|by| Instant::now() >= by) {
+            // Asked at its deadline: from now on only a wake-up or the timed look
+            // asks again, so that one that never answers cannot spin the loop.
+            self.later_by = None;
+        }
         if let Some(response) = self.later.as_mut().and_then(|f| f()) {
             self.later = None;
             self.output = encode(&response, self.closing);

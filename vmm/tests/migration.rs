@@ -928,11 +928,25 @@ fn assert_postcopied(s: &Value) {
 
 #[test]
 fn test_postcopy_of_a_guest_verifying_1_gib_over_tcp() {
-    let s = postcopy("pc-tcp", json!({ "mode": "postcopy" }), 1100, "1G");
-    // The guest touched pages before they were pushed: faults were served.
+    // The guest touches pages before they are pushed, so faults are served; a guest
+    // starved of the CPU (the suite runs two tests at once on two cores) may touch
+    // none until the push has passed it, once in a while: such a run is repeated.
+    let mut s = Value::Null;
+    for attempt in 0..3 {
+        s = postcopy(
+            &format!("pc-tcp-{attempt}"),
+            json!({ "mode": "postcopy" }),
+            1100,
+            "1G",
+        );
+        assert!(s["transferred_bytes"].as_u64() > Some(1 << 30), "{s}");
+        if s["postcopy_faults"].as_u64() > Some(0) {
+            break;
+        }
+        eprintln!("attempt {attempt}: the guest faulted on no page: {s}");
+    }
     assert!(s["postcopy_faults"].as_u64() > Some(0), "{s}");
     assert!(s["fault_latency_us"]["p50"].as_f64() > Some(0.0), "{s}");
-    assert!(s["transferred_bytes"].as_u64() > Some(1 << 30), "{s}");
 }
 
 #[test]

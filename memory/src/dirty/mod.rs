@@ -225,16 +225,25 @@ impl TrackedRam {
             .iter()
             .map(|&(first, count)| (first as u64 * crate::PAGE_SIZE, count))
             .chain(std::iter::once((size, 0)));
+        // Adjacent runs are joined, so that the list does not fragment round after
+        // round (each run costs its scanner a call).
+        let add = |runs: &mut Vec<(usize, usize)>, (first, count): (usize, usize)| match runs
+            .last_mut()
+        {
+            Some(last) if last.0 + last.1 == first => last.1 += count,
+            _ => runs.push((first, count)),
+        };
         for (start, count) in gaps {
             if start > at {
-                runs.extend(as_pages(crate::sys::data_extents_in(
-                    &self.memfd,
-                    at,
-                    start,
-                )?));
+                for run in as_pages(crate::sys::data_extents_in(&self.memfd, at, start)?) {
+                    add(&mut runs, run);
+                }
             }
             if count > 0 {
-                runs.push((crate::page_index(start / crate::PAGE_SIZE), count));
+                add(
+                    &mut runs,
+                    (crate::page_index(start / crate::PAGE_SIZE), count),
+                );
             }
             at = start + count as u64 * crate::PAGE_SIZE;
         }

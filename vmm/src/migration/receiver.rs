@@ -310,7 +310,7 @@ fn receive(
                 hashes =
                     Some(verify::decode(&body, total_pages).map_err(MigrationError::Protocol)?);
             }
-            Kind::Prepare if !prepared => {
+            Kind::Prepare if prepares && !prepared => {
                 conn.read_payload(&header)?;
                 if vm.is_none() {
                     vm = Some(made(&mut creating)?);
