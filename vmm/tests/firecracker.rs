@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{curl, expect, guest_config, guest_image, spawn_api, Ferry, TempDir};
+use common::{expect, guest_config, guest_image, refused, spawn_api, Ferry, TempDir};
 use serde_json::json;
 
 const BOOT: Duration = Duration::from_secs(20);
@@ -125,15 +125,8 @@ fn test_launcher_flags_are_taken_and_bad_ones_refused_clearly() {
         r#"{{"vcpu_count": 1, "mem_size_mib": 64, "x": "{}"}}"#,
         "y".repeat(5000)
     );
-    let (status, body) = curl(&sock, "PUT", "/machine-config", Some(&big));
-    assert_eq!(status, 400);
-    assert!(
-        body["fault_message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("the limit is 4096"),
-        "{body}"
-    );
+    let m = refused(&sock, "PUT", "/machine-config", Some(&big));
+    assert!(m.contains("the limit is 4096"), "{m}");
     let m = expect(&sock, "GET", "/metrics", None, 200);
     assert!(
         m["api_server"]["process_startup_time_us"].as_u64() > Some(0),
@@ -299,12 +292,8 @@ fn test_logger_writes_firecracker_lines_to_a_fifo_and_a_file_and_never_blocks() 
         ),
         (r#"{"colour": true}"#, "unknown field `colour`"),
     ] {
-        let (status, body) = curl(&sock, "PUT", "/logger", Some(body));
-        assert_eq!(status, 400);
-        assert!(
-            body["fault_message"].as_str().unwrap_or("").contains(error),
-            "{body}"
-        );
+        let m = refused(&sock, "PUT", "/logger", Some(body));
+        assert!(m.contains(error), "{m}");
     }
     // Each refused request was logged there too, and one more request is.
     requests(&sock, 1);
@@ -324,15 +313,8 @@ fn test_metrics_flush_writes_one_json_line_with_firecrackers_groups() {
     let path = dir.path().join("metrics.json");
     let body = json!({ "metrics_path": path }).to_string();
     expect(&sock, "PUT", "/metrics", Some(&body), 204);
-    let (status, again) = curl(&sock, "PUT", "/metrics", Some(&body));
-    assert_eq!(status, 400);
-    assert!(
-        again["fault_message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("already configured"),
-        "{again}"
-    );
+    let again = refused(&sock, "PUT", "/metrics", Some(&body));
+    assert!(again.contains("already configured"), "{again}");
     expect(
         &sock,
         "PUT",

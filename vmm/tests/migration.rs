@@ -464,23 +464,17 @@ fn cutting_proxy(
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut back_dst, &mut back_src);
         });
-        loop {
-            let mut header = [0u8; 24];
-            if from_src.read_exact(&mut header).is_err() {
-                return false;
-            }
-            if u16::from_le_bytes([header[4], header[5]]) == kind {
+        while let Some((got, payload)) = read_frame(&mut from_src) {
+            if got == kind {
                 let _ = from_src.shutdown(Shutdown::Both);
                 let _ = to_dst.shutdown(Shutdown::Both);
                 return true;
             }
-            let len = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
-            if to_dst.write_all(&header).is_err()
-                || std::io::copy(&mut (&mut from_src).take(len), &mut to_dst).is_err()
-            {
+            if to_dst.write_all(&frame(got, &payload)).is_err() {
                 return false;
             }
         }
+        false
     })
 }
 
@@ -1080,12 +1074,7 @@ fn postcopy_cutting_proxy(
         });
         let mut switched = false;
         let mut pushed = 0;
-        loop {
-            let mut header = [0u8; 24];
-            if from_src.read_exact(&mut header).is_err() {
-                return false;
-            }
-            let kind = u16::from_le_bytes([header[4], header[5]]);
+        while let Some((kind, payload)) = read_frame(&mut from_src) {
             switched |= kind == 12;
             if switched && kind == 3 {
                 pushed += 1;
@@ -1097,13 +1086,11 @@ fn postcopy_cutting_proxy(
                 }
                 return true;
             }
-            let len = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
-            if to_dst.write_all(&header).is_err()
-                || std::io::copy(&mut (&mut from_src).take(len), &mut to_dst).is_err()
-            {
+            if to_dst.write_all(&frame(kind, &payload)).is_err() {
                 return false;
             }
         }
+        false
     })
 }
 

@@ -104,13 +104,13 @@ impl UffdAsync {
             what: "SEEK_DATA on guest RAM",
             source,
         })?;
-        self.data = Some(data.clone());
         let hot = self
             .hot
             .as_ref()
             .map(|(_, hot)| hot.runs())
             .unwrap_or_default();
         let wanted = subtract_runs(&data, &hot);
+        self.data = Some(data);
         for r in self.ram.regions.clone() {
             let base = page_index(r.file_offset / PAGE_SIZE);
             let end = base + page_index(r.size / PAGE_SIZE);

@@ -110,11 +110,7 @@ impl Vm {
 
     /// A request that must fail with 400; returns its fault message.
     pub fn refused(&self, method: &str, path: &str, body: serde_json::Value) -> String {
-        let json = self.expect(method, path, body, 400);
-        json["fault_message"]
-            .as_str()
-            .expect("fault_message")
-            .to_string()
+        super::refused(&self.sock, method, path, Some(&body.to_string()))
     }
 
     pub fn pause(&self) {

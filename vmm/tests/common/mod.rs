@@ -314,6 +314,14 @@ pub fn expect(
     json
 }
 
+/// One request with curl that must fail with 400; returns its fault message.
+pub fn refused(sock: &Path, method: &str, path: &str, body: Option<&str>) -> String {
+    expect(sock, method, path, body, 400)["fault_message"]
+        .as_str()
+        .expect("fault_message")
+        .to_string()
+}
+
 /// One request with curl, a real HTTP client: returns (status, body as JSON or Null).
 pub fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
     let mut cmd = Command::new("curl");
