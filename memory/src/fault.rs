@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use userfaultfd::{Event, Uffd, UffdBuilder};
+use userfaultfd::{Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::dirty::{Claim, Mechanism, TrackedRam};
@@ -128,23 +128,49 @@ const PREFETCH_CHUNK: usize = 1 << 20;
 /// guest RAM's userfaultfd mechanism (no tracker can take it meanwhile). Faults then
 /// wait until a page is placed (`place`, `zero`) or the range is unregistered.
 pub fn register_missing(ram: &TrackedRam) -> Result<(Uffd, Claim), FaultError> {
+    register(ram, false)
+}
+
+/// As `register_missing`, and for minor faults too (`minor`): an access to a page that
+/// is in the memfd but not mapped here waits until `map` maps it. Shmem minor faults
+/// need Linux 5.14 (`UFFD_FEATURE_MINOR_SHMEM`); see `minor_faults_work`.
+pub fn register(ram: &TrackedRam, minor: bool) -> Result<(Uffd, Claim), FaultError> {
     let claim = ram.writes.claim(Mechanism::Userfaultfd)?;
-    let uffd = UffdBuilder::new()
-        .close_on_exec(true)
-        .non_blocking(true)
-        // KVM's faults come from kernel mode (ENVIRONMENT.md).
-        .user_mode_only(false)
+    let uffd = builder(if minor { MINOR_SHMEM } else { 0 })
         .create()
         .map_err(uffd_err("UFFDIO_API"))?;
+    let mode = if minor {
+        RegisterMode::MISSING | RegisterMode::MINOR
+    } else {
+        RegisterMode::MISSING
+    };
     for r in &ram.regions {
         let len = usize::try_from(r.size).map_err(|_| FaultError::Uffd {
             what: "UFFDIO_REGISTER",
             reason: "region too large".into(),
         })?;
-        uffd.register(r.host_addr as *mut libc::c_void, len)
+        uffd.register_with_mode(r.host_addr as *mut libc::c_void, len, mode)
             .map_err(uffd_err("UFFDIO_REGISTER"))?;
     }
     Ok((uffd, claim))
+}
+
+/// `UFFD_FEATURE_MINOR_SHMEM`: minor faults on shmem, which guest RAM is.
+const MINOR_SHMEM: u64 = linux_raw_sys::general::UFFD_FEATURE_MINOR_SHMEM as u64;
+
+fn builder(features: u64) -> UffdBuilder {
+    let mut b = UffdBuilder::new();
+    b.close_on_exec(true)
+        .non_blocking(true)
+        // KVM's faults come from kernel mode (ENVIRONMENT.md).
+        .user_mode_only(false)
+        .require_features(FeatureFlags::from_bits_retain(features));
+    b
+}
+
+/// Whether this kernel reports minor faults on shmem (probed, never assumed).
+pub fn minor_faults_work() -> bool {
+    builder(MINOR_SHMEM).create().is_ok()
 }
 
 /// Unregisters what `register_missing` registered: faults still waiting retry, and the
@@ -328,6 +354,31 @@ pub fn place(uffd: &Uffd, buf: &[u8], dst: u64, wake: bool) -> Result<(), String
                     rest.len()
                 ))
             }
+        }
+    }
+    Ok(())
+}
+
+/// Maps the `len` bytes at host address `dst` (page-aligned), whose pages are in the
+/// memfd already, in guest RAM registered for minor faults with `uffd`, and wakes the
+/// threads waiting on them. A page mapped already is only woken.
+pub fn map(uffd: &Uffd, dst: u64, len: usize) -> Result<(), String> {
+    let mut done = 0usize;
+    while done < len {
+        let at = dst + done as u64;
+        // The kernel maps the memfd's own pages there: no buffer of ours is read.
+        match uffd.r#continue(at as *mut libc::c_void, len - done, true) {
+            Ok(n) if n > 0 => done += usize::try_from(n).unwrap_or(len - done),
+            Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EEXIST => {
+                let _ = uffd.wake(at as *mut libc::c_void, PAGE_BYTES);
+                done += PAGE_BYTES;
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "cannot map the page at {at:#x}: the kernel mapped nothing"
+                ))
+            }
+            Err(e) => return Err(format!("cannot map {} bytes at {at:#x}: {e:?}", len - done)),
         }
     }
     Ok(())

@@ -663,6 +663,16 @@ fn test_a_fault_stream_with_the_wrong_token_is_refused() {
     receive(&dst, &format!("tcp:127.0.0.1:{}", free_port()));
 }
 
+/// A `Prepare` body: the ranges to make room for.
+fn room(ranges: &[(u64, u64)]) -> Vec<u8> {
+    let mut b = (ranges.len() as u64).to_le_bytes().to_vec();
+    for (addr, len) in ranges {
+        b.extend_from_slice(&addr.to_le_bytes());
+        b.extend_from_slice(&len.to_le_bytes());
+    }
+    b
+}
+
 /// A page batch of one range at `addr` of `len` bytes.
 fn pages(addr: u64, len: usize) -> Vec<u8> {
     let mut p = Vec::new();
@@ -733,6 +743,22 @@ fn test_receiver_refuses_bad_streams_and_receives_again() {
             "Prepare twice",
             vec![hello(), frame(17, &[]), frame(17, &[])],
             "unexpected Prepare",
+        ),
+        // Room is made only for a pure post-copy (this Hello announces no fault
+        // stream), and the list is bounded by the guest's pages.
+        (
+            "room without post-copy",
+            vec![hello(), frame(17, &room(&[(0, 4096)]))],
+            "not a pure post-copy",
+        ),
+        (
+            "room for too many pages",
+            vec![hello(), {
+                let mut f = frame(17, &[]);
+                f[8..16].copy_from_slice(&(1u64 << 30).to_le_bytes());
+                f
+            }],
+            "pages to make room for",
         ),
     ];
     for (name, writes, expected) in cases {

@@ -24,8 +24,9 @@ use super::MigrationError;
 /// The first bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FRYM";
 /// The protocol version both sides must speak.
-pub const VERSION: u32 = 3;
-/// The oldest source version a destination takes (version 2 lacks only `Prepare`).
+pub const VERSION: u32 = 4;
+/// The oldest source version a destination takes (version 2 lacks only `Prepare`;
+/// version 3's `Prepare` is always empty).
 pub const OLDEST_SOURCE: u32 = 2;
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 24;
@@ -78,7 +79,8 @@ pub enum Kind {
     /// Source → destination: the source saw `Complete` and ends (empty).
     CompleteAck = 16,
     /// Source → destination, just before the source pauses its guest: finish making
-    /// the VM (empty).
+    /// the VM; in a pure post-copy, also make room for the pages that hold data (a
+    /// range list as in `encode_ranges`; empty otherwise).
     Prepare = 17,
     /// Destination → source: the VM is made; the guest may pause (empty).
     Prepared = 18,
@@ -119,7 +121,7 @@ impl Kind {
             // makes (the memory map bounds it again on receipt).
             Kind::Hashes => 16 << 30,
             // A range per page at worst (bounded by the memory map again on receipt).
-            Kind::Missing => 16 << 30,
+            Kind::Missing | Kind::Prepare => 16 << 30,
             Kind::Request => (8 * MAX_REQUEST) as u64,
             Kind::Ready
             | Kind::Go
@@ -127,7 +129,6 @@ impl Kind {
             | Kind::PushDone
             | Kind::Complete
             | Kind::CompleteAck
-            | Kind::Prepare
             | Kind::Prepared => 0,
             _ => MAX_JSON,
         }

@@ -16,7 +16,7 @@
 
 use api::migration::MigrationReceiveParams;
 use api::VmConfig;
-use memory::{GuestRam, PAGE_SIZE};
+use memory::{GuestRam, PAGE_BYTES, PAGE_SIZE};
 use vm_memory::GuestAddress;
 
 use std::sync::Arc;
@@ -270,6 +270,8 @@ fn receive(
     let mut data = Vec::with_capacity(protocol::BATCH_BYTES);
     let mut received = 0u64;
     let mut hashes = None;
+    // The pages `make_room` wrote, when the source listed them.
+    let mut room = None;
     let switch: Switch = loop {
         // A VM that could not be made fails the migration now, not at the pause.
         if creating.as_ref().is_some_and(|c| c.is_finished()) {
@@ -277,7 +279,8 @@ fn receive(
         }
         let header = conn.recv_header()?;
         match header.kind {
-            Kind::Pages if !hello.local => {
+            // Once room is made, the memfd holds nothing else (postcopy.rs).
+            Kind::Pages if !hello.local && room.is_none() => {
                 let ranges = protocol::read_batch(conn, &header, &mut data)?;
                 // Every range is checked before any is written.
                 for &(addr, len) in &ranges {
@@ -311,7 +314,36 @@ fn receive(
                     Some(verify::decode(&body, total_pages).map_err(MigrationError::Protocol)?);
             }
             Kind::Prepare if prepares && !prepared => {
-                conn.read_payload(&header)?;
+                if header.len > 8 + 16 * total_pages {
+                    return Err(MigrationError::Protocol(format!(
+                        "{} bytes of pages to make room for, for {total_pages} pages",
+                        header.len
+                    )));
+                }
+                let body = conn.read_payload(&header)?;
+                // A pure post-copy's source lists the pages that hold data: room is
+                // made for them now, while the guest still runs there (postcopy.rs).
+                if !body.is_empty() {
+                    if fault_conn.is_none() || received > 0 {
+                        return Err(MigrationError::Protocol(
+                            "Prepare lists pages to make room for, but the migration is not a pure post-copy".into(),
+                        ));
+                    }
+                    if memory::fault::minor_faults_work() {
+                        let t = std::time::Instant::now();
+                        let made = postcopy::make_room(&ram, &body, &progress.cancel)?;
+                        tracing::debug!(
+                            "post-copy: room made for {} MiB in {:?}",
+                            (made.count() * PAGE_BYTES) >> 20,
+                            t.elapsed()
+                        );
+                        room = Some(made);
+                    } else {
+                        tracing::info!(
+                            "post-copy: this kernel has no minor faults on shmem; pages are placed into holes"
+                        );
+                    }
+                }
                 if vm.is_none() {
                     vm = Some(made(&mut creating)?);
                 }
@@ -359,6 +391,12 @@ fn receive(
         let body = conn.read_payload(&header)?;
         Some(postcopy::decode_missing(&ram, &body)?)
     } else {
+        if room.is_some() {
+            return Err(MigrationError::Protocol(
+                "a pre-copy switch in a migration whose Prepare listed pages to make room for"
+                    .into(),
+            ));
+        }
         None
     };
     if hello.verify {
@@ -393,6 +431,7 @@ fn receive(
         *incoming = Some(postcopy::Incoming::start(
             &ram,
             lacks,
+            room.take(),
             fault_conn,
             progress.clone(),
         )?);

@@ -360,8 +360,20 @@ fn exchange(
     };
     // The destination finishes making its VM (registering guest RAM with KVM takes
     // milliseconds at 4 GiB) before the guest pauses here, not while it is paused.
+    // A pure post-copy lets the destination make room for those pages meanwhile: it
+    // places them far faster into pages that exist (postcopy.rs).
+    let room = match &earlier {
+        Some(runs) => {
+            let mut b = DirtyBitmap::new(job.ram.regions());
+            for &(first, count) in runs {
+                b.set_run(first, count);
+            }
+            protocol::encode_ranges(&super::postcopy::guest_ranges(&job.ram, &b))
+        }
+        None => Vec::new(),
+    };
     let t = Instant::now();
-    pages.conn.send(Kind::Prepare, &[]).map_err(before)?;
+    pages.conn.send(Kind::Prepare, &[&room]).map_err(before)?;
     pages.conn.recv_empty(Kind::Prepared).map_err(before)?;
     tracing::debug!("switch-over: the destination prepared in {:?}", t.elapsed());
     // Switch-over: from here the guest is paused until one side runs it.
