@@ -361,9 +361,9 @@ pub fn place(uffd: &Uffd, buf: &[u8], dst: u64, wake: bool) -> Result<(), String
 
 /// Maps the `len` bytes at host address `dst` (page-aligned), whose pages are in the
 /// memfd already, in guest RAM registered for minor faults with `uffd`, and wakes the
-/// threads waiting on them. A page mapped already is only woken.
-pub fn map(uffd: &Uffd, dst: u64, len: usize) -> Result<(), String> {
-    let mut done = 0usize;
+/// threads waiting on them. A page mapped already is only woken; returns how many were.
+pub fn map(uffd: &Uffd, dst: u64, len: usize) -> Result<usize, String> {
+    let (mut done, mut there) = (0usize, 0usize);
     while done < len {
         let at = dst + done as u64;
         // The kernel maps the memfd's own pages there: no buffer of ours is read.
@@ -372,6 +372,7 @@ pub fn map(uffd: &Uffd, dst: u64, len: usize) -> Result<(), String> {
             Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EEXIST => {
                 let _ = uffd.wake(at as *mut libc::c_void, PAGE_BYTES);
                 done += PAGE_BYTES;
+                there += 1;
             }
             Ok(_) => {
                 return Err(format!(
@@ -381,7 +382,7 @@ pub fn map(uffd: &Uffd, dst: u64, len: usize) -> Result<(), String> {
             Err(e) => return Err(format!("cannot map {} bytes at {at:#x}: {e:?}", len - done)),
         }
     }
-    Ok(())
+    Ok(there)
 }
 
 /// Places a zero page at host address `dst` (page-aligned) and wakes its waiters; a

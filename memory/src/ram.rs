@@ -336,6 +336,16 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Drops this process's (and KVM's) mappings of all of guest RAM; the memfd keeps
+    /// every page as it is, and the next access faults it back in.
+    pub fn unmap(&self) -> Result<(), RamError> {
+        for r in &self.regions {
+            sys::unmap_shared(r.host_addr, r.size)
+                .map_err(|e| RamError::Access(format!("madvise(MADV_DONTNEED): {e}")))?;
+        }
+        Ok(())
+    }
+
     /// Discards whole pages: their contents become zero and their memory is freed. The
     /// kernel reports a punched page as not written, so ferry marks it dirty itself.
     pub fn discard(&self, addr: GuestAddress, len: u64) -> Result<(), RamError> {

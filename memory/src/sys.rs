@@ -180,6 +180,22 @@ pub fn reserve_address_space(len: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// Drops this process's mappings of the shared file pages at `addr..addr+len` (their
+/// contents stay in the file): the next access faults, and KVM's own mappings of them
+/// are invalidated with them.
+pub fn unmap_shared(addr: u64, len: u64) -> io::Result<()> {
+    let Ok(len) = usize::try_from(len) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: MADV_DONTNEED on a MAP_SHARED mapping only zaps page-table entries; the
+    // pages and their contents stay in the memfd, so no memory Rust refers to changes.
+    let ret = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Discards the pages of `file` in `offset..offset+len` (their contents become zero).
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {

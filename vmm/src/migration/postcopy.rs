@@ -40,7 +40,10 @@
 //!   for a fault on a cached page that is no longer pending, maps it again when
 //!   `unmapped` is clear (`EEXIST`: only a wake), and otherwise does nothing: the
 //!   winner's map is still to come, and wakes the fault (the kernel queues a fault's
-//!   waiter before the fault can be read). A minor fault on any other page is a page
+//!   waiter before the fault can be read); it maps the page again once `unmapped` is
+//!   clear, in case the page was unmapped in between (reclaim may unmap shmem pages).
+//!   A taken page whose write or map fails is counted in `lost`, so that the pages
+//!   still to arrive never reach zero and the migration fails instead of completing. A minor fault on any other page is a page
 //!   whose memfd contents are final (zeros made before the pause that the source no
 //!   longer holds data in): it is mapped at once.
 //! - Destination counters and `error`: atomics and a mutex, any thread; `error` keeps
@@ -173,6 +176,9 @@ struct In {
     cached: DirtyBitmap,
     /// The cached pages not yet mapped.
     unmapped: PageSet,
+    /// Cached pages taken out of `pending` whose write or map then failed: still
+    /// missing, though no longer pending (the migration has failed).
+    lost: AtomicU64,
     faults: AtomicU64,
     requested: AtomicU64,
     pushed: AtomicU64,
@@ -276,14 +282,26 @@ impl In {
             }
             let from = (p - first) * PAGE_BYTES;
             let slice = &bytes[from..from + taken * PAGE_BYTES];
-            self.ram
+            let placed_here = self
+                .ram
                 .file()
                 .write_all_at(slice, p as u64 * PAGE_SIZE)
-                .map_err(|e| {
-                    MigrationError::Vm(format!("cannot write guest RAM's memfd page {p}: {e}"))
-                })?;
-            memory::fault::map(&self.uffd, host + from as u64, slice.len())
-                .map_err(MigrationError::Vm)?;
+                .map_err(|e| format!("cannot write guest RAM's memfd page {p}: {e}"))
+                .and_then(|()| memory::fault::map(&self.uffd, host + from as u64, slice.len()))
+                .and_then(|there| match there {
+                    0 => Ok(()),
+                    // Only the thread that took a page maps it: mapped already, the
+                    // guest may have read it before this write.
+                    n => Err(format!(
+                        "{n} of the pages from memfd page {p} were mapped before their data came"
+                    )),
+                });
+            if let Err(e) = placed_here {
+                // Taken but not here: counted as missing still, so that nothing
+                // reports the migration complete.
+                self.lost.fetch_add(taken as u64, Ordering::AcqRel);
+                return Err(MigrationError::Vm(e));
+            }
             for q in p..p + taken {
                 self.unmapped.take(q);
             }
@@ -291,6 +309,11 @@ impl In {
             p += taken;
         }
         Ok(placed)
+    }
+
+    /// Pages not here yet: pending, or taken and lost to a failed write.
+    fn remaining(&self) -> u64 {
+        self.pending.count() + self.lost.load(Ordering::Acquire)
     }
 
     fn release(&self) {
@@ -329,6 +352,17 @@ fn empty(ram: &GuestRam, lacks: &DirtyBitmap) -> Result<(), MigrationError> {
     Ok(())
 }
 
+/// Punches out every page of `pages` (holes stay holes).
+fn discard(ram: &GuestRam, pages: &DirtyBitmap) -> Result<(), MigrationError> {
+    for (first, count) in pages.runs() {
+        for (addr, bytes) in ram.guest_ranges(first as u64 * PAGE_SIZE, count as u64 * PAGE_SIZE) {
+            ram.discard(addr, bytes)
+                .map_err(|e| MigrationError::Vm(format!("cannot empty a missing page: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
 /// Guest RAM on the destination while post-copy runs; see the module doc.
 pub struct Incoming {
     shared: Arc<In>,
@@ -353,7 +387,19 @@ impl Incoming {
     ) -> Result<Incoming, MigrationError> {
         let precopied = progress.status().transferred_bytes;
         let cached = match &room {
-            Some(room) => room.and(&lacks),
+            Some(room) => {
+                // Lacking pages outside the room are placed as holes: punch any that
+                // hold data now (written since the source listed its pages).
+                let mut holes = lacks.clone();
+                holes.remove(room);
+                discard(ram, &holes)?;
+                // Restoring the VM may have mapped pages already (KVM maps the
+                // kvmclock page when its MSR is set): unmapped, each faults again once
+                // guest RAM is registered, and KVM's own mappings go with them.
+                ram.unmap()
+                    .map_err(|e| MigrationError::Vm(format!("post-copy: {e}")))?;
+                room.and(&lacks)
+            }
             None => {
                 empty(ram, &lacks)?;
                 DirtyBitmap::new(ram.regions())
@@ -367,6 +413,7 @@ impl Incoming {
             ram: ram.clone(),
             pending: PageSet::from_bitmap(&lacks, total),
             unmapped: PageSet::from_bitmap(&cached, total),
+            lost: AtomicU64::new(0),
             cached,
             lacks,
             faults: AtomicU64::new(0),
@@ -408,7 +455,7 @@ impl Incoming {
 
     /// Pages still to arrive.
     pub fn remaining(&self) -> u64 {
-        self.shared.pending.count()
+        self.shared.remaining()
     }
 
     /// The fault thread's error, if it failed.
@@ -462,7 +509,7 @@ impl Drop for Incoming {
 
 fn publish(shared: &In, progress: &Progress) {
     let latency = *shared.latency.lock().expect("poisoned");
-    let remaining = shared.pending.count();
+    let remaining = shared.remaining();
     progress.update(|s| {
         s.postcopy_faults = shared.faults.load(Ordering::Relaxed);
         s.pages_requested = shared.requested.load(Ordering::Relaxed);
@@ -495,6 +542,8 @@ fn serve_faults(shared: &In, mut conn: Conn, stop: &EventFd, progress: &Progress
     // Pages asked for and not yet answered, with when their first fault was read.
     let mut waiting: HashMap<usize, Instant> = HashMap::new();
     let mut latencies: Vec<u32> = Vec::new();
+    // Faults on cached pages that a placing thread had taken and not yet mapped.
+    let mut deferred: Vec<(usize, u64)> = Vec::new();
     let mut data = Vec::with_capacity(protocol::BATCH_BYTES);
     let mut published = Instant::now();
     let fds = [shared.uffd.as_raw_fd(), conn.raw_fd(), stop.as_raw_fd()];
@@ -507,7 +556,22 @@ fn serve_faults(shared: &In, mut conn: Conn, stop: &EventFd, progress: &Progress
             break;
         }
         if ready[0] {
-            if let Err(e) = take_faults(shared, &mut conn, &mut waiting) {
+            if let Err(e) = take_faults(shared, &mut conn, &mut waiting, &mut deferred) {
+                return shared.fail(format!("serving a page fault: {e}"));
+            }
+        }
+        // The placing thread's map woke these faults; mapping them again once it is
+        // done costs an `EEXIST`, and serves one whose page was unmapped in between.
+        let mut again = Vec::new();
+        deferred.retain(|&(page, addr)| {
+            let wait = shared.unmapped.contains(page);
+            if !wait {
+                again.push(addr);
+            }
+            wait
+        });
+        for addr in again {
+            if let Err(e) = memory::fault::map(&shared.uffd, addr, PAGE_BYTES) {
                 return shared.fail(format!("serving a page fault: {e}"));
             }
         }
@@ -533,6 +597,7 @@ fn take_faults(
     shared: &In,
     conn: &mut Conn,
     waiting: &mut HashMap<usize, Instant>,
+    deferred: &mut Vec<(usize, u64)>,
 ) -> Result<(), MigrationError> {
     let mut want: Vec<u8> = Vec::new();
     loop {
@@ -563,7 +628,8 @@ fn take_faults(
             }
         } else if shared.unmapped.contains(page) {
             // Taken by a placing thread whose map is still to come and wakes this
-            // fault (see the module doc).
+            // fault (see the module doc); looked at again once it is mapped.
+            deferred.push((page, addr));
         } else if kind == FaultKind::Minor {
             // In the memfd, final: placed and mapped, or zeros the source no longer
             // holds data in.
@@ -923,6 +989,47 @@ mod tests {
     /// Where the race test's fourth thread writes (the readers check the page's ends).
     const MARK: u64 = 2048;
 
+    /// A page made room for that something mapped before the switch (restoring the VM
+    /// maps the kvmclock page, as KVM sets its MSR) faults again once post-copy runs,
+    /// and reads the source's data, not what was written there meanwhile.
+    #[test]
+    fn test_a_page_mapped_before_the_switch_waits_for_its_data() {
+        use vm_memory::Bytes;
+        let (src, lacks) = source_ram();
+        let dst = GuestRam::new(64, 46).expect("ram");
+        let body = protocol::encode_ranges(&guest_ranges(&dst, &lacks));
+        let room = make_room(&dst, &body, &AtomicBool::new(false)).expect("room");
+        let at = page_to_guest(dst.regions(), 3).expect("page");
+        dst.memory().write_obj(0x5555u64, at).expect("write");
+        let (_src_conn, dst_conn) = conn_pair();
+        let incoming = Incoming::start(
+            &dst,
+            lacks,
+            Some(room),
+            dst_conn,
+            Progress::new(Default::default()),
+        )
+        .expect("start");
+        let reader = {
+            let dst = dst.clone();
+            std::thread::spawn(move || dst.memory().read_obj::<u64>(at).expect("read"))
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !reader.is_finished(),
+            "a page mapped before the switch was read before its data came"
+        );
+        let mut page = vec![0u8; PAGE_BYTES];
+        src.memory().read_slice(&mut page, at).expect("read");
+        incoming.pushed(&[(at.0, PAGE_SIZE)], &page).expect("push");
+        assert_eq!(
+            reader.join().expect("reader"),
+            4,
+            "page 3 holds the source's data"
+        );
+        incoming.finish();
+    }
+
     /// A fault on a page made room for that a placing thread has taken but not yet
     /// written waits for that thread's map: mapped at once, it would read the zeros
     /// made before the pause.
@@ -1052,6 +1159,11 @@ mod tests {
             ),
             (protocol::encode_ranges(&[(100, PAGE_SIZE)]), "whole pages"),
             (protocol::encode_ranges(&[(0, 0)]), "whole pages"),
+            (
+                // A good range before a bad one: nothing is written for either.
+                protocol::encode_ranges(&[(0, PAGE_SIZE), (64 << 20, PAGE_SIZE)]),
+                "not all guest RAM here",
+            ),
             (good[..good.len() - 1].to_vec(), "says it holds 2 ranges"),
             (vec![1, 2, 3], "shorter than its count"),
         ] {

@@ -324,7 +324,13 @@ fn receive(
                 // A pure post-copy's source lists the pages that hold data: room is
                 // made for them now, while the guest still runs there (postcopy.rs).
                 if !body.is_empty() {
-                    if fault_conn.is_none() || received > 0 {
+                    // A local destination's memfd is the source's own guest RAM.
+                    if fault_conn.is_none()
+                        || received > 0
+                        || hello.local
+                        || hello.verify
+                        || hello.version < 4
+                    {
                         return Err(MigrationError::Protocol(
                             "Prepare lists pages to make room for, but the migration is not a pure post-copy".into(),
                         ));
@@ -522,6 +528,10 @@ fn rest_of_memory(
     }
     incoming.complete();
     incoming.publish(progress);
+    // A placing thread that failed on the last pages has said so by now.
+    if let Some(e) = failed(incoming) {
+        return Err(e);
+    }
     conn.send(Kind::Complete, &[])?;
     conn.recv_empty(Kind::CompleteAck)?;
     Ok(())
