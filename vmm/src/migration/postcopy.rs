@@ -77,6 +77,8 @@ use super::{MigrationError, Progress};
 /// Pages after a requested one that go with its answer, when they are still to send:
 /// a guest that touches a page is likely to touch the next ones.
 const NEIGHBOURS: usize = 15;
+/// Pages made room for that one thread takes, writes and maps at a time.
+const WRITE_GROUP: usize = 16;
 /// How often the threads publish their counters to `GET /migration`.
 const PUBLISH: Duration = Duration::from_millis(100);
 /// Poll timeout of the fault threads, so that they see their stop flag.
@@ -276,8 +278,10 @@ impl In {
                 p += 1;
                 continue;
             }
+            // A few pages at a time: a fault on a page taken here waits for its
+            // group's write and map, not for the whole batch's.
             let mut taken = 1;
-            while p + taken < first + run && self.pending.take(p + taken) {
+            while p + taken < first + run && taken < WRITE_GROUP && self.pending.take(p + taken) {
                 taken += 1;
             }
             let from = (p - first) * PAGE_BYTES;
@@ -995,39 +999,18 @@ mod tests {
     #[test]
     fn test_a_page_mapped_before_the_switch_waits_for_its_data() {
         use vm_memory::Bytes;
-        let (src, lacks) = source_ram();
-        let dst = GuestRam::new(64, 46).expect("ram");
-        let body = protocol::encode_ranges(&guest_ranges(&dst, &lacks));
-        let room = make_room(&dst, &body, &AtomicBool::new(false)).expect("room");
-        let at = page_to_guest(dst.regions(), 3).expect("page");
-        dst.memory().write_obj(0x5555u64, at).expect("write");
-        let (_src_conn, dst_conn) = conn_pair();
-        let incoming = Incoming::start(
-            &dst,
-            lacks,
-            Some(room),
-            dst_conn,
-            Progress::new(Default::default()),
-        )
-        .expect("start");
-        let reader = {
-            let dst = dst.clone();
-            std::thread::spawn(move || dst.memory().read_obj::<u64>(at).expect("read"))
-        };
-        std::thread::sleep(Duration::from_millis(200));
+        let room = Room::new(|dst, at| {
+            dst.memory().write_obj(0x5555u64, at).expect("write");
+        });
+        let reader = room.read_page_3();
         assert!(
             !reader.is_finished(),
             "a page mapped before the switch was read before its data came"
         );
-        let mut page = vec![0u8; PAGE_BYTES];
-        src.memory().read_slice(&mut page, at).expect("read");
-        incoming.pushed(&[(at.0, PAGE_SIZE)], &page).expect("push");
-        assert_eq!(
-            reader.join().expect("reader"),
-            4,
-            "page 3 holds the source's data"
-        );
-        incoming.finish();
+        room.incoming
+            .pushed(&[(room.at.0, PAGE_SIZE)], &room.page_3())
+            .expect("push");
+        room.check(reader);
     }
 
     /// A fault on a page made room for that a placing thread has taken but not yet
@@ -1036,48 +1019,95 @@ mod tests {
     #[test]
     fn test_a_fault_on_a_page_being_placed_waits_for_its_data() {
         use std::os::unix::fs::FileExt;
-        use vm_memory::Bytes;
-        let (src, lacks) = source_ram();
-        let dst = GuestRam::new(64, 46).expect("ram");
-        let body = protocol::encode_ranges(&guest_ranges(&dst, &lacks));
-        let room = make_room(&dst, &body, &AtomicBool::new(false)).expect("room");
-        let (_src_conn, dst_conn) = conn_pair();
-        let incoming = Incoming::start(
-            &dst,
-            lacks,
-            Some(room),
-            dst_conn,
-            Progress::new(Default::default()),
-        )
-        .expect("start");
-        let at = page_to_guest(dst.regions(), 3).expect("page");
+        let room = Room::new(|_, _| {});
         // A placing thread takes page 3 ...
-        assert!(incoming.shared.pending.take(3));
-        let reader = {
-            let dst = dst.clone();
-            std::thread::spawn(move || dst.memory().read_obj::<u64>(at).expect("read"))
-        };
-        std::thread::sleep(Duration::from_millis(200));
+        assert!(room.incoming.shared.pending.take(3));
+        let reader = room.read_page_3();
         assert!(
             !reader.is_finished(),
             "the fault was served before the page's data was written"
         );
         // ... and writes and maps it.
-        let mut page = vec![0u8; PAGE_BYTES];
-        src.memory().read_slice(&mut page, at).expect("read");
-        dst.file()
-            .write_all_at(&page, 3 * PAGE_SIZE)
+        room.dst
+            .file()
+            .write_all_at(&room.page_3(), 3 * PAGE_SIZE)
             .expect("write");
-        let host = dst.regions()[0].host_addr + at.0;
-        memory::fault::map(&incoming.shared.uffd, host, PAGE_BYTES).expect("map");
-        incoming.shared.unmapped.take(3);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !reader.is_finished() {
-            assert!(Instant::now() < deadline, "the map did not wake the fault");
-            std::thread::sleep(Duration::from_millis(1));
+        let host = room.dst.regions()[0].host_addr + room.at.0;
+        memory::fault::map(&room.incoming.shared.uffd, host, PAGE_BYTES).expect("map");
+        room.incoming.shared.unmapped.take(3);
+        room.check(reader);
+    }
+
+    /// A destination that made room for every page the source holds, in post-copy;
+    /// its page 3 at `at`.
+    struct Room {
+        src: GuestRam,
+        dst: GuestRam,
+        at: GuestAddress,
+        incoming: Incoming,
+        _src_conn: Conn,
+    }
+
+    impl Room {
+        /// `before` runs between the room and the switch.
+        fn new(before: impl FnOnce(&GuestRam, GuestAddress)) -> Room {
+            let (src, lacks) = source_ram();
+            let dst = GuestRam::new(64, 46).expect("ram");
+            let body = protocol::encode_ranges(&guest_ranges(&dst, &lacks));
+            let room = make_room(&dst, &body, &AtomicBool::new(false)).expect("room");
+            let at = page_to_guest(dst.regions(), 3).expect("page");
+            before(&dst, at);
+            let (src_conn, dst_conn) = conn_pair();
+            let progress = Progress::new(Default::default());
+            let incoming =
+                Incoming::start(&dst, lacks, Some(room), dst_conn, progress).expect("start");
+            Room {
+                src,
+                dst,
+                at,
+                incoming,
+                _src_conn: src_conn,
+            }
         }
-        assert_eq!(reader.join().expect("reader"), 4, "page 3 holds its data");
-        incoming.finish();
+
+        /// A thread reading page 3, 200 ms on.
+        fn read_page_3(&self) -> std::thread::JoinHandle<u64> {
+            use vm_memory::Bytes;
+            let (dst, at) = (self.dst.clone(), self.at);
+            let reader =
+                std::thread::spawn(move || dst.memory().read_obj::<u64>(at).expect("read"));
+            std::thread::sleep(Duration::from_millis(200));
+            reader
+        }
+
+        /// The source's page 3.
+        fn page_3(&self) -> Vec<u8> {
+            use vm_memory::Bytes;
+            let mut page = vec![0u8; PAGE_BYTES];
+            self.src
+                .memory()
+                .read_slice(&mut page, self.at)
+                .expect("read");
+            page
+        }
+
+        /// The reader ends, having read the source's data.
+        fn check(self, reader: std::thread::JoinHandle<u64>) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !reader.is_finished() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the page's map did not wake the fault"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(
+                reader.join().expect("reader"),
+                4,
+                "page 3 holds the source's data"
+            );
+            self.incoming.finish();
+        }
     }
 
     /// A destination that holds older contents of pages it lacks (a pre-copy sent them
