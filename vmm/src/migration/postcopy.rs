@@ -400,8 +400,10 @@ impl Incoming {
                 // Restoring the VM may have mapped pages already (KVM maps the
                 // kvmclock page when its MSR is set): unmapped, each faults again once
                 // guest RAM is registered, and KVM's own mappings go with them.
+                let t = Instant::now();
                 ram.unmap()
                     .map_err(|e| MigrationError::Vm(format!("post-copy: {e}")))?;
+                tracing::debug!("post-copy: guest RAM unmapped in {:?}", t.elapsed());
                 room.and(&lacks)
             }
             None => {
