@@ -18,9 +18,9 @@
 //! data in `Prepare`, and the destination writes zeros over them in its memfd while
 //! the guest still runs on the source (`make_room`). A page's first write costs about
 //! 10 µs here, where the host's own memory is handed back to its hypervisor when free
-//! (ENVIRONMENT.md; README, post-copy), against well under 1 µs for a page written
-//! again: placing 1 GiB into new pages with `UFFDIO_COPY` took 2.8 s, into pages made
-//! before the pause 0.2 s. Those pages stay in the memfd, unmapped, and guest RAM is
+//! (README, post-copy), against well under 1 µs for a page written again: placing
+//! 976 MiB into new pages with `UFFDIO_COPY` took the destination 2.8 s, into pages
+//! made before the pause 0.33-0.37 s. Those pages stay in the memfd, unmapped, and guest RAM is
 //! registered for minor faults as well: a lacking page among them (`cached`) is placed
 //! by writing the memfd and mapping it with `UFFDIO_CONTINUE`; any other lacking page
 //! is a hole, placed with `UFFDIO_COPY` as above.
@@ -42,8 +42,9 @@
 //!   winner's map is still to come, and wakes the fault (the kernel queues a fault's
 //!   waiter before the fault can be read); it maps the page again once `unmapped` is
 //!   clear, in case the page was unmapped in between (reclaim may unmap shmem pages).
-//!   A taken page whose write or map fails is counted in `lost`, so that the pages
-//!   still to arrive never reach zero and the migration fails instead of completing. A minor fault on any other page is a page
+//!   A taken page counts in `placing` from just before its take until it is mapped
+//!   (for good if its write or map fails), so that the pages still to arrive
+//!   (`pending` + `placing`) never reach zero before they are all here. A minor fault on any other page is a page
 //!   whose memfd contents are final (zeros made before the pause that the source no
 //!   longer holds data in): it is mapped at once.
 //! - Destination counters and `error`: atomics and a mutex, any thread; `error` keeps
@@ -130,8 +131,8 @@ pub const ROOM_BUDGET: Duration = Duration::from_secs(5);
 
 /// Makes room in `ram`'s memfd for the pages of `body` (a `Prepare` range list: the
 /// pages that hold data on the source) by writing zeros over them, so that post-copy
-/// places them into pages that exist; see the module doc. Stops at `ROOM_BUDGET` or a
-/// cancel (the rest are placed as holes). Returns the pages written.
+/// places them into pages that exist; see the module doc. Stops at `ROOM_BUDGET` (the
+/// rest are placed as holes). Returns the pages written.
 pub fn make_room(
     ram: &GuestRam,
     body: &[u8],
@@ -147,7 +148,10 @@ pub fn make_room(
     for (first, count) in runs {
         let mut p = first;
         while p < first + count {
-            if Instant::now() > deadline || cancel.load(Ordering::Relaxed) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(MigrationError::Cancelled);
+            }
+            if Instant::now() > deadline {
                 return Ok(room);
             }
             let n = chunk.min(first + count - p);
@@ -178,9 +182,9 @@ struct In {
     cached: DirtyBitmap,
     /// The cached pages not yet mapped.
     unmapped: PageSet,
-    /// Cached pages taken out of `pending` whose write or map then failed: still
-    /// missing, though no longer pending (the migration has failed).
-    lost: AtomicU64,
+    /// Cached pages taken out of `pending` and not yet written and mapped (for good,
+    /// when their write or map failed): still missing, though no longer pending.
+    placing: AtomicU64,
     faults: AtomicU64,
     requested: AtomicU64,
     pushed: AtomicU64,
@@ -274,20 +278,19 @@ impl In {
         let mut placed = 0u64;
         let mut p = first;
         while p < first + run {
-            if !self.pending.take(p) {
+            if !self.take(p) {
                 p += 1;
                 continue;
             }
             // A few pages at a time: a fault on a page taken here waits for its
             // group's write and map, not for the whole batch's.
             let mut taken = 1;
-            while p + taken < first + run && taken < WRITE_GROUP && self.pending.take(p + taken) {
+            while p + taken < first + run && taken < WRITE_GROUP && self.take(p + taken) {
                 taken += 1;
             }
             let from = (p - first) * PAGE_BYTES;
             let slice = &bytes[from..from + taken * PAGE_BYTES];
-            let placed_here = self
-                .ram
+            self.ram
                 .file()
                 .write_all_at(slice, p as u64 * PAGE_SIZE)
                 .map_err(|e| format!("cannot write guest RAM's memfd page {p}: {e}"))
@@ -299,25 +302,37 @@ impl In {
                     n => Err(format!(
                         "{n} of the pages from memfd page {p} were mapped before their data came"
                     )),
-                });
-            if let Err(e) = placed_here {
-                // Taken but not here: counted as missing still, so that nothing
-                // reports the migration complete.
-                self.lost.fetch_add(taken as u64, Ordering::AcqRel);
-                return Err(MigrationError::Vm(e));
-            }
+                })
+                // Taken but not here: they stay in `placing`, so that nothing reports
+                // the migration complete.
+                .map_err(MigrationError::Vm)?;
             for q in p..p + taken {
                 self.unmapped.take(q);
             }
+            self.placing.fetch_sub(taken as u64, Ordering::AcqRel);
             placed += taken as u64;
             p += taken;
         }
         Ok(placed)
     }
 
-    /// Pages not here yet: pending, or taken and lost to a failed write.
+    /// Takes cached page `p` out of `pending` into `placing`; false when another
+    /// thread took it. Counted in `placing` first, so that `remaining` never misses
+    /// it in between.
+    fn take(&self, p: usize) -> bool {
+        self.placing.fetch_add(1, Ordering::AcqRel);
+        let took = self.pending.take(p);
+        if !took {
+            self.placing.fetch_sub(1, Ordering::AcqRel);
+        }
+        took
+    }
+
+    /// Pages not here yet: pending, or taken and not yet written and mapped. `pending`
+    /// is read first: a take seen there has its `placing` count seen too.
     fn remaining(&self) -> u64 {
-        self.pending.count() + self.lost.load(Ordering::Acquire)
+        let pending = self.pending.count();
+        pending + self.placing.load(Ordering::Acquire)
     }
 
     fn release(&self) {
@@ -380,8 +395,9 @@ impl Incoming {
     /// thread on `conn`, the fault stream. Nothing may touch guest RAM between the holes
     /// and the registration: the VM must not run yet.
     ///
-    /// With `room` (what `make_room` wrote, and all that the memfd holds), nothing is
-    /// punched: the lacking pages among `room` stay, unmapped, for minor faults.
+    /// With `room` (what `make_room` wrote, and all that the memfd holds), the lacking
+    /// pages among `room` stay, unmapped, for minor faults; only the lacking pages
+    /// outside it are punched.
     pub fn start(
         ram: &GuestRam,
         lacks: DirtyBitmap,
@@ -419,7 +435,7 @@ impl Incoming {
             ram: ram.clone(),
             pending: PageSet::from_bitmap(&lacks, total),
             unmapped: PageSet::from_bitmap(&cached, total),
-            lost: AtomicU64::new(0),
+            placing: AtomicU64::new(0),
             cached,
             lacks,
             faults: AtomicU64::new(0),
@@ -480,6 +496,12 @@ impl Incoming {
         if let Some(t) = self.thread.lock().expect("poisoned").take() {
             let _ = t.join();
         }
+    }
+
+    /// Stops the fault thread (its error, if any, is in `error` then); guest RAM stays
+    /// registered.
+    pub fn stop(&self) {
+        self.stop_thread();
     }
 
     /// Every page is here: stops the fault thread and unregisters guest RAM at once, so
@@ -635,7 +657,9 @@ fn take_faults(
         } else if shared.unmapped.contains(page) {
             // Taken by a placing thread whose map is still to come and wakes this
             // fault (see the module doc); looked at again once it is mapped.
-            deferred.push((page, addr));
+            if !deferred.contains(&(page, addr)) {
+                deferred.push((page, addr));
+            }
         } else if kind == FaultKind::Minor {
             // In the memfd, final: placed and mapped, or zeros the source no longer
             // holds data in.
@@ -1022,8 +1046,14 @@ mod tests {
     fn test_a_fault_on_a_page_being_placed_waits_for_its_data() {
         use std::os::unix::fs::FileExt;
         let room = Room::new(|_, _| {});
+        let missing = room.incoming.remaining();
         // A placing thread takes page 3 ...
-        assert!(room.incoming.shared.pending.take(3));
+        assert!(room.incoming.shared.take(3));
+        assert_eq!(
+            room.incoming.remaining(),
+            missing,
+            "a page being placed still counts as missing"
+        );
         let reader = room.read_page_3();
         assert!(
             !reader.is_finished(),
@@ -1037,6 +1067,8 @@ mod tests {
         let host = room.dst.regions()[0].host_addr + room.at.0;
         memory::fault::map(&room.incoming.shared.uffd, host, PAGE_BYTES).expect("map");
         room.incoming.shared.unmapped.take(3);
+        room.incoming.shared.placing.fetch_sub(1, Ordering::AcqRel);
+        assert_eq!(room.incoming.remaining(), missing - 1);
         room.check(reader);
     }
 

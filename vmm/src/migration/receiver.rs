@@ -110,6 +110,8 @@ fn run(
             // Post-copy cannot go on: the guest stops here, and its missing pages stay
             // missing (never zeros) for as long as this VM exists.
             (true, Some(incoming)) => {
+                // Stopped first, so that no page is half placed while it is counted.
+                incoming.stop();
                 let missing = incoming.remaining();
                 incoming.publish(progress);
                 let frozen = match frozen {
@@ -526,12 +528,14 @@ fn rest_of_memory(
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    incoming.complete();
-    incoming.publish(progress);
-    // A placing thread that failed on the last pages has said so by now.
+    // A fault thread that failed on the last pages has said so once it has stopped:
+    // only then is guest RAM given back to the kernel.
+    incoming.stop();
     if let Some(e) = failed(incoming) {
         return Err(e);
     }
+    incoming.complete();
+    incoming.publish(progress);
     conn.send(Kind::Complete, &[])?;
     conn.recv_empty(Kind::CompleteAck)?;
     Ok(())
