@@ -12,7 +12,8 @@
 //! - `vmm`: what the VMM thread does once the microVM runs (devices, snapshots, the
 //!   API's requests, migrations), plus what the threads it starts do before they
 //!   confine themselves: files, sockets, threads, seccomp itself; KVM and userfaultfd
-//!   ioctls by type, and the tap's, terminal's and `PAGEMAP_SCAN` by number. Its
+//!   ioctls by type, and the tap's, terminal's and `PAGEMAP_SCAN` by number; its own
+//!   scheduling policy (`sched_setscheduler` on pid 0). Its
 //!   children inherit this filter, so it is the widest, as Firecracker's is.
 
 use std::collections::{BTreeMap, HashMap};
@@ -273,6 +274,12 @@ pub(crate) fn rules(thread: Thread) -> Rules {
             }
             ioctl_types(&mut rules, &[KVMIO, UFFDIO]);
             ioctl_requests(&mut rules, VMM_IOCTLS);
+            // A post-copy fault thread raising its own priority before it confines
+            // itself (pid 0: the calling thread, never another).
+            rules.insert(
+                libc::SYS_sched_setscheduler,
+                vec![cond(0, SeccompCmpOp::Eq, 0)],
+            );
         }
     }
     rules

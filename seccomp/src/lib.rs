@@ -398,22 +398,62 @@ mod tests {
             let _ = thread.join();
             return;
         }
-        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", NAME, "--nocapture", "--test-threads", "1"])
-            .env("FERRY_SECCOMP_CHILD", "1")
-            .output()
-            .expect("run the child");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            out.status.code(),
-            Some(sigsys::BAD_SYSCALL_STATUS),
-            "{stderr}"
-        );
+        let stderr = trapped_in_child(NAME);
         assert!(stderr.contains("confined\n"), "{stderr}");
         assert!(
             stderr.contains(
                 "[anonymous-instance:vcpu0] Shutting down VM after intercepting a bad syscall (41: socket) on thread vcpu0"
             ),
+            "{stderr}"
+        );
+    }
+
+    /// Runs the test `name` again in a child process, which must end trapped; returns
+    /// its stderr.
+    fn trapped_in_child(name: &str) -> String {
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+            .env("FERRY_SECCOMP_CHILD", "1")
+            .output()
+            .expect("run the child");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(sigsys::BAD_SYSCALL_STATUS),
+            "{stderr}"
+        );
+        stderr
+    }
+
+    /// A thread under the `vmm` filter may change its own scheduling policy (a
+    /// post-copy fault thread does) and no other thread's.
+    #[test]
+    fn a_thread_may_set_its_own_scheduling_policy_only() {
+        const NAME: &str = "tests::a_thread_may_set_its_own_scheduling_policy_only";
+        if std::env::var_os("FERRY_SECCOMP_CHILD").is_some() {
+            configure(&Policy::Builtin).expect("configure");
+            // SAFETY: getpid(2) has no arguments.
+            let main = unsafe { libc::getpid() };
+            let thread = std::thread::Builder::new()
+                .name("migration-recv".into())
+                .spawn(move || {
+                    apply(Thread::Vmm);
+                    let param = libc::sched_param { sched_priority: 0 };
+                    // SAFETY: sets this thread's own policy to the default one;
+                    // `param` lives across the call.
+                    let own = unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+                    eprintln!("own policy set: {own}");
+                    // SAFETY: as above, for the main thread; the filter traps it.
+                    unsafe { libc::sched_setscheduler(main, libc::SCHED_OTHER, &param) };
+                })
+                .expect("spawn");
+            let _ = thread.join();
+            return;
+        }
+        let stderr = trapped_in_child(NAME);
+        assert!(stderr.contains("own policy set: 0\n"), "{stderr}");
+        assert!(
+            stderr.contains("bad syscall (144: sched_setscheduler) on thread migration-recv"),
             "{stderr}"
         );
     }

@@ -1160,6 +1160,22 @@ fn postcopy_cutting_proxy(
 
 /// The destination after a failed post-copy: it says so, its guest is paused, and it
 /// refuses to run it.
+/// The scheduling policy of `pid`'s thread named `name` (`/proc`'s stat, field 41).
+fn thread_policy(pid: u32, name: &str) -> Option<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        // Fields after the name, which ends at the last ')', start at field 3.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        return rest.split(' ').nth(41 - 3)?.parse().ok();
+    }
+    None
+}
+
 fn assert_destination_stopped(dst: &Vm) {
     let d = wait_ended(dst, Duration::from_secs(30));
     assert_eq!(d["state"], "failed", "{d}");
@@ -1256,6 +1272,14 @@ fn test_killing_the_source_during_postcopy_stops_the_destination() {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(200));
+    // The threads that serve faults run ahead of the bulk threads on both sides.
+    for (vm, thread) in [(&dst, "postcopy-faults"), (&src, "postcopy-answer")] {
+        assert_eq!(
+            thread_policy(vm.ferry.pid(), thread),
+            Some(libc::SCHED_FIFO),
+            "{thread}'s scheduling policy"
+        );
+    }
     src.ferry.signal(libc::SIGKILL);
     drop(src);
     assert_destination_stopped(&dst);

@@ -482,6 +482,7 @@ fn rest_of_memory(
     progress: &Progress,
 ) -> Result<(), MigrationError> {
     let failed = |incoming: &Incoming| incoming.error().map(MigrationError::Vm);
+    conn.share_cores();
     let mut data = Vec::with_capacity(protocol::BATCH_BYTES);
     let started = std::time::Instant::now();
     let (mut bytes, mut placing) = (0u64, std::time::Duration::ZERO);

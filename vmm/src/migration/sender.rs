@@ -30,7 +30,7 @@ use std::sync::atomic::Ordering;
 
 use api::migration::MigrationMode;
 
-use super::postcopy::Outgoing;
+use super::postcopy::{self, Outgoing};
 use super::protocol::{self, Channel, Done, Hello, HelloAck, Kind, PageBatch, Switch};
 use super::transport::{self, Conn};
 use super::{verify, Control, ControlLink, MigrationError, Progress};
@@ -520,11 +520,13 @@ fn postcopy(
     fault_conn: Conn,
 ) -> Result<Done, MigrationError> {
     let out = Outgoing::new(&job.ram, job.whole, lacks);
+    pages.conn.share_cores();
     let answer_error: std::sync::Mutex<Option<MigrationError>> = std::sync::Mutex::new(None);
     std::thread::scope(|scope| {
         let answering = std::thread::Builder::new()
             .name("postcopy-answer".into())
             .spawn_scoped(scope, || {
+                postcopy::serve_first();
                 seccomp::apply(seccomp::Thread::Memory);
                 if let Err(e) = out.answer(fault_conn) {
                     tracing::warn!("post-copy: answering page requests: {e}");

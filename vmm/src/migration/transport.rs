@@ -26,6 +26,11 @@ pub const DESTINATION_STALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a blocked read or write looks at the cancel flag.
 const POLL: Duration = Duration::from_millis(POLL_MS as u64);
 const POLL_MS: libc::c_int = 50;
+/// The most one `read` or `write` moves on a connection that shares the host with
+/// post-copy's fault threads (`Conn::share_cores`). This kernel does not preempt a
+/// thread inside a system call (`PREEMPT_NONE`), so a 1 MiB page batch written or read
+/// in one call kept a woken fault thread waiting behind it for up to a millisecond.
+const SHARED_IO_BYTES: usize = 64 << 10;
 
 /// A connected stream of either family.
 pub enum Stream {
@@ -93,6 +98,8 @@ pub struct Conn {
     pub(super) torn: bool,
     /// How long the peer may send or take nothing.
     stall: Duration,
+    /// The most one system call reads or writes.
+    io_bytes: usize,
 }
 
 fn is_wait(e: &std::io::Error) -> bool {
@@ -115,12 +122,20 @@ impl Conn {
             closing: false,
             torn: false,
             stall: STALL_TIMEOUT,
+            io_bytes: usize::MAX,
         })
     }
 
     /// Gives up on a peer silent for `stall` rather than `STALL_TIMEOUT`.
     pub fn set_stall(&mut self, stall: Duration) {
         self.stall = stall;
+    }
+
+    /// From now on reads and writes at most `SHARED_IO_BYTES` per system call: the
+    /// bulk of post-copy, whose threads would otherwise keep a fault thread waiting.
+    /// Pre-copy moves pages faster in larger calls.
+    pub fn share_cores(&mut self) {
+        self.io_bytes = SHARED_IO_BYTES;
     }
 
     /// Fails if a cancel was asked for: looked at between frames, and while waiting
@@ -160,7 +175,8 @@ impl Conn {
         let mut done = 0;
         let mut progress = Instant::now();
         while done < buf.len() {
-            match self.stream.read(&mut buf[done..]) {
+            let end = buf.len().min(done.saturating_add(self.io_bytes));
+            match self.stream.read(&mut buf[done..end]) {
                 Ok(0) => return Err(MigrationError::Closed),
                 Ok(n) => {
                     done += n;
@@ -179,7 +195,8 @@ impl Conn {
         let mut done = 0;
         let mut progress = Instant::now();
         while done < buf.len() {
-            match self.stream.write(&buf[done..]) {
+            let end = buf.len().min(done.saturating_add(self.io_bytes));
+            match self.stream.write(&buf[done..end]) {
                 Ok(0) => return Err(MigrationError::Closed),
                 Ok(n) => {
                     done += n;
