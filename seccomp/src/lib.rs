@@ -116,10 +116,13 @@ const MAX_INSTRUCTIONS: usize = 4096;
 
 /// `None` inside: seccomp is off.
 static FILTERS: OnceLock<Option<HashMap<Thread, BpfProgram>>> = OnceLock::new();
+/// Whether the filters came from a user's file, which may lack what ferry's own allow.
+static FROM_FILE: OnceLock<bool> = OnceLock::new();
 
 /// Builds or loads the filters and installs the `SIGSYS` handler. Call once, on the
 /// main thread, before any thread starts.
 pub fn configure(policy: &Policy) -> Result<(), SeccompError> {
+    let _ = FROM_FILE.set(matches!(policy, Policy::File(_)));
     let filters = match policy {
         Policy::Off => None,
         Policy::Builtin => Some(builtin()?),
@@ -139,6 +142,13 @@ pub fn configure(policy: &Policy) -> Result<(), SeccompError> {
 /// Whether threads are confined.
 pub fn enabled() -> bool {
     FILTERS.get().is_some_and(Option::is_some)
+}
+
+/// Whether a thread may set its own scheduling policy: ferry's own `vmm` filter allows
+/// it (`sched_setscheduler` on pid 0), and no filter forbids anything; a user's filter
+/// file may lack it, and its trap would end ferry.
+pub fn allows_own_policy() -> bool {
+    !FROM_FILE.get().copied().unwrap_or(false)
 }
 
 thread_local! {
@@ -456,6 +466,43 @@ mod tests {
             stderr.contains("bad syscall (144: sched_setscheduler) on thread migration-recv"),
             "{stderr}"
         );
+    }
+
+    /// Under a user's filter file, which may lack `sched_setscheduler`, ferry does not
+    /// ask for it; under its own filters or none, it may. (In a child: `configure`
+    /// holds for the process.)
+    #[test]
+    fn only_ferrys_own_filters_let_a_thread_set_its_policy() {
+        const NAME: &str = "tests::only_ferrys_own_filters_let_a_thread_set_its_policy";
+        if let Some(policy) = std::env::var_os("FERRY_SECCOMP_POLICY") {
+            let path = std::env::temp_dir().join(format!("ferry-policy-{}", std::process::id()));
+            std::fs::write(
+                &path,
+                encode(&[("vmm", &[ALLOW]), ("api", &[ALLOW]), ("vcpu", &[ALLOW])]),
+            )
+            .expect("write");
+            let policy = match policy.to_str() {
+                Some("file") => Policy::File(path.clone()),
+                Some("off") => Policy::Off,
+                _ => Policy::Builtin,
+            };
+            configure(&policy).expect("configure");
+            let _ = std::fs::remove_file(&path);
+            eprintln!("allows own policy: {}", allows_own_policy());
+            return;
+        }
+        for (policy, allows) in [("file", false), ("off", true), ("builtin", true)] {
+            let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+                .args(["--exact", NAME, "--nocapture", "--test-threads", "1"])
+                .env("FERRY_SECCOMP_POLICY", policy)
+                .output()
+                .expect("run the child");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains(&format!("allows own policy: {allows}\n")),
+                "{policy}: {stderr}"
+            );
+        }
     }
 
     #[test]

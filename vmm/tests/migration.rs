@@ -1158,10 +1158,9 @@ fn postcopy_cutting_proxy(
     })
 }
 
-/// The destination after a failed post-copy: it says so, its guest is paused, and it
-/// refuses to run it.
-/// The scheduling policy of `pid`'s thread named `name` (`/proc`'s stat, field 41).
-fn thread_policy(pid: u32, name: &str) -> Option<i32> {
+/// The scheduling policy and real-time priority of `pid`'s thread named `name`
+/// (`/proc`'s stat, fields 41 and 40).
+fn thread_policy(pid: u32, name: &str) -> Option<(i32, i32)> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     for task in tasks.flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
@@ -1170,12 +1169,15 @@ fn thread_policy(pid: u32, name: &str) -> Option<i32> {
         }
         let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
         // Fields after the name, which ends at the last ')', start at field 3.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        return rest.split(' ').nth(41 - 3)?.parse().ok();
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+        let field = |n: usize| fields.get(n - 3)?.parse().ok();
+        return Some((field(41)?, field(40)?));
     }
     None
 }
 
+/// The destination after a failed post-copy: it says so, its guest is paused, and it
+/// refuses to run it.
 fn assert_destination_stopped(dst: &Vm) {
     let d = wait_ended(dst, Duration::from_secs(30));
     assert_eq!(d["state"], "failed", "{d}");
@@ -1276,8 +1278,8 @@ fn test_killing_the_source_during_postcopy_stops_the_destination() {
     for (vm, thread) in [(&dst, "postcopy-faults"), (&src, "postcopy-answer")] {
         assert_eq!(
             thread_policy(vm.ferry.pid(), thread),
-            Some(libc::SCHED_FIFO),
-            "{thread}'s scheduling policy"
+            Some((libc::SCHED_FIFO, 1)),
+            "{thread}'s scheduling policy and priority"
         );
     }
     src.ferry.signal(libc::SIGKILL);

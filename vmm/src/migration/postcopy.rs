@@ -77,8 +77,9 @@ use super::{MigrationError, Progress};
 
 /// Pages after a requested one that go with its answer, when they are still to send:
 /// a guest that touches a page is likely to touch the next ones. (15 before fault
-/// serving ran first: a guest served sooner faults more often, and 31 took it back
-/// under the floor's 3x at p99 with fewer faults; README, post-copy.)
+/// serving ran first: a guest served sooner runs sooner and faults more often; with 31
+/// it faulted less, and all its memory and the fast writer's first pass arrived
+/// sooner; README, post-copy.)
 const NEIGHBOURS: usize = 31;
 /// Pages made room for that one thread takes, writes and maps at a time.
 const WRITE_GROUP: usize = 16;
@@ -568,14 +569,17 @@ fn percentiles(samples: &[u32]) -> Option<FaultLatency> {
 }
 
 /// Puts the calling thread, one that serves page faults (the destination's fault
-/// thread, the source's answering thread), ahead of every other thread on this host:
-/// the lowest real-time priority. A woken fault thread otherwise waits for the bulk
-/// threads, which keep both cores busy, to use up their time slice: p99 fault latency
-/// at 1 GiB was 0.5-1.1 ms with normal priority against 0.2-0.4 ms with this
-/// (README, post-copy). Both threads sleep in `poll` between faults and do a bounded
-/// amount of work for each, so they cannot hold a core. Without `CAP_SYS_NICE` (a
-/// jailed ferry) the thread keeps its normal priority.
+/// thread, the source's answering thread), ahead of every normal-priority thread: the
+/// lowest real-time priority. A woken fault thread otherwise waits for the bulk
+/// threads, which keep both cores busy, to use up their time slice (README,
+/// post-copy). Both threads sleep in `poll` between faults and do a bounded amount of
+/// work for each, so they cannot hold a core. Where real-time scheduling is refused
+/// (no `CAP_SYS_NICE` or `RLIMIT_RTPRIO`, or a cgroup without real-time time) or a
+/// user's seccomp filter file may not allow it, the thread keeps its priority.
 pub(super) fn serve_first() {
+    if !seccomp::allows_own_policy() {
+        return;
+    }
     let param = libc::sched_param { sched_priority: 1 };
     // SAFETY: changes only the calling thread's (pid 0) scheduling policy; `param`
     // is a valid sched_param that lives across the call.
