@@ -1,6 +1,7 @@
-//! Live snapshots: the guest pauses only while its state is saved and its memory
-//! write-protected; its memory goes to the file while it runs on (`memory::live`), and
-//! the request is answered when both files are complete.
+//! Live snapshots: the guest pauses only while its state is saved and the pages it
+//! wrote since its memory was write-protected (just before the pause) are protected
+//! again; its memory goes to the file while it runs on (`memory::live`), and the
+//! request is answered when both files are complete.
 //!
 //! Who touches what: the VMM thread starts the snapshot and reads its status for
 //! `GET /snapshot`; the snapshot's thread waits for the memory file, writes the state
@@ -78,8 +79,8 @@ impl LiveSnapshot {
 }
 
 impl Vmm {
-    /// Starts a live snapshot: pauses the VM (if it runs) for its state and the
-    /// write-protection of its memory, resumes it, and saves memory on a thread of its
+    /// Starts a live snapshot: write-protects its memory, pauses the VM (if it runs)
+    /// for its state and the pages written meanwhile, resumes it, and saves memory on a thread of its
     /// own, which answers `reply` once both files are complete. A snapshot that fails
     /// to start leaves the VM as it was and no file behind.
     pub fn start_live_snapshot(
@@ -138,15 +139,18 @@ impl Vmm {
             if was_running {
                 self.pause()?;
             }
+            // A save that failed is dropped here, before the resume: dropping it
+            // removes every protection, so the guest never waits on it.
             let begun = self
                 .machine_state(config)
-                .and_then(|state| save.protect().map(|()| state).map_err(live_err));
+                .and_then(|state| save.protect().map(|()| state).map_err(live_err))
+                .map(|state| (state, save));
             if was_running {
                 if let Err(e) = self.resume() {
                     tracing::error!("live snapshot: cannot resume the guest: {e}");
                 }
             }
-            begun.map(|state| (state, save, paused.elapsed()))
+            begun.map(|(state, save)| (state, save, paused.elapsed()))
         });
         let (state, save, pause) = match begun {
             Ok(b) => b,
@@ -208,6 +212,7 @@ impl Job {
         let mem_tmp = partial(&self.mem_path);
         let state_tmp = partial(&self.state_path);
         let result = (|| {
+            // Starts the writer (the guest runs again by now), then waits for it.
             self.save.finish().map_err(|e| SnapshotError::Io {
                 path: mem_tmp.clone(),
                 source: std::io::Error::other(e.to_string()),
