@@ -7,9 +7,9 @@
 //! protects those pages. Until the instant of the snapshot the handler only notes a
 //! page the guest writes and un-protects it (its contents then are not the
 //! snapshot's). `LiveSave::protect`, the instant, with the VM paused, protects just
-//! the pages noted (again) and those that gained data since (for the first time): protecting all of them
-//! there took 5-11 ms of the pause for 128 MiB (README, live snapshots).
-//! `LiveSave::start_writer`, once the guest runs again, starts the writer:
+//! the pages noted (again) and those that gained data since (for the first time):
+//! protecting all of them there took 5-11 ms of the pause for 128 MiB (README, live
+//! snapshots). `LiveSave::start_writer`, once the guest runs again, starts the writer:
 //! - the *writer* saves the listed pages in order, a run at a time, to the memory file
 //!   and un-protects each run once it is saved;
 //! - the *fault handler* takes each write fault on a protected page, saves that page
@@ -275,16 +275,19 @@ impl LiveSave {
             .progress
             .total
             .store(data.count() as u64, Ordering::Release);
-        // Before `todo` is set (module doc).
+        // Before `todo` is set (module doc). A failure here fails the save: `finish`
+        // must not wait for pages nobody will save.
         for (first, count) in again.runs() {
-            shared.each_host_range(first, count, |addr, len| {
+            if let Err(e) = shared.each_host_range(first, count, |addr, len| {
                 shared.uffd.write_protect(addr, len)
-            })?;
+            }) {
+                shared.fail(e.to_string());
+                return Err(e);
+            }
         }
         let pages = total_pages(&shared.ram.regions);
-        if shared.todo.set(PageSet::from_bitmap(&data, pages)).is_err() {
-            return Err(LiveError::Failed("protect was called twice".into()));
-        }
+        // Cannot fail: `early` was taken above, once.
+        let _ = shared.todo.set(PageSet::from_bitmap(&data, pages));
         Ok(())
     }
 
@@ -313,8 +316,8 @@ impl LiveSave {
         Ok(())
     }
 
-    /// `prepare` and `protect` at once, for a caller whose guest RAM does not change
-    /// meanwhile.
+    /// `prepare` and `protect` at once, then the writer, for a caller whose guest RAM
+    /// does not change meanwhile.
     pub fn start(ram: &GuestRam, file: File) -> Result<LiveSave, LiveError> {
         let mut live = LiveSave::prepare(ram, file)?;
         live.protect()?;
@@ -328,12 +331,14 @@ impl LiveSave {
     }
 
     /// Waits until every page is in the file, or the save failed; then removes all
-    /// protection (the guest writes freely again) and stops the threads.
+    /// protection (the guest writes freely again) and stops the threads. Without a
+    /// successful `protect` the save fails.
     pub fn finish(mut self) -> Result<(), LiveError> {
-        if self.shared.todo.get().is_some() {
-            if let Err(e) = self.start_writer() {
-                self.shared.fail(e.to_string());
-            }
+        if self.shared.todo.get().is_none() {
+            self.shared
+                .fail("the save ended before the instant of the snapshot".into());
+        } else if let Err(e) = self.start_writer() {
+            self.shared.fail(e.to_string());
         }
         if let Some(w) = self.writer.take() {
             if w.join().is_err() {
@@ -675,6 +680,23 @@ mod tests {
             let word = u64::from_le_bytes(saved[p * PAGE_BYTES..][..8].try_into().expect("8"));
             assert_eq!(word, 102, "page {p} in the file");
         }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// A save ended without its instant (no `protect`) fails rather than report a file
+    /// that holds nothing, and protects nothing after: writes go on.
+    #[test]
+    fn test_a_save_finished_before_its_instant_fails() {
+        let ram = GuestRam::new(64, 46).expect("ram");
+        ram.memory().write_obj(1u64, GuestAddress(0)).expect("fill");
+        let (path, file) = temp_file("no-instant");
+        file.set_len(ram.size()).expect("size");
+        let live = LiveSave::prepare(&ram, file).expect("prepare");
+        let e = live.finish().expect_err("no instant");
+        assert!(e.to_string().contains("before the instant"), "{e}");
+        ram.memory()
+            .write_obj(2u64, GuestAddress(0))
+            .expect("write after");
         let _ = std::fs::remove_file(&path);
     }
 
