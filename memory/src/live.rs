@@ -492,7 +492,8 @@ mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
 
-    fn temp_file(name: &str) -> (std::path::PathBuf, File) {
+    /// A memory file of `size` bytes (a hole), new.
+    fn temp_file(name: &str, size: u64) -> (std::path::PathBuf, File) {
         let path = std::env::temp_dir().join(format!("ferry-live-{}-{name}", std::process::id()));
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -501,6 +502,7 @@ mod tests {
             .truncate(true)
             .open(&path)
             .expect("create");
+        file.set_len(size).expect("size");
         (path, file)
     }
 
@@ -518,8 +520,7 @@ mod tests {
         for p in (0..pages).filter(|p| held(*p)) {
             ram.memory().write_obj(p as u64 + 1, at(p)).expect("fill");
         }
-        let (path, file) = temp_file("race");
-        file.set_len(ram.size()).expect("size");
+        let (path, file) = temp_file("race", ram.size());
         let live = LiveSave::start(&ram, file).expect("start");
         let progress = live.progress();
         assert_eq!(
@@ -583,8 +584,7 @@ mod tests {
             .for_each(|(i, b)| *b = mark(i / PAGE_BYTES));
         ram.fill(&data, GuestAddress(0))
             .expect("pwrite, no mapping touched");
-        let (path, file) = temp_file("unmapped");
-        file.set_len(ram.size()).expect("size");
+        let (path, file) = temp_file("unmapped", ram.size());
         let live = LiveSave::start(&ram, file).expect("start");
         let progress = live.progress();
         // From the top, where the writer (from the bottom) is not yet.
@@ -611,8 +611,7 @@ mod tests {
     fn test_pages_written_before_the_instant_are_saved() {
         let ram = GuestRam::new(64, 46).expect("ram");
         ram.memory().write_obj(1u64, GuestAddress(0)).expect("fill");
-        let (path, file) = temp_file("instant");
-        file.set_len(ram.size()).expect("size");
+        let (path, file) = temp_file("instant", ram.size());
         let mut live = LiveSave::prepare(&ram, file).expect("prepare");
         // A page that held nothing at `prepare`, written before the instant.
         let late = GuestAddress(40 * PAGE_SIZE);
@@ -637,8 +636,7 @@ mod tests {
         for p in 0..PAGES {
             ram.memory().write_obj(1u64, at(p)).expect("fill");
         }
-        let (path, file) = temp_file("early");
-        file.set_len(ram.size()).expect("size");
+        let (path, file) = temp_file("early", ram.size());
         let mut live = LiveSave::prepare(&ram, file).expect("prepare");
         // Each thread writes its half of the pages over and over; they stop for the
         // instant, as vCPUs pause.
@@ -689,8 +687,7 @@ mod tests {
     fn test_a_save_finished_before_its_instant_fails() {
         let ram = GuestRam::new(64, 46).expect("ram");
         ram.memory().write_obj(1u64, GuestAddress(0)).expect("fill");
-        let (path, file) = temp_file("no-instant");
-        file.set_len(ram.size()).expect("size");
+        let (path, file) = temp_file("no-instant", ram.size());
         let live = LiveSave::prepare(&ram, file).expect("prepare");
         let e = live.finish().expect_err("no instant");
         assert!(e.to_string().contains("before the instant"), "{e}");
@@ -711,7 +708,7 @@ mod tests {
                 .expect("fill");
         }
         // Read-only: every write fails (EBADF), as a full disk would (ENOSPC).
-        let (path, file) = temp_file("ro");
+        let (path, file) = temp_file("ro", 0);
         drop(file);
         let ro = File::open(&path).expect("open read-only");
         let live = LiveSave::start(&ram, ro).expect("start");

@@ -418,20 +418,25 @@ mod tests {
         );
     }
 
+    /// Runs the test `name` again in a child process with `var` set (a filter cannot
+    /// be taken back, nor `configure` done twice); returns how it ended and its stderr.
+    fn in_child(name: &str, var: (&str, &str)) -> (Option<i32>, String) {
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+            .env(var.0, var.1)
+            .output()
+            .expect("run the child");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Runs the test `name` again in a child process, which must end trapped; returns
     /// its stderr.
     fn trapped_in_child(name: &str) -> String {
-        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", name, "--nocapture", "--test-threads", "1"])
-            .env("FERRY_SECCOMP_CHILD", "1")
-            .output()
-            .expect("run the child");
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(
-            out.status.code(),
-            Some(sigsys::BAD_SYSCALL_STATUS),
-            "{stderr}"
-        );
+        let (status, stderr) = in_child(name, ("FERRY_SECCOMP_CHILD", "1"));
+        assert_eq!(status, Some(sigsys::BAD_SYSCALL_STATUS), "{stderr}");
         stderr
     }
 
@@ -492,12 +497,7 @@ mod tests {
             return;
         }
         for (policy, allows) in [("file", false), ("off", true), ("builtin", true)] {
-            let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
-                .args(["--exact", NAME, "--nocapture", "--test-threads", "1"])
-                .env("FERRY_SECCOMP_POLICY", policy)
-                .output()
-                .expect("run the child");
-            let stderr = String::from_utf8_lossy(&out.stderr);
+            let (_, stderr) = in_child(NAME, ("FERRY_SECCOMP_POLICY", policy));
             assert!(
                 stderr.contains(&format!("allows own policy: {allows}\n")),
                 "{policy}: {stderr}"

@@ -81,8 +81,8 @@ impl LiveSnapshot {
 impl Vmm {
     /// Starts a live snapshot: write-protects its memory, pauses the VM (if it runs)
     /// for its state and the pages written meanwhile, resumes it, and saves memory on
-    /// a thread of its own, which answers `reply` once both files are complete. A snapshot that fails
-    /// to start leaves the VM as it was and no file behind.
+    /// a thread of its own, which answers `reply` once both files are complete. A
+    /// snapshot that fails to start leaves the VM as it was and no file behind.
     pub fn start_live_snapshot(
         &mut self,
         config: &api::VmConfig,
