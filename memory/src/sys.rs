@@ -196,6 +196,60 @@ pub fn unmap_shared(addr: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Writes the `len` bytes of this process's memory at `addr` to `file` at `offset`,
+/// with `pwrite(2)` straight from there: no copy into a buffer first (saving guest RAM
+/// from its mapping).
+pub fn pwrite_from(
+    file: &File,
+    addr: *const libc::c_void,
+    len: usize,
+    offset: u64,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let at = libc::off_t::try_from(offset + done as u64)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: pwrite reads `addr+done..addr+len` (the kernel checks the range: an
+        // address that is not mapped fails with EFAULT) and changes no memory of this
+        // process except, if it is mapped here, `file` itself.
+        let ret = unsafe {
+            libc::pwrite(
+                file.as_raw_fd(),
+                addr.cast::<u8>().wrapping_add(done).cast(),
+                len - done,
+                at,
+            )
+        };
+        match ret {
+            n if n > 0 => done += n as usize,
+            0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes this process's page-table entries for the shared file pages at
+/// `addr..addr+len` present and writable, as a write to each would, without changing
+/// their contents (`MADV_POPULATE_WRITE`): pages are marked dirty, and a hole gets a
+/// page of zeros. No page in the range may be under userfaultfd write-protect: a
+/// protected page would wait for its handler.
+pub fn populate_writable(addr: *mut libc::c_void, len: usize) -> io::Result<()> {
+    // SAFETY: MADV_POPULATE_WRITE only faults page-table entries in, as a write would,
+    // and writes no byte: the pages and their contents are unchanged, so no memory Rust
+    // refers to changes.
+    let ret = unsafe { libc::madvise(addr, len, libc::MADV_POPULATE_WRITE) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Discards the pages of `file` in `offset..offset+len` (their contents become zero).
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {

@@ -186,6 +186,16 @@ impl TrackedRam {
         first: usize,
         count: usize,
     ) -> impl Iterator<Item = (*mut libc::c_void, usize)> + '_ {
+        self.host_ranges_at(first, count)
+            .map(|(addr, len, _)| (addr, len))
+    }
+
+    /// `host_ranges`, each with its offset in the memfd.
+    pub(crate) fn host_ranges_at(
+        &self,
+        first: usize,
+        count: usize,
+    ) -> impl Iterator<Item = (*mut libc::c_void, usize, u64)> + '_ {
         let (from, to) = (
             first as u64 * crate::PAGE_SIZE,
             (first + count) as u64 * crate::PAGE_SIZE,
@@ -197,6 +207,7 @@ impl TrackedRam {
                 (
                     addr as *mut libc::c_void,
                     usize::try_from(b - a).unwrap_or(usize::MAX),
+                    a,
                 )
             })
         })
