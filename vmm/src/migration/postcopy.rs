@@ -738,7 +738,6 @@ fn take_answer(
 /// What the source's two post-copy threads share; see the module doc.
 pub struct Outgoing {
     ram: GuestRam,
-    through_mapping: bool,
     lacks: DirtyBitmap,
     /// Pages not yet sent.
     pub todo: PageSet,
@@ -756,11 +755,10 @@ pub struct Outgoing {
 
 impl Outgoing {
     /// The source's side of a post-copy of the pages in `lacks`.
-    pub fn new(ram: &GuestRam, through_mapping: bool, lacks: DirtyBitmap) -> Outgoing {
+    pub fn new(ram: &GuestRam, lacks: DirtyBitmap) -> Outgoing {
         let total = memory::dirty::total_pages(ram.regions());
         Outgoing {
             ram: ram.clone(),
-            through_mapping,
             todo: PageSet::from_bitmap(&lacks, total),
             lacks,
             hint: AtomicUsize::new(0),
@@ -832,16 +830,15 @@ impl Outgoing {
         count: usize,
         conn: &mut Conn,
     ) -> Result<(), MigrationError> {
-        let mut memfd_at = first as u64 * PAGE_SIZE;
-        for (addr, len) in self.ram.guest_ranges(memfd_at, count as u64 * PAGE_SIZE) {
+        let offset = first as u64 * PAGE_SIZE;
+        for (addr, len) in self.ram.guest_ranges(offset, count as u64 * PAGE_SIZE) {
             let len = usize::try_from(len).unwrap_or(PAGE_BYTES);
             if !batch.fits(len) {
                 batch.flush(conn)?;
             }
             batch.push(addr.0, len, |buf| {
-                super::sender::copy_out(&self.ram, self.through_mapping, addr, memfd_at, buf)
+                super::sender::copy_out(&self.ram, addr, buf)
             })?;
-            memfd_at += len as u64;
         }
         Ok(())
     }
@@ -908,7 +905,7 @@ mod tests {
         let pages = memory::dirty::total_pages(src.regions());
         let dst = GuestRam::new(64, 46).expect("ram");
         let (src_conn, dst_conn) = conn_pair();
-        let out = Outgoing::new(&src, false, lacks.clone());
+        let out = Outgoing::new(&src, lacks.clone());
         let progress = Progress::new(Default::default());
         let room = room.then(|| {
             let mut listed = lacks.clone();
@@ -952,9 +949,7 @@ mod tests {
                             let addr = page_to_guest(src.regions(), q).expect("page");
                             super::super::sender::copy_out(
                                 &src,
-                                false,
                                 addr,
-                                q as u64 * PAGE_SIZE,
                                 &mut buf[at..at + PAGE_BYTES],
                             )
                             .expect("read");
@@ -1225,7 +1220,7 @@ mod tests {
         let (a, mut b) = conn_pair();
         b.send(Kind::Request, &[&PAGE_SIZE.to_le_bytes()])
             .expect("send");
-        let out = Outgoing::new(&src, false, lacks);
+        let out = Outgoing::new(&src, lacks);
         let e = out.answer(a).expect_err("page 1 was not missing");
         assert!(e.to_string().contains("does not lack"), "{e}");
         src_conn.shutdown();
