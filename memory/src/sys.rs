@@ -207,8 +207,10 @@ pub fn pwrite_from(
 ) -> io::Result<()> {
     let mut done = 0;
     while done < len {
-        let at = libc::off_t::try_from(offset + done as u64)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let at = offset
+            .checked_add(done as u64)
+            .and_then(|at| libc::off_t::try_from(at).ok())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
         // SAFETY: pwrite reads `addr+done..addr+len` (the kernel checks the range: an
         // address that is not mapped fails with EFAULT) and changes no memory of this
         // process except, if it is mapped here, `file` itself.
@@ -326,5 +328,22 @@ mod tests {
         let file = File::open("/dev/null").expect("open");
         let err = kvm_clear_dirty_log(&file, 0, 129, &[0, 0]).expect_err("short");
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+    }
+
+    /// The bytes land at the offset asked; an address that is not mapped and an offset
+    /// past what a file can hold are errors, not writes.
+    #[test]
+    fn test_pwrite_from_writes_at_the_offset_and_refuses_bad_ranges() {
+        let file = memfd_create(c"pwrite-from").expect("memfd");
+        let data: Vec<u8> = (0..=255u8).cycle().take(3 * 4096 + 17).collect();
+        pwrite_from(&file, data.as_ptr().cast(), data.len(), 4096).expect("write");
+        let mut back = vec![0u8; data.len()];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut back, 4096).expect("read");
+        assert_eq!(back, data);
+
+        let err = pwrite_from(&file, std::ptr::null(), 4096, 0).expect_err("null");
+        assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{err}");
+        let err = pwrite_from(&file, data.as_ptr().cast(), 1, u64::MAX).expect_err("offset");
+        assert_eq!(err.raw_os_error(), Some(libc::EFBIG), "{err}");
     }
 }
