@@ -133,9 +133,9 @@ impl Shared {
     /// Copies memfd pages `first..first+count` to the file at the same offset, from
     /// guest RAM's mapping: reading a page never waits on write-protect (registered for
     /// that alone), and the pages stay as they were at the instant while their writes
-    /// wait (module doc). One copy, not two through a buffer: the writer's `pread` into
-    /// a buffer took about a third of a save here. The caller counts the pages saved
-    /// once they are also un-protected (`done`).
+    /// wait (module doc). One copy, not two through a buffer: `pread` into a buffer
+    /// took 0.6-0.8 µs a page here, of about 1.8 for the whole save. The caller counts
+    /// the pages saved once they are also un-protected (`done`).
     fn save(&self, first: usize, count: usize) -> Result<(), LiveError> {
         for (addr, len, offset) in self.ram.host_ranges_at(first, count) {
             crate::sys::pwrite_from(&self.file, addr, len, offset)

@@ -198,7 +198,8 @@ pub fn unmap_shared(addr: u64, len: u64) -> io::Result<()> {
 
 /// Writes the `len` bytes of this process's memory at `addr` to `file` at `offset`,
 /// with `pwrite(2)` straight from there: no copy into a buffer first (saving guest RAM
-/// from its mapping).
+/// from its mapping). Written by hand because vm-memory's `WriteVolatile` writes at the
+/// file's position, which the live snapshot's writer and fault handler would share.
 pub fn pwrite_from(
     file: &File,
     addr: *const libc::c_void,
