@@ -718,7 +718,7 @@ fn take_answer(
             header.kind
         )));
     }
-    let ranges = protocol::read_batch(conn, &header, data)?;
+    let (ranges, data) = protocol::read_batch(conn, &header, data)?;
     let pages = shared.check(&ranges)?;
     let new = shared.place(&ranges, &pages, data)?;
     shared.requested.fetch_add(new, Ordering::Relaxed);

@@ -283,7 +283,7 @@ fn receive(
         match header.kind {
             // Once room is made, the memfd holds nothing else (postcopy.rs).
             Kind::Pages if !hello.local && room.is_none() => {
-                let ranges = protocol::read_batch(conn, &header, &mut data)?;
+                let (ranges, data) = protocol::read_batch(conn, &header, &mut data)?;
                 // Every range is checked before any is written.
                 for &(addr, len) in &ranges {
                     ram.pages_of(GuestAddress(addr), len).map_err(|_| {
@@ -490,9 +490,9 @@ fn rest_of_memory(
         let header = conn.recv_header()?;
         match header.kind {
             Kind::Pages => {
-                let ranges = protocol::read_batch(conn, &header, &mut data)?;
+                let (ranges, data) = protocol::read_batch(conn, &header, &mut data)?;
                 let t = std::time::Instant::now();
-                incoming.pushed(&ranges, &data)?;
+                incoming.pushed(&ranges, data)?;
                 placing += t.elapsed();
                 bytes += data.len() as u64;
                 incoming.publish(progress);
