@@ -99,6 +99,11 @@ impl Ferry {
         Ok(Ferry { child, sock })
     }
 
+    /// A keep-alive connection for polling.
+    fn client(&self) -> Result<Client, String> {
+        Client::connect(&self.sock).map_err(|e| format!("connect: {e}"))
+    }
+
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
         let body = body.map(|b| b.to_string());
         let r = Client::connect(&self.sock)
@@ -115,44 +120,22 @@ impl Ferry {
     }
 }
 
+/// `GET path` on a kept connection.
+fn get(client: &mut Client, path: &str) -> Result<Value, String> {
+    let r = client
+        .request("GET", path, None)
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    if !(200..300).contains(&r.status) {
+        return Err(format!("GET {path}: HTTP {}: {}", r.status, r.text()));
+    }
+    Ok(r.json())
+}
+
 impl Drop for Ferry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The highest `pass N ok` (or `dirty pass N`) number in a console file.
-fn last_pass(console: &Path) -> u64 {
-    // The last lines only: this runs between polls, beside the migration.
-    use std::io::Seek;
-    let mut tail = Vec::new();
-    if let Ok(mut f) = std::fs::File::open(console) {
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = f.seek(std::io::SeekFrom::Start(len.saturating_sub(4096)));
-        let _ = f.read_to_end(&mut tail);
-    }
-    String::from_utf8_lossy(&tail)
-        .lines()
-        .filter_map(|l| {
-            let rest = l
-                .strip_prefix("pass ")
-                .or_else(|| l.strip_prefix("dirty pass "))?;
-            rest.split(' ').next()?.parse().ok()
-        })
-        .max()
-        .unwrap_or(0)
-}
-
-fn wait_for(console: &Path, needle: &str) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(console).is_ok_and(|t| t.contains(needle)) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Err(format!("the guest never printed {needle:?}"))
 }
 
 struct Figures {
@@ -213,12 +196,11 @@ fn migrate(
     );
     let dir = std::env::temp_dir().join(format!("ferry-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let console = dir.join("console.txt");
-    let _ = std::fs::remove_file(&console);
+    let console = common::ConsoleTap::create(&dir.join("console"))?;
     let cfg = json!({
         "boot-source": { "kernel_image_path": guest, "boot_args": format!("console=ttyS0 {workload}") },
         "machine-config": { "vcpu_count": 1, "mem_size_mib": mem },
-        "serial": { "serial_out_path": console },
+        "serial": { "serial_out_path": console.path() },
     });
     let log = |side: &str| {
         logs.as_ref()
@@ -226,7 +208,7 @@ fn migrate(
     };
     let src = Ferry::spawn(bin, &dir, "src", Some(&cfg), log("src"))?;
     let dst = Ferry::spawn(bin, &dir, "dst", None, log("dst"))?;
-    wait_for(&console, ready)?;
+    console.wait_for(ready, Duration::from_secs(60))?;
     // A VM that has run a moment, and a destination that has waited a moment, as a
     // user's are: ferry's one-time work after start (the MSR probe) is done.
     std::thread::sleep(Duration::from_millis(300));
@@ -234,9 +216,9 @@ fn migrate(
     // `verify` prints every pass; `dirty` at most once a second, too seldom to count.
     let writing = workload.contains("verify");
     let before = if writing {
-        let p0 = last_pass(&console);
+        let p0 = console.last_pass();
         std::thread::sleep(Duration::from_secs(1));
-        Some((last_pass(&console) - p0) as f64)
+        Some((console.last_pass() - p0) as f64)
     } else {
         None
     };
@@ -254,7 +236,7 @@ fn migrate(
         "/migration/receive",
         Some(json!({ "listen": listen })),
     )?;
-    let p0 = last_pass(&console);
+    let p0 = console.last_pass();
     let start = Instant::now();
     src.call(
         "PUT",
@@ -262,29 +244,27 @@ fn migrate(
         Some(json!({ "destination": listen, "local": local, "tracking": tracking, "mode": mode })),
     )?;
     let mut rate: f64 = 0.0;
-    // When the source paused (from the destination's resume less the downtime), and
-    // the pass it stopped in.
-    let mut paused: Option<(Instant, u64)> = None;
-    let mut first_pass = None;
-    // Both sides polled every millisecond. (Every 200 µs, the polling's own threads in
-    // both processes took a good part of the core the migration threads share.)
+    // When the source paused (from the destination's resume less the downtime).
+    let mut paused: Option<Instant> = None;
+    // Polled every millisecond on one keep-alive connection each; the source only for
+    // its sending rate, which post-copy does not report. (Every 200 µs, or with a
+    // connection per request, the polling's own threads in both processes took a good
+    // part of the core the migration threads share.)
+    let mut polls = (src.client(), dst.client()?);
     let status = loop {
-        if let Ok(s) = src.call("GET", "/migration", None) {
-            rate = rate.max(s["throughput_mib_s"].as_f64().unwrap_or(0.0));
-        }
-        let s = dst.call("GET", "/migration", None)?;
-        if let (None, Some(d)) = (paused, s["downtime_ms"].as_f64()) {
-            paused = Some((
-                Instant::now() - Duration::from_secs_f64(d / 1e3),
-                last_pass(&console),
-            ));
-        }
-        if let (Some((at, pass)), None, true) = (paused, first_pass, writing) {
-            // The pass in progress at the pause ends on the destination, then the
-            // first pass that ran there from its start.
-            if last_pass(&console) >= pass + 2 {
-                first_pass = Some(at.elapsed());
+        if mode == "precopy" {
+            if let Some(s) = polls
+                .0
+                .as_mut()
+                .ok()
+                .and_then(|c| get(c, "/migration").ok())
+            {
+                rate = rate.max(s["throughput_mib_s"].as_f64().unwrap_or(0.0));
             }
+        }
+        let s = get(&mut polls.1, "/migration")?;
+        if let (None, Some(d)) = (paused, s["downtime_ms"].as_f64()) {
+            paused = Some(Instant::now() - Duration::from_secs_f64(d / 1e3));
         }
         match s["state"].as_str() {
             Some("active") => {}
@@ -297,16 +277,17 @@ fn migrate(
         std::thread::sleep(Duration::from_millis(1));
     };
     let total = start.elapsed();
-    let all_here = paused.map(|(at, _)| at.elapsed());
-    if let (Some((at, pass)), None, true) = (paused, first_pass, writing) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while last_pass(&console) < pass + 2 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        first_pass = Some(at.elapsed());
-    }
+    let all_here = paused.map(|at| at.elapsed());
+    // The pass in progress at the pause ends on the destination, then the first pass
+    // that ran there from its start.
+    let first_pass = match (paused, writing) {
+        (Some(at), true) => console
+            .pass_at(console.last_pass_before(at) + 2, Duration::from_secs(20))
+            .map(|end| end.saturating_duration_since(at)),
+        _ => None,
+    };
     let guest_ratio = before.map(|b| {
-        let during = (last_pass(&console) - p0) as f64 / total.as_secs_f64();
+        let during = (console.last_pass() - p0) as f64 / total.as_secs_f64();
         during / b
     });
     drop(src);

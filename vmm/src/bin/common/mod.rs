@@ -1,8 +1,15 @@
-//! What the benchmark programs share: finding the binaries and the test guest.
+//! What the benchmark programs share: finding the binaries and the test guest, and
+//! reading the guest's console as it prints.
 // Each benchmark uses a subset.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::ffi::CString;
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// `--ferry` if given, else the `ferry` binary next to this program.
 pub fn ferry_binary(given: &Option<PathBuf>) -> Result<PathBuf, String> {
@@ -23,4 +30,165 @@ pub fn guest_image(given: &Option<PathBuf>) -> Result<PathBuf, String> {
             "no guest: pass --guest or set FERRY_GUEST (scripts/build-guest.sh prints it)"
                 .to_owned()
         })
+}
+
+/// The guest's console as a FIFO that a thread of this program reads, stamping each
+/// line as it arrives. A console file would have to be read again on every poll, beside
+/// the migration or snapshot being measured, on the same two cores.
+pub struct ConsoleTap {
+    path: PathBuf,
+    lines: Arc<Lines>,
+    /// This program's own end, kept to write the line that stops the reader.
+    stop: std::fs::File,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Lines {
+    seen: Mutex<Seen>,
+    arrived: Condvar,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// Every line, with the time it arrived.
+    lines: Vec<(Instant, String)>,
+    /// The pass lines' numbers, with the time each arrived.
+    passes: Vec<(u64, Instant)>,
+}
+
+/// Ends the reader, after whatever partial line a killed ferry left; no guest prints
+/// a NUL.
+const STOP: &str = "\0stop";
+
+/// The pass number of a `pass N ok` or `dirty pass N` line.
+fn pass_number(line: &str) -> Option<u64> {
+    let rest = line
+        .strip_prefix("pass ")
+        .or_else(|| line.strip_prefix("dirty pass "))?;
+    rest.split(' ').next()?.parse().ok()
+}
+
+impl ConsoleTap {
+    /// Makes a FIFO at `path` (replacing what is there) and starts reading it.
+    pub fn create(path: &Path) -> Result<ConsoleTap, String> {
+        let err = |e: std::io::Error| format!("{}: {e}", path.display());
+        let _ = std::fs::remove_file(path);
+        let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+        // SAFETY: `c` is a NUL-terminated path that mkfifo only reads.
+        if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        // Read and write: a read-only open would wait for a writer, and a reader with no
+        // writer left would see end-of-file between the source ferry and the destination.
+        let fifo = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(err)?;
+        let stop = fifo.try_clone().map_err(err)?;
+        let lines = Arc::new(Lines::default());
+        let shared = Arc::clone(&lines);
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(fifo).lines() {
+                let Ok(line) = line else { break };
+                if line.ends_with(STOP) {
+                    break;
+                }
+                let now = Instant::now();
+                let Ok(mut seen) = shared.seen.lock() else {
+                    break;
+                };
+                if let Some(n) = pass_number(&line) {
+                    seen.passes.push((n, now));
+                }
+                seen.lines.push((now, line));
+                shared.arrived.notify_all();
+            }
+        });
+        Ok(ConsoleTap {
+            path: path.to_owned(),
+            lines,
+            stop,
+            reader: Some(reader),
+        })
+    }
+
+    /// The FIFO's path, for `serial_out_path`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits up to `timeout` for a line that contains `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = self.lines.seen.lock().map_err(|e| e.to_string())?;
+        loop {
+            if seen.lines.iter().any(|(_, l)| l.contains(needle)) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("the guest never printed {needle:?}"));
+            }
+            seen = self
+                .lines
+                .arrived
+                .wait_timeout(seen, left)
+                .map_err(|e| e.to_string())?
+                .0;
+        }
+    }
+
+    /// The highest pass number printed so far (0 before the first).
+    pub fn last_pass(&self) -> u64 {
+        self.lines
+            .seen
+            .lock()
+            .map(|s| s.passes.iter().map(|p| p.0).max().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// The highest pass number printed before `at`.
+    pub fn last_pass_before(&self, at: Instant) -> u64 {
+        self.lines
+            .seen
+            .lock()
+            .map(|s| {
+                s.passes
+                    .iter()
+                    .filter(|p| p.1 < at)
+                    .map(|p| p.0)
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    }
+
+    /// Waits up to `timeout` for pass `n`, and returns when its line arrived.
+    pub fn pass_at(&self, n: u64, timeout: Duration) -> Option<Instant> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = self.lines.seen.lock().ok()?;
+        loop {
+            if let Some(p) = seen.passes.iter().find(|p| p.0 == n) {
+                return Some(p.1);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            seen = self.lines.arrived.wait_timeout(seen, left).ok()?.0;
+        }
+    }
+}
+
+impl Drop for ConsoleTap {
+    fn drop(&mut self) {
+        if writeln!(self.stop, "{STOP}").is_ok() {
+            if let Some(reader) = self.reader.take() {
+                let _ = reader.join();
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
