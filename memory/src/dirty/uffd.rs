@@ -61,6 +61,40 @@ pub fn protect_all(uffd: &Uffd, ram: &TrackedRam) -> Result<(), DirtyError> {
     })
 }
 
+/// Whether this host may map shmem with PMD-sized huge pages (transparent huge pages
+/// for shmem at the PMD size, directly or inherited from the global setting). Where it
+/// may, a hole that gains data could be mapped by one huge entry, which a partial
+/// `PAGEMAP_SCAN` splits; trackers then protect the holes too, leaving page tables
+/// everywhere, where one huge entry cannot be made. Unreadable settings count as "may".
+pub fn shmem_may_map_pmd() -> bool {
+    const THP: &str = "/sys/kernel/mm/transparent_hugepage";
+    if !std::path::Path::new(THP).exists() {
+        return false;
+    }
+    let read = |path: String| std::fs::read_to_string(path).ok();
+    let global = read(format!("{THP}/shmem_enabled"));
+    let pmd = read(format!("{THP}/hpage_pmd_size"))
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .and_then(|bytes| read(format!("{THP}/hugepages-{}kB/shmem_enabled", bytes >> 10)));
+    !matches!(
+        shmem_setting(pmd.as_deref(), global.as_deref()),
+        Some("never" | "deny")
+    )
+}
+
+/// The PMD size's effective shmem setting from the text of its `shmem_enabled` file
+/// (absent on kernels before per-size settings) and the global one: the bracketed word.
+fn shmem_setting<'a>(pmd: Option<&'a str>, global: Option<&'a str>) -> Option<&'a str> {
+    let selected = |text: &'a str| {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+    };
+    match pmd.map(selected) {
+        Some(Some("inherit")) | None => global.and_then(selected),
+        Some(own) => own,
+    }
+}
+
 /// Unregisters every region, which also drops its write protection.
 pub fn unregister(uffd: &Uffd, ram: &TrackedRam) -> Result<(), DirtyError> {
     each_region(ram, "UFFDIO_UNREGISTER", |addr, len| {
@@ -86,4 +120,23 @@ pub mod features {
         linux_raw_sys::general::UFFD_FEATURE_WP_ASYNC as u64,
         "UFFD_FEATURE_WP_ASYNC",
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shmem_setting;
+
+    #[test]
+    fn test_shmem_setting_reads_the_pmd_size_or_inherits() {
+        let never = "always within_size advise [never] deny force";
+        let always = "[always] within_size advise never deny force";
+        let inherit = "always [inherit] within_size advise never";
+        let own = "always inherit [within_size] advise never";
+        assert_eq!(shmem_setting(Some(inherit), Some(never)), Some("never"));
+        assert_eq!(shmem_setting(Some(inherit), Some(always)), Some("always"));
+        assert_eq!(shmem_setting(Some(own), Some(never)), Some("within_size"));
+        assert_eq!(shmem_setting(None, Some(never)), Some("never"));
+        assert_eq!(shmem_setting(None, None), None);
+        assert_eq!(shmem_setting(Some("garbled"), Some(never)), None);
+    }
 }

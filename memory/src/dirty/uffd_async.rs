@@ -39,6 +39,8 @@ pub struct UffdAsync {
     /// between them (walking populated extents costs about 7 ms per GiB here).
     data: Option<Vec<(usize, usize)>>,
     retain_hot: bool,
+    /// Protect the holes too at `start` (see `uffd::shmem_may_map_pmd`).
+    protect_holes: bool,
 }
 
 impl UffdAsync {
@@ -62,12 +64,20 @@ impl UffdAsync {
             hot: None,
             data: None,
             retain_hot: false,
+            protect_holes: uffd::shmem_may_map_pmd(),
         })
     }
 
     /// Leaves pages written in two rounds in a row un-protected (see the module doc).
     pub fn retain_hot(mut self, on: bool) -> Self {
         self.retain_hot = on;
+        self
+    }
+
+    /// Overrides whether `start` protects the holes too, for tests of both ways.
+    #[cfg(test)]
+    fn protect_holes(mut self, on: bool) -> Self {
+        self.protect_holes = on;
         self
     }
 
@@ -159,6 +169,18 @@ impl UffdAsync {
             start = walk_end;
         }
         Ok(())
+    }
+
+    /// Lists the pages that hold data and write-protects them; returns the listing.
+    fn data_protected(&self) -> Result<Vec<(usize, usize)>, DirtyError> {
+        let data = self.ram.data_pages().map_err(|source| DirtyError::Sys {
+            what: "SEEK_DATA on guest RAM",
+            source,
+        })?;
+        for &(first, count) in &data {
+            self.set_protection(first, count, true)?;
+        }
+        Ok(data)
     }
 
     /// Removes write protection from memfd pages `first..first+count`.
@@ -265,20 +287,16 @@ impl DirtyTracker for UffdAsync {
         // PAGEMAP_SCAN reports as written, and every scan walks the holes of the last
         // listing for such pages (`scan_regions`). Listing before protecting leaves no
         // gap: a page that gains data after the listing lies in one of its holes.
-        let protected = self
-            .ram
-            .data_pages()
-            .map_err(|source| DirtyError::Sys {
-                what: "SEEK_DATA on guest RAM",
-                source,
-            })
-            .and_then(|data| {
-                data.iter()
-                    .try_for_each(|&(first, count)| self.set_protection(first, count, true))
-                    .map(|()| data)
-            });
+        // Where shmem may be mapped by huge entries, the holes are protected too (see
+        // `shmem_may_map_pmd`).
+        let protected = if self.protect_holes {
+            let all = super::total_pages(&self.ram.regions);
+            self.set_protection(0, all, true).map(|()| None)
+        } else {
+            self.data_protected().map(Some)
+        };
         match protected {
-            Ok(data) => self.data = Some(data),
+            Ok(data) => self.data = data,
             Err(e) => {
                 if let Some((uffd, _, _)) = self.uffd.take() {
                     let _ = uffd::unregister(&uffd, &self.ram);
@@ -408,22 +426,24 @@ mod tests {
     /// is reported when written.
     #[test]
     fn test_start_protects_the_pages_that_hold_data() {
-        let ram = GuestRam::new(64, 46).expect("ram");
-        for hot in [false, true] {
+        for (hot, holes) in [(false, false), (true, false), (false, true)] {
+            let ram = GuestRam::new(64, 46).expect("ram");
             for p in [1u64, 2, 3, 5000] {
                 guest_write(&ram, p, 7);
             }
             let mut t = UffdAsync::new(ram.tracked())
                 .expect("tracker")
-                .retain_hot(hot);
+                .retain_hot(hot)
+                .protect_holes(holes);
             t.start().expect("start");
-            assert_eq!(t.collect().expect("collect").runs(), vec![], "hot {hot}");
+            let case = format!("hot {hot}, holes protected {holes}");
+            assert_eq!(t.collect().expect("collect").runs(), vec![], "{case}");
             guest_write(&ram, 2, 8);
             guest_write(&ram, 7000, 8);
             assert_eq!(
                 t.collect().expect("collect").runs(),
                 vec![(2, 1), (7000, 1)],
-                "hot {hot}"
+                "{case}"
             );
             t.stop().expect("stop");
         }
