@@ -720,15 +720,39 @@ fn take_answer(
     }
     let (ranges, data) = protocol::read_batch(conn, &header, data)?;
     let pages = shared.check(&ranges)?;
-    let new = shared.place(&ranges, &pages, data)?;
-    shared.requested.fetch_add(new, Ordering::Relaxed);
-    for &(first, count) in &pages {
+    // The pages that faults wait for go first, each on its own: the kernel wakes a
+    // fault only once the whole copy its page lies in is done, and an answer carries
+    // up to 31 neighbours. Then the runs around them.
+    let mut new = 0;
+    let mut around = Vec::new();
+    let mut at = 0usize;
+    for (&(addr, _), &(first, count)) in ranges.iter().zip(&pages) {
+        // Checked by `check`: the range is `count` pages of guest RAM, in the batch.
+        let guest = |p: usize| addr + ((p - first) * PAGE_BYTES) as u64;
+        let bytes = |from: usize, to: usize| {
+            at + (from - first) * PAGE_BYTES..at + (to - first) * PAGE_BYTES
+        };
+        let mut run = first;
         for p in first..first + count {
             if let Some(since) = waiting.remove(&p) {
+                new += shared.place(&[(guest(p), PAGE_SIZE)], &[(p, 1)], &data[bytes(p, p + 1)])?;
                 latencies.push(u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX));
+                if p > run {
+                    around.push((guest(run), run, p, bytes(run, p)));
+                }
+                run = p + 1;
             }
         }
+        if first + count > run {
+            around.push((guest(run), run, first + count, bytes(run, first + count)));
+        }
+        at += count * PAGE_BYTES;
     }
+    for (addr, from, to, bytes) in around {
+        let len = ((to - from) * PAGE_BYTES) as u64;
+        new += shared.place(&[(addr, len)], &[(from, to - from)], &data[bytes])?;
+    }
+    shared.requested.fetch_add(new, Ordering::Relaxed);
     Ok(())
 }
 
