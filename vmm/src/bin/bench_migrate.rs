@@ -243,26 +243,35 @@ fn migrate(
         "/migration/send",
         Some(json!({ "destination": listen, "local": local, "tracking": tracking, "mode": mode })),
     )?;
-    let mut rate: f64 = 0.0;
     // When the source paused (from the destination's resume less the downtime).
     let mut paused: Option<Instant> = None;
-    // Polled every millisecond on one keep-alive connection each; the source only for
-    // its sending rate, which post-copy does not report. (Every 200 µs, or with a
-    // connection per request, the polling's own threads in both processes took a good
-    // part of the core the migration threads share.)
-    let mut polls = (src.client(), dst.client()?);
-    let status = loop {
-        if mode == "precopy" {
-            if let Some(s) = polls
-                .0
-                .as_mut()
-                .ok()
-                .and_then(|c| get(c, "/migration").ok())
-            {
+    // Polled every millisecond on a kept connection: the destination here, and for
+    // pre-copy's sending rate (post-copy reports none) the source on a thread of its
+    // own, since a source that has handed its guest over exits, and a request it took
+    // then waits for its exit (up to 15 ms here), which the total would count. (Every
+    // 200 µs, or with a connection per request, the polling's own threads in both
+    // processes took a good part of the core the migration threads share.)
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let source_rate = (mode == "precopy").then(|| {
+        let (client, stop) = (src.client(), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut rate: f64 = 0.0;
+            let Ok(mut client) = client else {
+                return rate;
+            };
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(s) = get(&mut client, "/migration") else {
+                    break;
+                };
                 rate = rate.max(s["throughput_mib_s"].as_f64().unwrap_or(0.0));
+                std::thread::sleep(Duration::from_millis(1));
             }
-        }
-        let s = get(&mut polls.1, "/migration")?;
+            rate
+        })
+    });
+    let mut dst_poll = dst.client()?;
+    let status = loop {
+        let s = get(&mut dst_poll, "/migration")?;
         if let (None, Some(d)) = (paused, s["downtime_ms"].as_f64()) {
             paused = Some(Instant::now() - Duration::from_secs_f64(d / 1e3));
         }
@@ -278,6 +287,8 @@ fn migrate(
     };
     let total = start.elapsed();
     let all_here = paused.map(|at| at.elapsed());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rate = source_rate.map_or(0.0, |t| t.join().unwrap_or(0.0));
     // The pass in progress at the pause ends on the destination, then the first pass
     // that ran there from its start.
     let first_pass = match (paused, writing) {
