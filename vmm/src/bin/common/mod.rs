@@ -192,3 +192,47 @@ impl Drop for ConsoleTap {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ConsoleTap;
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    /// Lines written by another opener of the FIFO arrive stamped, pass numbers are
+    /// read, and a partial line left by a killed writer does not keep the reader from
+    /// stopping.
+    #[test]
+    fn test_console_tap_stamps_lines_and_stops_after_a_partial_one() {
+        let dir = std::env::temp_dir().join(format!("ferry-tap-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let tap = ConsoleTap::create(&dir.join("console")).expect("tap");
+        let mut guest = std::fs::OpenOptions::new()
+            .append(true)
+            .open(tap.path())
+            .expect("open the FIFO as a ferry does");
+        let before = Instant::now();
+        writeln!(guest, "ferry-guest: ready\npass 1 ok\ndirty pass 3 wrote").expect("write");
+        tap.wait_for("ready", Duration::from_secs(5))
+            .expect("ready");
+        let third = tap.pass_at(3, Duration::from_secs(5)).expect("pass 3");
+        assert!(third >= before);
+        assert_eq!(tap.last_pass(), 3);
+        assert_eq!(tap.last_pass_before(before), 0);
+        assert_eq!(tap.pass_at(4, Duration::from_millis(20)), None);
+        assert!(tap
+            .wait_for("never printed", Duration::from_millis(20))
+            .is_err());
+        write!(guest, "pass 4 o").expect("a partial line");
+        drop(guest);
+        let (stopped, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(tap);
+            let _ = stopped.send(());
+        });
+        wait.recv_timeout(Duration::from_secs(5))
+            .expect("the reader stops after a partial line");
+        assert!(!dir.join("console").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
