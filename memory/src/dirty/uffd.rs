@@ -61,6 +61,28 @@ pub fn protect_all(uffd: &Uffd, ram: &TrackedRam) -> Result<(), DirtyError> {
     })
 }
 
+/// Write-protects memfd pages `first..first+count` (`on`), or removes the protection.
+pub fn protect_run(
+    uffd: &Uffd,
+    ram: &TrackedRam,
+    first: usize,
+    count: usize,
+    on: bool,
+) -> Result<(), DirtyError> {
+    for (addr, len) in ram.host_ranges(first, count) {
+        let (done, what) = if on {
+            (uffd.write_protect(addr, len), "UFFDIO_WRITEPROTECT")
+        } else {
+            (
+                uffd.remove_write_protection(addr, len, false),
+                "UFFDIO_WRITEPROTECT (un-protect a run)",
+            )
+        };
+        done.map_err(|source| DirtyError::Uffd { what, source })?;
+    }
+    Ok(())
+}
+
 /// Whether this host may map shmem with PMD-sized huge pages (transparent huge pages
 /// for shmem at the PMD size, directly or inherited from the global setting). Where it
 /// may, a hole that gains data could be mapped by one huge entry, which a partial

@@ -171,51 +171,12 @@ impl UffdAsync {
         Ok(())
     }
 
-    /// Lists the pages that hold data and write-protects them; returns the listing.
-    fn data_protected(&self) -> Result<Vec<(usize, usize)>, DirtyError> {
-        let data = self.ram.data_pages().map_err(|source| DirtyError::Sys {
-            what: "SEEK_DATA on guest RAM",
-            source,
-        })?;
-        for &(first, count) in &data {
-            self.set_protection(first, count, true)?;
-        }
-        Ok(data)
-    }
-
     /// Removes write protection from memfd pages `first..first+count`.
     fn unprotect(&self, first: usize, count: usize) -> Result<(), DirtyError> {
-        self.set_protection(first, count, false)
-    }
-
-    /// Write-protects memfd pages `first..first+count`, or removes the protection.
-    fn set_protection(&self, first: usize, count: usize, on: bool) -> Result<(), DirtyError> {
         let Some((uffd, _, _)) = &self.uffd else {
             return Err(DirtyError::State("not started"));
         };
-        let (from, to) = (first as u64 * PAGE_SIZE, (first + count) as u64 * PAGE_SIZE);
-        for r in &self.ram.regions {
-            let (a, b) = (from.max(r.file_offset), to.min(r.file_offset + r.size));
-            if a >= b {
-                continue;
-            }
-            let addr = (r.host_addr + (a - r.file_offset)) as *mut libc::c_void;
-            let len = usize::try_from(b - a).map_err(|_| DirtyError::State("run too large"))?;
-            if on {
-                uffd.write_protect(addr, len)
-                    .map_err(|source| DirtyError::Uffd {
-                        what: "UFFDIO_WRITEPROTECT",
-                        source,
-                    })?;
-            } else {
-                uffd.remove_write_protection(addr, len, false)
-                    .map_err(|source| DirtyError::Uffd {
-                        what: "UFFDIO_WRITEPROTECT (un-protect a hot run)",
-                        source,
-                    })?;
-            }
-        }
-        Ok(())
+        uffd::protect_run(uffd, &self.ram, first, count, false)
     }
 
     fn scan(&mut self, bitmap: &mut DirtyBitmap) -> Result<(), DirtyError> {
@@ -228,6 +189,18 @@ impl UffdAsync {
     fn scan_ranges(&mut self, mut found: impl FnMut(u64, u64)) -> Result<(), DirtyError> {
         self.scan_regions(|_, first, last| found(first, last))
     }
+}
+
+/// Lists the pages of `ram` that hold data and write-protects them; returns the listing.
+fn protect_data(uffd: &Uffd, ram: &TrackedRam) -> Result<Vec<(usize, usize)>, DirtyError> {
+    let data = ram.data_pages().map_err(|source| DirtyError::Sys {
+        what: "SEEK_DATA on guest RAM",
+        source,
+    })?;
+    for &(first, count) in &data {
+        uffd::protect_run(uffd, ram, first, count, true)?;
+    }
+    Ok(data)
 }
 
 /// The parts of the sorted runs `a` that no run of the sorted runs `b` covers.
@@ -280,7 +253,6 @@ impl DirtyTracker for UffdAsync {
         // Subscribed before protecting: a ferry write in between is reported, not lost.
         let writes = self.ram.writes.subscribe();
         uffd::register(&uffd, &self.ram)?;
-        self.uffd = Some((uffd, writes, claim));
         // Only the pages that hold data are protected, not the holes between them:
         // markers over the holes cost about 3 ms per GiB here, and a hole needs none. A
         // hole that gains data later is a present page without protection, which
@@ -290,20 +262,19 @@ impl DirtyTracker for UffdAsync {
         // Where shmem may be mapped by huge entries, the holes are protected too (see
         // `shmem_may_map_pmd`).
         let protected = if self.protect_holes {
-            let all = super::total_pages(&self.ram.regions);
-            self.set_protection(0, all, true).map(|()| None)
+            uffd::protect_all(&uffd, &self.ram).map(|()| None)
         } else {
-            self.data_protected().map(Some)
+            protect_data(&uffd, &self.ram).map(Some)
         };
-        match protected {
-            Ok(data) => self.data = data,
+        let data = match protected {
+            Ok(data) => data,
             Err(e) => {
-                if let Some((uffd, _, _)) = self.uffd.take() {
-                    let _ = uffd::unregister(&uffd, &self.ram);
-                }
+                let _ = uffd::unregister(&uffd, &self.ram);
                 return Err(e);
             }
-        }
+        };
+        self.uffd = Some((uffd, writes, claim));
+        self.data = data;
         self.hot = self.retain_hot.then(|| {
             (
                 DirtyBitmap::new(&self.ram.regions),
