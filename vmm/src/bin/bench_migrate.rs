@@ -105,30 +105,32 @@ impl Ferry {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
-        let body = body.map(|b| b.to_string());
-        let r = Client::connect(&self.sock)
-            .and_then(|mut c| c.request(method, path, body.as_deref()))
-            .map_err(|e| format!("{method} {path}: {e}"))?;
-        if !(200..300).contains(&r.status) {
-            return Err(format!("{method} {path}: HTTP {}: {}", r.status, r.text()));
-        }
-        Ok(if r.body.is_empty() {
-            json!({})
-        } else {
-            r.json()
-        })
+        let mut client =
+            Client::connect(&self.sock).map_err(|e| format!("{method} {path}: {e}"))?;
+        request(&mut client, method, path, body)
     }
 }
 
-/// `GET path` on a kept connection.
-fn get(client: &mut Client, path: &str) -> Result<Value, String> {
+/// One request on `client`: the response's JSON body (`{}` when empty), or an error
+/// that names the request.
+fn request(
+    client: &mut Client,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, String> {
+    let body = body.map(|b| b.to_string());
     let r = client
-        .request("GET", path, None)
-        .map_err(|e| format!("GET {path}: {e}"))?;
+        .request(method, path, body.as_deref())
+        .map_err(|e| format!("{method} {path}: {e}"))?;
     if !(200..300).contains(&r.status) {
-        return Err(format!("GET {path}: HTTP {}: {}", r.status, r.text()));
+        return Err(format!("{method} {path}: HTTP {}: {}", r.status, r.text()));
     }
-    Ok(r.json())
+    Ok(if r.body.is_empty() {
+        json!({})
+    } else {
+        r.json()
+    })
 }
 
 impl Drop for Ferry {
@@ -260,7 +262,7 @@ fn migrate(
                 return rate;
             };
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let Ok(s) = get(&mut client, "/migration") else {
+                let Ok(s) = request(&mut client, "GET", "/migration", None) else {
                     break;
                 };
                 rate = rate.max(s["throughput_mib_s"].as_f64().unwrap_or(0.0));
@@ -271,7 +273,7 @@ fn migrate(
     });
     let mut dst_poll = dst.client()?;
     let status = loop {
-        let s = get(&mut dst_poll, "/migration")?;
+        let s = request(&mut dst_poll, "GET", "/migration", None)?;
         if let (None, Some(d)) = (paused, s["downtime_ms"].as_f64()) {
             paused = Some(Instant::now() - Duration::from_secs_f64(d / 1e3));
         }

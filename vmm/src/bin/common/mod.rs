@@ -119,25 +119,31 @@ impl ConsoleTap {
         &self.path
     }
 
-    /// Waits up to `timeout` for a line that contains `needle`.
-    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<(), String> {
+    /// Waits up to `timeout` for `found` to find something in what has arrived.
+    fn wait_until<T>(&self, timeout: Duration, found: impl Fn(&Seen) -> Option<T>) -> Option<T> {
         let deadline = Instant::now() + timeout;
-        let mut seen = self.lines.seen.lock().map_err(|e| e.to_string())?;
+        let mut seen = self.lines.seen.lock().ok()?;
         loop {
-            if seen.lines.iter().any(|(_, l)| l.contains(needle)) {
-                return Ok(());
+            if let Some(t) = found(&seen) {
+                return Some(t);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!("the guest never printed {needle:?}"));
+                return None;
             }
-            seen = self
-                .lines
-                .arrived
-                .wait_timeout(seen, left)
-                .map_err(|e| e.to_string())?
-                .0;
+            seen = self.lines.arrived.wait_timeout(seen, left).ok()?.0;
         }
+    }
+
+    /// Waits up to `timeout` for a line that contains `needle`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<(), String> {
+        self.wait_until(timeout, |seen| {
+            seen.lines
+                .iter()
+                .any(|(_, l)| l.contains(needle))
+                .then_some(())
+        })
+        .ok_or_else(|| format!("the guest never printed {needle:?}"))
     }
 
     /// The highest pass number printed so far (0 before the first).
@@ -167,18 +173,9 @@ impl ConsoleTap {
 
     /// Waits up to `timeout` for pass `n`, and returns when its line arrived.
     pub fn pass_at(&self, n: u64, timeout: Duration) -> Option<Instant> {
-        let deadline = Instant::now() + timeout;
-        let mut seen = self.lines.seen.lock().ok()?;
-        loop {
-            if let Some(p) = seen.passes.iter().find(|p| p.0 == n) {
-                return Some(p.1);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            seen = self.lines.arrived.wait_timeout(seen, left).ok()?.0;
-        }
+        self.wait_until(timeout, |seen| {
+            seen.passes.iter().find(|p| p.0 == n).map(|p| p.1)
+        })
     }
 }
 
