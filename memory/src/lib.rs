@@ -17,6 +17,7 @@ mod sys;
 
 pub use page_set::PageSet;
 pub use ram::{check_mappable, GuestMemoryMmap, GuestRam, RamError, RamRegion};
+pub use sys::serve_first;
 
 /// The page size of guest RAM and of dirty tracking.
 pub const PAGE_SIZE: u64 = 4096;

@@ -11,16 +11,25 @@
 //! protecting all of them there took 5-11 ms of the pause for 128 MiB (README, live
 //! snapshots). `LiveSave::start_writer`, once the guest runs again, starts the writer:
 //! - the *writer* saves the listed pages in order, a run at a time, from guest RAM's
-//!   mapping to the memory file, un-protects each run once it is saved, and makes its
-//!   page-table entries writable (`Shared::unprotect` says why);
-//! - the *fault handler* takes each write fault on a protected page, saves that page
-//!   first, then un-protects it, which lets the writer go on (copy-before-write).
-//!   ferry's own writes into guest RAM (block reads, the virtio rings) go through the
-//!   same registered mapping, so they fault and are served the same way as the
-//!   guest's.
+//!   mapping to the memory file, and leaves them protected: un-protecting a page is
+//!   not enough to let the guest write it cheaply (`Shared::open` says why), and making
+//!   every saved page writable took about as long as saving it;
+//! - the *fault handler* takes each write fault on a protected page. It saves the pages
+//!   of the fault's block (`BLOCK_PAGES`) that nobody took yet (copy-before-write),
+//!   then un-protects the block's saved pages, makes them writable, and wakes the
+//!   writes; a fault on a page the writer is saving is served once the writer has
+//!   saved it, and the handler reads other faults meanwhile. Between faults it opens
+//!   the saved pages of the blocks after the last one faulted on (`AHEAD_BLOCKS`). So
+//!   only the blocks the guest writes while the save runs pay for being made writable,
+//!   once each. ferry's own writes into guest RAM (block reads, the virtio rings) go
+//!   through the same registered mapping, so they fault and are served the same way as
+//!   the guest's. It runs at the lowest real-time priority (`sys::serve_first`): a
+//!   write waits for it, and the writer would otherwise hold the core it needs.
 //!
 //! Pages that held nothing at the instant are never protected and never saved: they stay
-//! holes in the file, which is what they were.
+//! holes in the file, which is what they were. The end unregisters guest RAM, which
+//! removes every protection left, then wakes every write still waiting (unregistering
+//! wakes none that wait on write-protect).
 //!
 //! Shared state, who writes it and who reads it:
 //! - `early` (pages noted before the instant): the handler, for a fault it reads
@@ -28,23 +37,31 @@
 //!   `protect` takes the list out (leaving `None`) under the same lock, and that is
 //!   the instant. A page is therefore either un-protected and in the list `protect`
 //!   took, which protects it again while the VM is paused, or handled after the
-//!   instant, by copy-before-write; no page is un-protected after the instant without
-//!   being saved first. `protect` protects the pages before it sets `todo`: a fault
-//!   read after the instant and before `todo` is set (no guest runs then: only a
-//!   message queued before the pause) is left to the writer, which saves and
-//!   un-protects the page later; one read after `todo` is set takes the page and
-//!   un-protects it after saving it, and nothing protects it again.
-//! - `todo` (pages not yet taken): the writer and the handler each take a page by
-//!   clearing its bit (an atomic fetch-and), so exactly one of them saves it. Whoever
-//!   took a page un-protects it only after its bytes are in the file; until then every
-//!   write to it waits, so the file holds the page as it was at the instant. A fault on a
-//!   page the writer took is left to the writer, whose un-protect wakes the waiting
-//!   thread.
+//!   instant. A fault read after the instant and before `instant` is set (no guest
+//!   runs then: only a message queued before the pause) waits for `instant`.
+//! - `instant.todo` (pages not yet taken): the writer and the handler each take a page
+//!   by clearing its bit (an atomic fetch-and), so exactly one of them saves it.
+//! - `instant.unsaved` (pages not yet in the file): whoever took a page clears its bit
+//!   once its bytes are in the file (release; the handler reads it with acquire). Only
+//!   a page out of `unsaved` is ever un-protected after the instant, and only by the
+//!   handler, so every write to a page waits until the file holds the page as it was
+//!   at the instant. A fault on a page the writer took and has not saved is deferred
+//!   by the handler until the writer clears its bit (or the save fails, and the end
+//!   wakes it).
+//! - `awaited` and `writer_saved`: the handler, with deferred faults, sets `awaited`,
+//!   then (after a SeqCst fence) looks at their pages in `unsaved`; the writer, after
+//!   each run, clears its bits, then (after a SeqCst fence) swaps `awaited` to false
+//!   and, if it was set, signals `writer_saved`, which wakes the handler's poll.
+//!   With a fence on each side, either the handler sees the page saved or the writer
+//!   sees `awaited`, so a deferred fault is never left waiting for a signal that does
+//!   not come.
+//! - `registered`: the handler un-protects and wakes only under this lock while it is
+//!   true; the end sets it false, unregisters and wakes under it, so an un-protect
+//!   never meets an unregistered range.
+//! - The handler's own `opened` (pages it opened) and deferred list: that thread only.
 //! - `saved`, `faults`, `error`: atomics and a mutex, any thread; `error` keeps the
-//!   first. The end is when `saved` reaches the page count (a page taken by the
-//!   handler may still be on its way when the writer has taken its last). A page
-//!   counts once it is in the file and un-protected: the end unregisters guest RAM,
-//!   after which an un-protect still to come would fail.
+//!   first. The end is when `saved` reaches the page count (a block the handler took
+//!   may still be on its way when the writer has taken its last).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -58,11 +75,20 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::dirty::uffd::{self, features};
 use crate::dirty::{total_pages, Claim, DirtyBitmap, DirtyError, Mechanism, TrackedRam};
-use crate::{GuestRam, PageSet, PAGE_BYTES};
+use crate::{GuestRam, PageSet};
 
-/// Pages the writer saves and un-protects at a time: large enough for efficient file
-/// writes, small enough that a write fault on a page of the run waits briefly.
+/// Pages the writer saves at a time: large enough for efficient file writes, small
+/// enough that a write fault on a page of the run waits briefly.
 const RUN_PAGES: usize = 64;
+
+/// Pages the fault handler saves (those nobody took yet) and opens to writes, around
+/// and with the page a write faulted on: a guest that writes one page of a block
+/// mostly writes its neighbours next, and each fault costs a round trip.
+const BLOCK_PAGES: usize = 64;
+
+/// Blocks the fault handler opens after the last one a write faulted on, while no
+/// other fault waits.
+const AHEAD_BLOCKS: usize = 32;
 
 /// Why a live save failed.
 #[derive(Debug, thiserror::Error)]
@@ -86,12 +112,13 @@ pub enum LiveError {
 pub struct LiveProgress {
     /// Pages to save, known once protected.
     pub total: AtomicU64,
-    /// Pages in the file (and un-protected).
+    /// Pages in the file.
     pub saved: AtomicU64,
-    /// Pages saved by the fault handler, before a write.
+    /// Write faults on pages not yet saved, each saved before its write went on
+    /// (copy-before-write).
     pub faults: AtomicU64,
-    /// How long each copy-before-write took, from reading the fault to un-protecting
-    /// the page (µs).
+    /// How long each copy-before-write took, from reading the fault to waking the
+    /// write (µs).
     latencies: Mutex<Vec<u32>>,
 }
 
@@ -108,14 +135,42 @@ impl LiveProgress {
     }
 }
 
+/// The pages of the instant, set by `protect`.
+struct AtInstant {
+    /// Pages nobody has taken to save yet.
+    todo: PageSet,
+    /// Pages not yet in the file.
+    unsaved: PageSet,
+    /// Pages that held data.
+    data: DirtyBitmap,
+    /// Pages in all, saved or not.
+    pages: usize,
+}
+
+impl AtInstant {
+    /// Whether `page` held data and is in the file now.
+    fn saved(&self, page: usize) -> bool {
+        self.data.get(page) && !self.unsaved.contains(page)
+    }
+}
+
 struct Shared {
     uffd: Uffd,
     ram: TrackedRam,
     file: File,
-    /// Set by `protect`: the instant's pages.
-    todo: OnceLock<PageSet>,
+    instant: OnceLock<AtInstant>,
     /// Pages written and un-protected before the instant; `None` from the instant on.
     early: Mutex<Option<Vec<usize>>>,
+    /// True until the end unregisters guest RAM (module doc).
+    registered: Mutex<bool>,
+    /// Set by the handler while a fault waits for a page the writer is saving; the
+    /// writer then signals `writer_saved` after its next run (module doc).
+    awaited: AtomicBool,
+    writer_saved: EventFd,
+    /// Tests: how long the writer holds each run between saving it and marking it
+    /// saved (µs), so that a write meets a page in flight.
+    #[cfg(test)]
+    writer_hold_us: AtomicU64,
     progress: Arc<LiveProgress>,
     error: Mutex<Option<String>>,
     failed: AtomicBool,
@@ -134,8 +189,8 @@ impl Shared {
     /// guest RAM's mapping: reading a page never waits on write-protect (registered for
     /// that alone), and the pages stay as they were at the instant while their writes
     /// wait (module doc). One copy, not two through a buffer: `pread` into a buffer
-    /// took 0.6-0.8 µs a page here, of about 1.8 for the whole save. The caller counts
-    /// the pages saved once they are also un-protected (`done`).
+    /// took 0.6-0.8 µs a page here, of about 1.8 for the whole save. The caller marks
+    /// them saved (`done`).
     fn save(&self, first: usize, count: usize) -> Result<(), LiveError> {
         for (addr, len, offset) in self.ram.host_ranges_at(first, count) {
             crate::sys::pwrite_from(&self.file, addr, len, offset)
@@ -144,9 +199,11 @@ impl Shared {
         Ok(())
     }
 
-    /// Counts pages saved and un-protected. Only then: `finish` unregisters guest RAM
-    /// once the count is complete, and an un-protect after that fails.
-    fn done(&self, count: usize) {
+    /// Marks pages `first..first+count`, now in the file, saved.
+    fn done(&self, at: &AtInstant, first: usize, count: usize) {
+        for page in first..first + count {
+            at.unsaved.take(page);
+        }
         self.progress
             .saved
             .fetch_add(count as u64, Ordering::AcqRel);
@@ -171,31 +228,90 @@ impl Shared {
         Ok(())
     }
 
-    /// Lets writes to pages `first..first+count` go on, waking those that wait, and
-    /// makes their page-table entries writable again.
+    /// Opens the saved pages of `first..first+count` that `opened` does not hold yet to
+    /// writes: un-protects them, makes their page-table entries writable, and adds them
+    /// to `opened`; then, if `wake` or it opened any, wakes the writes waiting in the
+    /// range.
     ///
     /// Un-protecting leaves the entries read-only while guest RAM stays registered, so
     /// each page's next guest write went through KVM's slow path, the kernel's write
     /// fault (`do_wp_page`, seen in a profile of the vCPU thread): a guest rewriting
     /// 32 MiB kept 0.04-0.13 of its pace during a 1 GiB live snapshot here, and about
-    /// 0.5-0.7 with the entries made writable ahead of it, for about 0.8 µs a page on
-    /// the writer's thread (README, live snapshots). Only the writer calls this: every
-    /// page of its run held data at the instant and is un-protected for good (a page
-    /// the guest discarded since is allocated again, as zeros).
-    fn unprotect(&self, first: usize, count: usize) -> Result<(), LiveError> {
-        self.each_host_range(first, count, |addr, len| {
-            self.uffd.remove_write_protection(addr, len, true)?;
-            // Only a hint: the pages are saved and writable whether or not it took.
-            if let Err(e) = crate::sys::populate_writable(addr, len) {
-                if !self.populate_failed.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        "live snapshot: cannot make saved pages writable ({e}): the guest's writes take the kernel's slow path until the save ends"
-                    );
+    /// 0.5-0.7 with the entries made writable ahead of it (`MADV_POPULATE_WRITE`, about
+    /// 0.7-1 µs a page; README, live snapshots). The entries are made writable between
+    /// the un-protect and the wake: populating a page still protected would wait for
+    /// this very thread. A page opened once is not un-protected again: each un-protect
+    /// also drops KVM's mappings of the range.
+    fn open(
+        &self,
+        at: &AtInstant,
+        first: usize,
+        count: usize,
+        opened: &mut DirtyBitmap,
+        wake: bool,
+    ) -> Result<(), LiveError> {
+        let registered = self.registered.lock().expect("poisoned");
+        if !*registered {
+            // The end removed every protection and woke every write.
+            return Ok(());
+        }
+        let runs: Vec<_> = runs_where(first, count, |p| at.saved(p) && !opened.get(p)).collect();
+        for &(run, n) in &runs {
+            self.each_host_range(run, n, |addr, len| {
+                self.uffd.remove_write_protection(addr, len, false)?;
+                // Only a hint: the pages are saved and writable whether or not it took.
+                if let Err(e) = crate::sys::populate_writable(addr, len) {
+                    if !self.populate_failed.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "live snapshot: cannot make saved pages writable ({e}): the guest's writes take the kernel's slow path until the save ends"
+                        );
+                    }
                 }
-            }
-            Ok(())
+                Ok(())
+            })?;
+            opened.set_run(run, n);
+        }
+        if wake || !runs.is_empty() {
+            self.each_host_range(first, count, |addr, len| self.uffd.wake(addr, len))?;
+        }
+        Ok(())
+    }
+
+    /// Un-protects `page` and wakes its writes, unless the end did (before the instant:
+    /// the handler lets every write go on).
+    fn let_through(&self, page: usize) -> Result<(), LiveError> {
+        let registered = self.registered.lock().expect("poisoned");
+        if !*registered {
+            return Ok(());
+        }
+        self.each_host_range(page, 1, |addr, len| {
+            self.uffd.remove_write_protection(addr, len, true)
         })
     }
+}
+
+/// The runs of consecutive pages of `first..first+count` for which `keep` holds,
+/// calling `keep` once per page, in order (it may take the page).
+fn runs_where(
+    first: usize,
+    count: usize,
+    mut keep: impl FnMut(usize) -> bool,
+) -> impl Iterator<Item = (usize, usize)> {
+    let end = first + count;
+    let mut page = first;
+    std::iter::from_fn(move || {
+        let mut start = None;
+        while page < end {
+            let kept = keep(page);
+            page += 1;
+            match (kept, start) {
+                (true, None) => start = Some(page - 1),
+                (false, Some(s)) => return Some((s, page - 1 - s)),
+                _ => {}
+            }
+        }
+        start.map(|s| (s, end - s))
+    })
 }
 
 /// A live save in progress; see the module doc.
@@ -227,8 +343,18 @@ impl LiveSave {
             uffd,
             ram: tracked,
             file,
-            todo: OnceLock::new(),
+            instant: OnceLock::new(),
             early: Mutex::new(Some(Vec::new())),
+            registered: Mutex::new(true),
+            awaited: AtomicBool::new(false),
+            #[cfg(test)]
+            writer_hold_us: AtomicU64::new(0),
+            writer_saved: EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
+                LiveError::Setup(DirtyError::Sys {
+                    what: "eventfd",
+                    source,
+                })
+            })?,
             progress: Arc::default(),
             error: Mutex::new(None),
             failed: AtomicBool::new(false),
@@ -246,6 +372,10 @@ impl LiveSave {
         let handler = std::thread::Builder::new()
             .name("snapshot-cbw".into())
             .spawn(move || {
+                // Ahead of the writer: a write waits for this thread (module doc).
+                if let Err(e) = crate::sys::serve_first() {
+                    tracing::debug!("live snapshot: copy-before-write keeps normal priority: {e}");
+                }
                 seccomp::apply(seccomp::Thread::Memory);
                 handle_faults(&s, &thread_stop)
             })
@@ -303,7 +433,7 @@ impl LiveSave {
             .progress
             .total
             .store(data.count() as u64, Ordering::Release);
-        // Before `todo` is set (module doc). A failure here fails the save: `finish`
+        // Before `instant` is set (module doc). A failure here fails the save: `finish`
         // must not wait for pages nobody will save.
         for (first, count) in again.runs() {
             if let Err(e) = shared.each_host_range(first, count, |addr, len| {
@@ -315,7 +445,12 @@ impl LiveSave {
         }
         let pages = total_pages(&shared.ram.regions);
         // Cannot fail: `early` was taken above, once.
-        let _ = shared.todo.set(PageSet::from_bitmap(&data, pages));
+        let _ = shared.instant.set(AtInstant {
+            todo: PageSet::from_bitmap(&data, pages),
+            unsaved: PageSet::from_bitmap(&data, pages),
+            data,
+            pages,
+        });
         Ok(())
     }
 
@@ -362,7 +497,7 @@ impl LiveSave {
     /// protection (the guest writes freely again) and stops the threads. Without a
     /// successful `protect` the save fails.
     pub fn finish(mut self) -> Result<(), LiveError> {
-        if self.shared.todo.get().is_none() {
+        if self.shared.instant.get().is_none() {
             self.shared
                 .fail("the save ended before the instant of the snapshot".into());
         } else if let Err(e) = self.start_writer() {
@@ -395,8 +530,18 @@ impl LiveSave {
     /// Unregisters guest RAM, which drops every protection and wakes every waiting
     /// write, then stops the handler.
     fn finish_threads(&mut self) {
-        if let Err(e) = uffd::unregister(&self.shared.uffd, &self.shared.ram) {
-            tracing::error!("live snapshot: cannot unregister guest RAM: {e}");
+        {
+            let mut registered = self.shared.registered.lock().expect("poisoned");
+            *registered = false;
+            if let Err(e) = uffd::unregister(&self.shared.uffd, &self.shared.ram) {
+                tracing::error!("live snapshot: cannot unregister guest RAM: {e}");
+            }
+            // Unregistering does not wake writes that wait on write-protect: a fault
+            // read and left (the save failed) or not read yet.
+            let pages = total_pages(&self.shared.ram.regions);
+            for (addr, len) in self.shared.ram.host_ranges(0, pages) {
+                let _ = self.shared.uffd.wake(addr, len);
+            }
         }
         let _ = self.stop.write(1);
         if let Some(h) = self.handler.take() {
@@ -419,106 +564,207 @@ impl Drop for LiveSave {
 
 /// The writer: every page still to take, in order, a run at a time.
 fn write_all(shared: &Shared) {
-    let Some(todo) = shared.todo.get() else {
+    let Some(at) = shared.instant.get() else {
         return;
     };
     let mut from = 0;
-    while let Some(first) = todo.next(from) {
+    while let Some(first) = at.todo.next(from) {
         if first < from || shared.failed.load(Ordering::Acquire) {
             // Wrapped around: every page is taken.
             return;
         }
         // Take a run of consecutive pages, stopping at one the handler took.
         let mut count = 0;
-        while count < RUN_PAGES && todo.take(first + count) {
+        while count < RUN_PAGES && at.todo.take(first + count) {
             count += 1;
         }
         from = first + count.max(1);
         if count == 0 {
             continue;
         }
-        let saved = shared.save(first, count);
-        // Protection comes off whatever happened: a failed save must not leave the
-        // guest waiting. The failure ends the save.
-        let unprotected = shared.unprotect(first, count);
-        if let Err(e) = saved.and(unprotected) {
+        // A failure ends the save; the end's unregister lets every write go on.
+        if let Err(e) = shared.save(first, count) {
             shared.fail(e.to_string());
             return;
         }
-        shared.done(count);
+        #[cfg(test)]
+        std::thread::sleep(Duration::from_micros(
+            shared.writer_hold_us.load(Ordering::Relaxed),
+        ));
+        shared.done(at, first, count);
+        // Pairs with the handler's fence in `Handler::serve_deferred` (module doc).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if shared.awaited.swap(false, Ordering::SeqCst) {
+            let _ = shared.writer_saved.write(1);
+        }
     }
 }
 
-/// The copy-before-write handler.
+/// The fault handler's own state.
+struct Handler {
+    /// Pages it opened to writes.
+    opened: DirtyBitmap,
+    /// Faults on pages the writer was saving, served once it has.
+    deferred: Vec<usize>,
+    /// The next block to open ahead of the last fault, and how many more.
+    next: usize,
+    left: usize,
+}
+
+/// The copy-before-write handler. Between faults it serves the faults that waited for
+/// the writer, then opens the saved pages of the blocks after the last one faulted on,
+/// a block at a time, so that a guest writing through memory in order finds them open
+/// (each fault costs the guest a round trip to this thread).
 fn handle_faults(shared: &Shared, stop: &EventFd) {
+    let mut h = Handler {
+        opened: DirtyBitmap::new(&shared.ram.regions),
+        deferred: Vec::new(),
+        next: 0,
+        left: 0,
+    };
     loop {
-        match crate::sys::wait_readable(shared.uffd.as_raw_fd(), stop.as_raw_fd()) {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(e) => return shared.fail(format!("poll: {e}")),
-        }
-        loop {
-            match shared.uffd.read_event() {
-                Ok(Some(Event::Pagefault { addr, .. })) => {
-                    let since = Instant::now();
-                    let Some((page, page_addr)) = shared.ram.page_at(addr as u64) else {
-                        continue;
-                    };
-                    {
-                        let mut early = shared.early.lock().expect("poisoned");
-                        if let Some(noted) = early.as_mut() {
-                            // Before the instant: the write goes on, and `protect`
-                            // protects the page again (module doc).
-                            if let Err(e) = shared.uffd.remove_write_protection(
-                                page_addr as *mut libc::c_void,
-                                PAGE_BYTES,
-                                true,
-                            ) {
-                                shared.fail(format!("cannot un-protect {page_addr:#x}: {e}"));
-                            }
-                            noted.push(page);
-                            continue;
+        match shared.uffd.read_event() {
+            Ok(Some(Event::Pagefault { addr, .. })) => {
+                let Some((page, _)) = shared.ram.page_at(addr as u64) else {
+                    continue;
+                };
+                {
+                    let mut early = shared.early.lock().expect("poisoned");
+                    if let Some(noted) = early.as_mut() {
+                        // Before the instant: the write goes on, and `protect`
+                        // protects the page again (module doc).
+                        if let Err(e) = shared.let_through(page) {
+                            shared.fail(e.to_string());
                         }
-                    }
-                    // After the instant. A fault read before `todo` is set waits for
-                    // the writer, whose un-protect wakes it.
-                    if !shared.todo.get().is_some_and(|t| t.take(page)) {
-                        // Saved already, or being saved by the writer, whose
-                        // un-protect wakes this write.
+                        noted.push(page);
                         continue;
-                    }
-                    let saved = shared.save(page, 1);
-                    let unprotected = shared.uffd.remove_write_protection(
-                        page_addr as *mut libc::c_void,
-                        PAGE_BYTES,
-                        true,
-                    );
-                    shared.progress.faults.fetch_add(1, Ordering::Relaxed);
-                    let us = u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX);
-                    shared.progress.latencies.lock().expect("poisoned").push(us);
-                    match (saved, unprotected) {
-                        (Ok(()), Ok(())) => shared.done(1),
-                        (Err(e), _) => shared.fail(e.to_string()),
-                        (_, Err(e)) => {
-                            shared.fail(format!("cannot un-protect {page_addr:#x}: {e}"))
-                        }
                     }
                 }
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(e) => {
-                    shared.fail(format!("reading faults: {e}"));
-                    break;
+                if let Err(e) = h.serve(shared, page) {
+                    shared.fail(e.to_string());
+                }
+                continue;
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) => {}
+            Err(e) => {
+                // The end finds this thread gone and fails the save.
+                return shared.fail(format!("reading faults: {e}"));
+            }
+        }
+        // No fault waits.
+        if let Some(at) = shared.instant.get() {
+            if !shared.failed.load(Ordering::Acquire) {
+                match h.serve_deferred(shared, at) {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => shared.fail(e.to_string()),
+                }
+                if h.left > 0 {
+                    h.left -= 1;
+                    let first = h.next * BLOCK_PAGES;
+                    h.next += 1;
+                    let count = BLOCK_PAGES.min(at.pages.saturating_sub(first));
+                    if let Err(e) = shared.open(at, first, count, &mut h.opened, false) {
+                        shared.fail(e.to_string());
+                    }
+                    continue;
                 }
             }
         }
+        let fds = [
+            shared.uffd.as_raw_fd(),
+            shared.writer_saved.as_raw_fd(),
+            stop.as_raw_fd(),
+        ];
+        match crate::sys::wait_any_readable(&fds) {
+            Ok(ready) if ready & 0b100 != 0 => return,
+            Ok(ready) => {
+                if ready & 0b10 != 0 {
+                    let _ = shared.writer_saved.read();
+                }
+            }
+            Err(e) => return shared.fail(format!("poll: {e}")),
+        }
+    }
+}
+
+impl Handler {
+    /// Serves a write fault on `page` after the instant: saves the pages of its block
+    /// that nobody took yet (copy-before-write), then opens the block's saved pages and
+    /// wakes the write, and arms the blocks after it. A page the writer is saving is
+    /// deferred until it has. Once the save failed, only wakes the write.
+    fn serve(&mut self, shared: &Shared, page: usize) -> Result<(), LiveError> {
+        let since = Instant::now();
+        // A fault read between the instant and `instant` being set: `protect` sets it
+        // while the VM is still paused.
+        while shared.instant.get().is_none() && !shared.failed.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        let Some(at) = shared.instant.get() else {
+            return Ok(());
+        };
+        if shared.failed.load(Ordering::Acquire) {
+            // The end wakes every write.
+            return Ok(());
+        }
+        let block = page / BLOCK_PAGES;
+        let (first, count) = (
+            block * BLOCK_PAGES,
+            BLOCK_PAGES.min(at.pages.saturating_sub(block * BLOCK_PAGES)),
+        );
+        let mut copied = false;
+        // `take` in the predicate: each page is taken once, here or by the writer.
+        let taken: Vec<(usize, usize)> = runs_where(first, count, |p| at.todo.take(p)).collect();
+        for (run, n) in taken {
+            shared.save(run, n)?;
+            shared.done(at, run, n);
+            copied |= (run..run + n).contains(&page);
+        }
+        if at.unsaved.contains(page) {
+            // The writer has it: served when the writer says it saved a run.
+            self.deferred.push(page);
+            return Ok(());
+        }
+        shared.open(at, first, count, &mut self.opened, true)?;
+        self.next = block + 1;
+        self.left = AHEAD_BLOCKS;
+        if copied {
+            shared.progress.faults.fetch_add(1, Ordering::Relaxed);
+            let us = u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX);
+            shared.progress.latencies.lock().expect("poisoned").push(us);
+        }
+        Ok(())
+    }
+
+    /// Serves the deferred faults whose pages the writer has saved since; true if it
+    /// served any. While some still wait, asks the writer to signal its next run.
+    fn serve_deferred(&mut self, shared: &Shared, at: &AtInstant) -> Result<bool, LiveError> {
+        if self.deferred.is_empty() {
+            return Ok(false);
+        }
+        // Set before the check, with the writer's fence between its `done` and its
+        // look at `awaited`: either this check sees the page saved, or the writer sees
+        // `awaited` and signals.
+        shared.awaited.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let ready: Vec<usize> = self
+            .deferred
+            .extract_if(.., |p| !at.unsaved.contains(*p))
+            .collect();
+        for &page in &ready {
+            let first = page - page % BLOCK_PAGES;
+            let count = BLOCK_PAGES.min(at.pages.saturating_sub(first));
+            shared.open(at, first, count, &mut self.opened, true)?;
+        }
+        Ok(!ready.is_empty())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::PAGE_SIZE;
+    use crate::{PAGE_BYTES, PAGE_SIZE};
     use vm_memory::{Bytes, GuestAddress};
 
     /// A memory file of `size` bytes (a hole), new.
@@ -533,6 +779,22 @@ mod tests {
             .expect("create");
         file.set_len(size).expect("size");
         (path, file)
+    }
+
+    /// Guest RAM whose first `pages` pages each hold their number plus one.
+    fn numbered_ram(pages: u64) -> GuestRam {
+        let ram = GuestRam::new(64, 46).expect("ram");
+        for p in 0..pages {
+            ram.memory()
+                .write_obj(p + 1, GuestAddress(p * PAGE_SIZE))
+                .expect("fill");
+        }
+        ram
+    }
+
+    /// The first word of `page` in a memory file's bytes.
+    fn word_at(file: &[u8], page: usize) -> u64 {
+        u64::from_le_bytes(file[page * PAGE_BYTES..][..8].try_into().expect("8"))
     }
 
     /// Host threads rewrite every page while the save runs, from the top down and in
@@ -573,7 +835,7 @@ mod tests {
         let saved = std::fs::read(&path).expect("read the file");
         assert_eq!(saved.len() as u64, ram.size());
         for p in 0..pages {
-            let word = u64::from_le_bytes(saved[p * PAGE_BYTES..][..8].try_into().expect("8"));
+            let word = word_at(&saved, p);
             let want = if held(p) { p as u64 + 1 } else { 0 };
             assert_eq!(word, want, "page {p} in the file");
             let now: u64 = ram.memory().read_obj(at(p)).expect("read");
@@ -649,7 +911,7 @@ mod tests {
         ram.memory().write_obj(3u64, late).expect("write after");
         live.finish().expect("finish");
         let saved = std::fs::read(&path).expect("read the file");
-        let word = u64::from_le_bytes(saved[40 * PAGE_BYTES..][..8].try_into().expect("8"));
+        let word = word_at(&saved, 40);
         assert_eq!(word, 2, "the page as it was at the instant");
         let _ = std::fs::remove_file(&path);
     }
@@ -704,10 +966,115 @@ mod tests {
         live.finish().expect("finish");
         let saved = std::fs::read(&path).expect("read the file");
         for p in 0..PAGES {
-            let word = u64::from_le_bytes(saved[p * PAGE_BYTES..][..8].try_into().expect("8"));
+            let word = word_at(&saved, p);
             assert_eq!(word, 102, "page {p} in the file");
         }
         let _ = std::fs::remove_file(&path);
+    }
+
+    /// A write to a page the writer has saved goes on while the save still runs (the
+    /// handler opens its block), not only when the end unregisters guest RAM; the file
+    /// keeps the page as it was.
+    #[test]
+    fn test_a_write_to_a_saved_page_goes_on_before_the_end() {
+        const PAGES: u64 = 512;
+        let ram = numbered_ram(PAGES);
+        let (path, file) = temp_file("saved", ram.size());
+        let live = LiveSave::start(&ram, file).expect("start");
+        let progress = live.progress();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while progress.saved.load(Ordering::Acquire) < PAGES {
+            assert!(Instant::now() < deadline, "the writer saves every page");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (sent, wrote) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let ram = &ram;
+            s.spawn(move || {
+                for p in [100, 101, 300] {
+                    ram.memory()
+                        .write_obj(0xabcd_u64, GuestAddress(p * PAGE_SIZE))
+                        .expect("write");
+                }
+                let _ = sent.send(());
+            });
+            let went_on = wrote.recv_timeout(Duration::from_secs(5));
+            // Let the write go on either way before the scope joins it.
+            live.finish().expect("finish");
+            assert!(went_on.is_ok(), "the writes waited for the end");
+        });
+        assert_eq!(
+            progress.faults.load(Ordering::Acquire),
+            0,
+            "no copy-before-write: the pages were saved"
+        );
+        let saved = std::fs::read(&path).expect("read the file");
+        for p in [100usize, 101, 300] {
+            let word = word_at(&saved, p);
+            assert_eq!(word, p as u64 + 1, "page {p} in the file");
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// A write to a page the writer is saving waits until the writer has saved it, and
+    /// no longer: the writer tells the handler, which lets it go on, while the save
+    /// still runs. The file keeps the page as it was.
+    #[test]
+    fn test_a_write_to_a_page_the_writer_is_saving_goes_on_once_it_is_saved() {
+        const PAGES: u64 = 128;
+        let ram = numbered_ram(PAGES);
+        let (path, file) = temp_file("in-flight", ram.size());
+        let mut live = LiveSave::prepare(&ram, file).expect("prepare");
+        live.shared.writer_hold_us.store(300_000, Ordering::Relaxed);
+        live.protect().expect("protect");
+        live.start_writer().expect("writer");
+        let at = live.shared.instant.get().expect("instant");
+        // The writer takes the first run at once, and holds it 300 ms.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while at.todo.contains(5) {
+            assert!(Instant::now() < deadline, "the writer takes the first run");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (sent, wrote) = std::sync::mpsc::channel();
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            let ram = &ram;
+            s.spawn(move || {
+                ram.memory()
+                    .write_obj(0xabcd_u64, GuestAddress(5 * PAGE_SIZE))
+                    .expect("write");
+                let _ = sent.send(started.elapsed());
+            });
+            let waited = wrote.recv_timeout(Duration::from_secs(3));
+            live.shared.writer_hold_us.store(0, Ordering::Relaxed);
+            let progress = live.progress();
+            let saved_before_end = progress.saved.load(Ordering::Acquire);
+            live.finish().expect("finish");
+            let waited = waited.expect("the write waited for the end");
+            assert!(
+                waited >= Duration::from_millis(100),
+                "the write waited for the page to be saved: {waited:?}"
+            );
+            assert!(saved_before_end < PAGES, "the save was still running");
+        });
+        let saved = std::fs::read(&path).expect("read the file");
+        let word = word_at(&saved, 5);
+        assert_eq!(word, 6, "page 5 as it was");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn test_runs_where_asks_once_per_page() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        let runs: Vec<_> = runs_where(10, 10, |p| {
+            asked.borrow_mut().push(p);
+            !(13..15).contains(&p) && p != 17
+        })
+        .collect();
+        assert_eq!(runs, [(10, 3), (15, 2), (18, 2)]);
+        assert_eq!(*asked.borrow(), (10..20).collect::<Vec<_>>());
+        assert_eq!(runs_where(0, 4, |_| false).count(), 0);
+        assert_eq!(runs_where(0, 4, |_| true).collect::<Vec<_>>(), [(0, 4)]);
     }
 
     /// A save ended without its instant (no `protect`) fails rather than report a file

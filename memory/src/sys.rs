@@ -61,6 +61,36 @@ pub fn wait_readable(fd: std::os::fd::RawFd, stop: std::os::fd::RawFd) -> io::Re
     }
 }
 
+/// Blocks until one of `fds` (at most 64) is readable; returns which, as bits (bit i
+/// for `fds[i]`).
+pub fn wait_any_readable(fds: &[std::os::fd::RawFd]) -> io::Result<u64> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .take(64)
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `polled` is a valid array of `polled.len()` pollfds that lives across
+        // the call.
+        let ret = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, -1) };
+        if ret >= 0 {
+            return Ok(polled
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.revents != 0)
+                .fold(0, |bits, (i, _)| bits | 1 << i));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// The seals on a memfd (`F_GET_SEALS`).
 pub fn seals(file: &File) -> io::Result<libc::c_int> {
     // SAFETY: F_GET_SEALS takes no argument and only reads the state of the fd we pass.
@@ -248,6 +278,30 @@ pub fn populate_writable(addr: *mut libc::c_void, len: usize) -> io::Result<()> 
     // refers to changes.
     let ret = unsafe { libc::madvise(addr, len, libc::MADV_POPULATE_WRITE) };
     if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Puts the calling thread, one that serves page faults, ahead of every
+/// normal-priority thread: the lowest real-time priority (`SCHED_FIFO` 1). A woken fault
+/// thread otherwise waits for the bulk threads, which keep both cores busy, to use up
+/// their time slice, while the faulting thread waits for it. A caller must sleep
+/// between faults and do bounded work for each, so that it cannot hold a core. Fails
+/// where real-time scheduling is refused (no `CAP_SYS_NICE` or `RLIMIT_RTPRIO`, a cgroup
+/// without real-time time) or a user's seccomp filter file may not allow the call; the
+/// thread then keeps its priority.
+pub fn serve_first() -> io::Result<()> {
+    if !seccomp::allows_own_policy() {
+        return Err(io::Error::other(
+            "a seccomp filter file from the user may not allow sched_setscheduler",
+        ));
+    }
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: changes only the calling thread's (pid 0) scheduling policy; `param` is a
+    // valid sched_param that lives across the call.
+    let ret = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if ret != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

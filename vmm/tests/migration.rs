@@ -258,7 +258,10 @@ fn test_drive_and_tap_migrated_while_block_requests_run() {
     let (tap, other) = (TestTap::new("m"), TestTap::new("n"));
     let dir = TempDir::new("mig-io");
     let disk = dir.write("disk.img", vec![0u8; 8 << 20]);
-    let passes = 16;
+    // Passes enough that the destination's guest still runs them when the test reads
+    // the migration's end (about 5 ms each here): a guest that has finished ends its
+    // VMM, and the API then answers 503.
+    let passes = 200;
     let cfg = config(
         &format!("workload=blk passes={passes} depth=32"),
         1,
@@ -289,11 +292,11 @@ fn test_drive_and_tap_migrated_while_block_requests_run() {
         json!({ "destination": listen, "verify": true }),
         204,
     );
+    let s = wait_ended(&dst, Duration::from_secs(30));
+    assert_eq!(s["state"], "completed", "{s}");
     let (code, console, err) = src.ferry.wait(Duration::from_secs(30));
     assert!(code.success(), "{code}: {err}");
     assert!(!console.iter().any(|l| l.contains("error")), "{console:#?}");
-    let s = wait_ended(&dst, Duration::from_secs(30));
-    assert_eq!(s["state"], "completed", "{s}");
     // The guest finishes every pass on the destination, each read back and checked,
     // then reboots; the file holds the last pass's data.
     dst.ferry
@@ -1063,7 +1066,10 @@ fn test_postcopy_between_two_network_namespaces() {
 fn test_postcopy_with_block_requests_running() {
     let dir = TempDir::new("pc-io");
     let disk = dir.write("disk.img", vec![0u8; 8 << 20]);
-    let passes = 16;
+    // Passes enough that the destination's guest still runs them when the test reads
+    // the migration's end (about 5 ms each here): a guest that has finished ends its
+    // VMM, and the API then answers 503.
+    let passes = 200;
     let cfg = config(
         &format!("workload=blk passes={passes} depth=32"),
         1,
@@ -1083,11 +1089,11 @@ fn test_postcopy_with_block_requests_running() {
         json!({ "destination": listen, "mode": "postcopy" }),
         204,
     );
+    let s = wait_ended(&dst, Duration::from_secs(30));
+    assert_eq!(s["state"], "completed", "{s}");
     let (code, console, err) = src.ferry.wait(Duration::from_secs(30));
     assert!(code.success(), "{code}: {err}");
     assert!(!console.iter().any(|l| l.contains("error")), "{console:#?}");
-    let s = wait_ended(&dst, Duration::from_secs(30));
-    assert_eq!(s["state"], "completed", "{s}");
     assert_postcopied(&s);
     dst.ferry
         .expect_line(&format!("blk pass {passes} ok"), Duration::from_secs(60));

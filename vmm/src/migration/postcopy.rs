@@ -569,26 +569,12 @@ fn percentiles(samples: &[u32]) -> Option<FaultLatency> {
 }
 
 /// Puts the calling thread, one that serves page faults (the destination's fault
-/// thread, the source's answering thread), ahead of every normal-priority thread: the
-/// lowest real-time priority. A woken fault thread otherwise waits for the bulk
-/// threads, which keep both cores busy, to use up their time slice (README,
-/// post-copy). Both threads sleep in `poll` between faults and do a bounded amount of
-/// work for each, so they cannot hold a core. Where real-time scheduling is refused
-/// (no `CAP_SYS_NICE` or `RLIMIT_RTPRIO`, or a cgroup without real-time time) or a
-/// user's seccomp filter file may not allow it, the thread keeps its priority.
+/// thread, the source's answering thread), ahead of the bulk threads, which keep both
+/// cores busy (README, post-copy; `memory::serve_first`). Both threads sleep in
+/// `poll` between faults and do a bounded amount of work for each.
 pub(super) fn serve_first() {
-    if !seccomp::allows_own_policy() {
-        return;
-    }
-    let param = libc::sched_param { sched_priority: 1 };
-    // SAFETY: changes only the calling thread's (pid 0) scheduling policy; `param`
-    // is a valid sched_param that lives across the call.
-    let ret = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-    if ret != 0 {
-        tracing::debug!(
-            "post-copy: fault serving keeps normal priority: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = memory::serve_first() {
+        tracing::debug!("post-copy: fault serving keeps normal priority: {e}");
     }
 }
 
