@@ -322,7 +322,7 @@ pub struct LiveSave {
     writer: Option<JoinHandle<()>>,
     /// The data runs at `prepare`.
     earlier: Vec<(usize, usize)>,
-    _claim: Claim,
+    claim: Claim,
 }
 
 impl LiveSave {
@@ -386,7 +386,7 @@ impl LiveSave {
             handler: Some(handler),
             writer: None,
             earlier,
-            _claim: claim,
+            claim,
         };
         // Protected while the guest runs; the pages it writes before the instant are
         // noted and protected again then. (Dropping `live` on failure unregisters.)
@@ -493,10 +493,20 @@ impl LiveSave {
         self.shared.progress.clone()
     }
 
-    /// Waits until every page is in the file, or the save failed; then removes all
-    /// protection (the guest writes freely again) and stops the threads. Without a
-    /// successful `protect` the save fails.
+    /// `complete`, then removes all protection (the guest writes freely again) and
+    /// stops the threads.
     pub fn finish(mut self) -> Result<(), LiveError> {
+        let result = self.complete();
+        drop(self);
+        result
+    }
+
+    /// Waits until every page is in the file, or the save failed. Without a successful
+    /// `protect` the save fails. A failed save removes all protection at once. A
+    /// complete one leaves that to its drop, which unregisters guest RAM (about 4 ms
+    /// for 128 MiB of data here), so that its caller can answer first: a claim of guest
+    /// RAM's userfaultfd meanwhile waits for the drop instead of failing.
+    pub fn complete(&mut self) -> Result<(), LiveError> {
         if self.shared.instant.get().is_none() {
             self.shared
                 .fail("the save ended before the instant of the snapshot".into());
@@ -520,11 +530,13 @@ impl LiveSave {
             }
             std::thread::sleep(Duration::from_micros(100));
         }
-        self.finish_threads();
-        match self.shared.error.lock().expect("poisoned").take() {
-            Some(e) => Err(LiveError::Failed(e)),
-            None => Ok(()),
+        let error = self.shared.error.lock().expect("poisoned").take();
+        if let Some(e) = error {
+            self.finish_threads();
+            return Err(LiveError::Failed(e));
         }
+        self.claim.releasing();
+        Ok(())
     }
 
     /// Unregisters guest RAM, which drops every protection and wakes every waiting

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -232,6 +234,52 @@ fn test_twenty_live_snapshots_of_one_running_guest_each_restore() {
         "twenty live snapshots and restores: {:?}",
         started.elapsed()
     );
+    assert!(!vm.ferry.console().iter().any(|l| l.contains("corrupt")));
+}
+
+/// Live snapshots asked for back to back are each taken: a snapshot answers before it
+/// unregisters guest RAM, and the next one waits for that instead of being refused.
+#[test]
+fn test_live_snapshots_back_to_back_are_each_taken() {
+    let dir = TempDir::new("live-back-to-back");
+    let cfg = config("workload=verify start=16M size=64M", 1, 128, json!({}));
+    let mut vm = Vm::boot(&dir, "src", &cfg);
+    vm.ferry.expect_line("pass 2 ok", BOOT);
+    let (state, mem) = (dir.path().join("b.state"), dir.path().join("b.mem"));
+    let body = json!({ "snapshot_type": "Live", "snapshot_path": state, "mem_file_path": mem })
+        .to_string();
+    // Straight on the socket: starting `curl` for each would leave time between them.
+    let request = format!(
+        "PUT /snapshot/create HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    for i in 0..5 {
+        let mut s = UnixStream::connect(&vm.sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s.write_all(request.as_bytes()).expect("send");
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 204"), "snapshot {i}: {answer}");
+    }
+    let printed = last_pass(vm.ferry.drain(Duration::from_millis(5)));
+    let mut restored = Vm::fresh(&dir, "r");
+    restored.load_file(&state, &mem);
+    let first = restored.ferry.expect_line("pass ", BOOT);
+    assert!(first.ends_with(" ok"), "{first}");
+    let n: u64 = first
+        .trim_start_matches("pass ")
+        .trim_end_matches(" ok")
+        .parse()
+        .expect("a pass number");
+    assert!(
+        n <= printed + 1,
+        "the last snapshot's pass: {n} after {printed}"
+    );
+    restored
+        .ferry
+        .expect_line(&format!("pass {} ok", n + 2), BOOT);
     assert!(!vm.ferry.console().iter().any(|l| l.contains("corrupt")));
 }
 

@@ -15,9 +15,14 @@
 //! (`AtomicBitmap::set_range`). A tracker takes only its own bitmap. A mark made while a
 //! tracker subscribes lands in it or happened before it started; both are right,
 //! because a tracker counts every page as clean from its start on.
+//!
+//! The mechanisms' holds (`claim`) sit under one mutex: a claim takes a free one, fails
+//! on a held one, and waits (bounded) for one whose holder said it is releasing it, as
+//! a live snapshot does once its file is complete and only guest RAM's unregistering
+//! is left; dropping the hold frees it and wakes the waiters.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
 
@@ -30,10 +35,38 @@ use crate::PAGE_SIZE;
 pub struct WriteSinks {
     pages: usize,
     sinks: RwLock<Vec<Arc<AtomicBitmap>>>,
+    holds: Mutex<Holds>,
+    /// Signalled when a hold is dropped.
+    freed: Condvar,
+}
+
+/// How long a claim waits for a hold that is being released: a live snapshot's
+/// unregistering of guest RAM takes milliseconds (about 4 ms for 128 MiB of data here).
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    Free,
+    Held,
+    /// Held, and about to be dropped: a claim waits for it.
+    Releasing,
+}
+
+#[derive(Debug)]
+struct Holds {
     /// A userfaultfd holds guest RAM: a range registers with one userfaultfd only.
-    uffd: AtomicBool,
+    uffd: Hold,
     /// KVM's dirty log is on: reading it clears it, so it serves one tracker.
-    kvm_log: AtomicBool,
+    kvm_log: Hold,
+}
+
+impl Holds {
+    fn of(&mut self, mechanism: Mechanism) -> &mut Hold {
+        match mechanism {
+            Mechanism::Userfaultfd => &mut self.uffd,
+            Mechanism::KvmDirtyLog => &mut self.kvm_log,
+        }
+    }
 }
 
 /// A kernel mechanism a tracker takes for itself.
@@ -52,8 +85,11 @@ impl WriteSinks {
         WriteSinks {
             pages,
             sinks: RwLock::new(Vec::new()),
-            uffd: AtomicBool::new(false),
-            kvm_log: AtomicBool::new(false),
+            holds: Mutex::new(Holds {
+                uffd: Hold::Free,
+                kvm_log: Hold::Free,
+            }),
+            freed: Condvar::new(),
         }
     }
 
@@ -83,29 +119,39 @@ impl WriteSinks {
         }
     }
 
-    /// Takes `mechanism` for one tracker, or says who has it.
+    /// Takes `mechanism` for one tracker, or says who has it. Waits, up to
+    /// `RELEASE_WAIT`, for a holder that is releasing it (`Claim::releasing`).
     pub fn claim(self: &Arc<Self>, mechanism: Mechanism) -> Result<Claim, DirtyError> {
-        let flag = self.flag(mechanism);
-        if flag.swap(true, Ordering::AcqRel) {
-            return Err(DirtyError::Busy(match mechanism {
-                Mechanism::Userfaultfd => {
-                    "guest RAM is already registered with another userfaultfd (a uffd tracker, or a snapshot's memory being loaded or served)"
+        let deadline = Instant::now() + RELEASE_WAIT;
+        let mut holds = self.holds.lock().expect("poisoned");
+        loop {
+            match *holds.of(mechanism) {
+                Hold::Free => break,
+                Hold::Releasing => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(busy(mechanism));
+                    }
+                    holds = self.freed.wait_timeout(holds, left).expect("poisoned").0;
                 }
-                Mechanism::KvmDirtyLog => "KVM's dirty log already serves another tracker",
-            }));
+                Hold::Held => return Err(busy(mechanism)),
+            }
         }
+        *holds.of(mechanism) = Hold::Held;
         Ok(Claim {
             sinks: self.clone(),
             mechanism,
         })
     }
+}
 
-    fn flag(&self, mechanism: Mechanism) -> &AtomicBool {
-        match mechanism {
-            Mechanism::Userfaultfd => &self.uffd,
-            Mechanism::KvmDirtyLog => &self.kvm_log,
+fn busy(mechanism: Mechanism) -> DirtyError {
+    DirtyError::Busy(match mechanism {
+        Mechanism::Userfaultfd => {
+            "guest RAM is already registered with another userfaultfd (a uffd tracker, or a snapshot's memory being loaded or served)"
         }
-    }
+        Mechanism::KvmDirtyLog => "KVM's dirty log already serves another tracker",
+    })
 }
 
 /// One tracker's own record of ferry's writes.
@@ -139,11 +185,28 @@ pub struct Claim {
     mechanism: Mechanism,
 }
 
+impl Claim {
+    /// Says the holder is about to drop this hold, having no more use for it than
+    /// undoing its setup: a claim of the mechanism meanwhile waits instead of failing.
+    pub fn releasing(&self) {
+        *self
+            .sinks
+            .holds
+            .lock()
+            .expect("poisoned")
+            .of(self.mechanism) = Hold::Releasing;
+    }
+}
+
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.sinks
-            .flag(self.mechanism)
-            .store(false, Ordering::Release);
+        *self
+            .sinks
+            .holds
+            .lock()
+            .expect("poisoned")
+            .of(self.mechanism) = Hold::Free;
+        self.sinks.freed.notify_all();
     }
 }
 
@@ -249,6 +312,31 @@ mod tests {
             .claim(Mechanism::KvmDirtyLog)
             .expect("another mechanism");
         drop(claim);
+        sinks.claim(Mechanism::Userfaultfd).expect("free again");
+    }
+
+    /// A claim waits for a hold its holder is releasing, and takes it once dropped;
+    /// a hold not being released still refuses at once.
+    #[test]
+    fn test_a_claim_waits_for_a_hold_being_released() {
+        let sinks = Arc::new(WriteSinks::new(64));
+        let claim = sinks.claim(Mechanism::Userfaultfd).expect("first");
+        claim.releasing();
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                drop(claim);
+            });
+            let next = sinks.claim(Mechanism::Userfaultfd).expect("once released");
+            assert!(started.elapsed() >= Duration::from_millis(40));
+            let started = Instant::now();
+            sinks
+                .claim(Mechanism::Userfaultfd)
+                .expect_err("held, not being released");
+            assert!(started.elapsed() < Duration::from_millis(40));
+            drop(next);
+        });
         sinks.claim(Mechanism::Userfaultfd).expect("free again");
     }
 }

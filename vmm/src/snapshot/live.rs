@@ -181,11 +181,13 @@ impl Vmm {
             .spawn(move || {
                 // Started by the confined VMM thread: its filter is this thread's.
                 seccomp::inherit();
-                let result = job.run();
+                let (result, save) = job.run();
                 thread_live.end(&result);
                 let _ = reply.send(result.map(|()| VmmData::Empty).map_err(|e| {
                     ApiError::bad_request(format!("cannot create the snapshot: {e}"))
                 }));
+                // Unregisters guest RAM, after the answer (`LiveSave::complete`).
+                drop(save);
             })
             .map_err(|e| {
                 // The job went with the closure: its save is dropped, which lifts every
@@ -207,13 +209,14 @@ struct Job {
 
 impl Job {
     /// Waits for the memory file, then writes the state file and renames both into
-    /// place; on failure removes both partial files.
-    fn run(self) -> Result<(), SnapshotError> {
+    /// place; on failure removes both partial files. Returns the save, for its caller
+    /// to drop once it has answered.
+    fn run(mut self) -> (Result<(), SnapshotError>, LiveSave) {
         let mem_tmp = partial(&self.mem_path);
         let state_tmp = partial(&self.state_path);
         let result = (|| {
             // Starts the writer (the guest runs again by now), then waits for it.
-            self.save.finish().map_err(|e| SnapshotError::Io {
+            self.save.complete().map_err(|e| SnapshotError::Io {
                 path: mem_tmp.clone(),
                 source: std::io::Error::other(e.to_string()),
             })?;
@@ -225,6 +228,6 @@ impl Job {
             let _ = std::fs::remove_file(&mem_tmp);
             let _ = std::fs::remove_file(&state_tmp);
         }
-        result
+        (result, self.save)
     }
 }
