@@ -20,7 +20,9 @@
 //! Trackers of different mechanisms can run at once (a userfaultfd one and a KVM one),
 //! and each reports every write. Each kernel mechanism serves one tracker at a time: a
 //! range registers with one userfaultfd, and reading KVM's log clears it. A second
-//! tracker of the same mechanism is refused at `start` (`DirtyError::Busy`).
+//! tracker of the same mechanism is refused at `start` (`DirtyError::Busy`), or waits
+//! there, bounded, while a live snapshot that has answered unregisters guest RAM
+//! (`write_log`).
 
 mod bitmap;
 mod kvm_log;
