@@ -148,6 +148,12 @@ struct AtInstant {
 }
 
 impl AtInstant {
+    /// The first page of fault-handling block `block`, and its pages.
+    fn block(&self, block: usize) -> (usize, usize) {
+        let first = block * BLOCK_PAGES;
+        (first, BLOCK_PAGES.min(self.pages.saturating_sub(first)))
+    }
+
     /// Whether `page` held data and is in the file now.
     fn saved(&self, page: usize) -> bool {
         self.data.get(page) && !self.unsaved.contains(page)
@@ -391,9 +397,7 @@ impl LiveSave {
         // Protected while the guest runs; the pages it writes before the instant are
         // noted and protected again then. (Dropping `live` on failure unregisters.)
         for &(first, count) in &live.earlier {
-            live.shared.each_host_range(first, count, |addr, len| {
-                live.shared.uffd.write_protect(addr, len)
-            })?;
+            uffd::protect_run(&live.shared.uffd, &live.shared.ram, first, count, true)?;
         }
         Ok(live)
     }
@@ -436,9 +440,8 @@ impl LiveSave {
         // Before `instant` is set (module doc). A failure here fails the save: `finish`
         // must not wait for pages nobody will save.
         for (first, count) in again.runs() {
-            if let Err(e) = shared.each_host_range(first, count, |addr, len| {
-                shared.uffd.write_protect(addr, len)
-            }) {
+            if let Err(e) = uffd::protect_run(&shared.uffd, &shared.ram, first, count, true) {
+                let e = LiveError::Setup(e);
                 shared.fail(e.to_string());
                 return Err(e);
             }
@@ -675,9 +678,8 @@ fn handle_faults(shared: &Shared, stop: &EventFd) {
                 }
                 if h.left > 0 {
                     h.left -= 1;
-                    let first = h.next * BLOCK_PAGES;
+                    let (first, count) = at.block(h.next);
                     h.next += 1;
-                    let count = BLOCK_PAGES.min(at.pages.saturating_sub(first));
                     if let Err(e) = shared.open(at, first, count, &mut h.opened, false) {
                         shared.fail(e.to_string());
                     }
@@ -722,10 +724,7 @@ impl Handler {
             return Ok(());
         }
         let block = page / BLOCK_PAGES;
-        let (first, count) = (
-            block * BLOCK_PAGES,
-            BLOCK_PAGES.min(at.pages.saturating_sub(block * BLOCK_PAGES)),
-        );
+        let (first, count) = at.block(block);
         let mut copied = false;
         // `take` in the predicate: each page is taken once, here or by the writer.
         let taken: Vec<(usize, usize)> = runs_where(first, count, |p| at.todo.take(p)).collect();
@@ -766,8 +765,7 @@ impl Handler {
             .extract_if(.., |p| !at.unsaved.contains(*p))
             .collect();
         for &page in &ready {
-            let first = page - page % BLOCK_PAGES;
-            let count = BLOCK_PAGES.min(at.pages.saturating_sub(first));
+            let (first, count) = at.block(page / BLOCK_PAGES);
             shared.open(at, first, count, &mut self.opened, true)?;
         }
         Ok(!ready.is_empty())
@@ -794,10 +792,11 @@ mod tests {
         (path, file)
     }
 
-    /// Guest RAM whose first `pages` pages each hold their number plus one.
-    fn numbered_ram(pages: u64) -> GuestRam {
+    /// Guest RAM whose pages `pages` each hold their number plus one; the rest hold
+    /// nothing.
+    fn numbered_ram(pages: std::ops::Range<u64>) -> GuestRam {
         let ram = GuestRam::new(64, 46).expect("ram");
-        for p in 0..pages {
+        for p in pages {
             ram.memory()
                 .write_obj(p + 1, GuestAddress(p * PAGE_SIZE))
                 .expect("fill");
@@ -991,7 +990,7 @@ mod tests {
     #[test]
     fn test_a_write_to_a_saved_page_goes_on_before_the_end() {
         const PAGES: u64 = 512;
-        let ram = numbered_ram(PAGES);
+        let ram = numbered_ram(0..PAGES);
         let (path, file) = temp_file("saved", ram.size());
         let live = LiveSave::start(&ram, file).expect("start");
         let progress = live.progress();
@@ -1037,12 +1036,7 @@ mod tests {
     fn test_a_write_to_a_page_the_writer_is_saving_goes_on_once_it_is_saved() {
         // Pages 32..160 hold data: the writer's first run, 32..96, ends halfway through
         // the second block, 64..128.
-        let ram = GuestRam::new(64, 46).expect("ram");
-        for p in 32..160u64 {
-            ram.memory()
-                .write_obj(p + 1, GuestAddress(p * PAGE_SIZE))
-                .expect("fill");
-        }
+        let ram = numbered_ram(32..160);
         let (path, file) = temp_file("in-flight", ram.size());
         let mut live = LiveSave::prepare(&ram, file).expect("prepare");
         live.shared.writer_hold_us.store(300_000, Ordering::Relaxed);

@@ -36,29 +36,7 @@ pub fn add_seals(file: &File, seals: libc::c_int) -> io::Result<()> {
 /// `stop` is (a fault-handling thread's loop: its userfaultfd, and the eventfd that
 /// ends it).
 pub fn wait_readable(fd: std::os::fd::RawFd, stop: std::os::fd::RawFd) -> io::Result<bool> {
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `fds` is a valid array of two pollfds that lives across the call.
-        let ret = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if ret >= 0 {
-            return Ok(fds[1].revents == 0);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    Ok(wait_any_readable(&[fd, stop])? & 0b10 == 0)
 }
 
 /// Blocks until one of `fds` (at most 64) is readable; returns which, as bits (bit i
