@@ -19,6 +19,10 @@
 //!   the guest's passes per second during the snapshot against before it, and the
 //!   copy-before-write faults with their p50/p99 beside the floor of one uffd-wp sync
 //!   fault (a host thread writing protected pages, each served by a handler thread).
+//!
+//! Before every timed create and the floor, the page cache is readied the same way
+//! (`settle_page_cache`): the host's free page reporting otherwise made one file write
+//! of 128 MiB take 30 ms or 300 ms with which pages it got.
 
 mod common;
 
@@ -148,11 +152,13 @@ fn run(args: &Args, guest: &Path, size: u64) -> Result<(), String> {
     vm.pause().map_err(|e| e.to_string())?;
 
     let full = request(&dir, SnapshotType::Full, "full");
+    settle_page_cache(&dir, args.touched << 20)?;
     let start = Instant::now();
     let stats = vm
         .create_snapshot(&config, &full)
         .map_err(|e| e.to_string())?;
     let create = start.elapsed();
+    settle_page_cache(&dir, stats.memory_bytes)?;
     let floor = write_floor(&dir, stats.memory_bytes)?;
     println!(
         "{size:>5} MiB  create Full  {:>8.1} ms  file {:>4} MiB apparent, {:>4} MiB allocated  floor write(2) {:>8.1} ms  ratio {:.2}",
@@ -286,7 +292,7 @@ fn live(args: &Args, guest: &Path, size: u64, kind: &str) -> Result<(), String> 
     let before = (last_pass(&console) - p0) as f64 / t0.elapsed().as_secs_f64();
 
     let params = request(&dir, SnapshotType::Live, "live");
-    settle_page_cache();
+    settle_page_cache(&dir, args.touched << 20)?;
     let (tx, rx) = std::sync::mpsc::channel();
     let (p0, start) = (last_pass(&console), Instant::now());
     let snap = vm
@@ -302,7 +308,7 @@ fn live(args: &Args, guest: &Path, size: u64, kind: &str) -> Result<(), String> 
     // A Full create of the same guest, paused, for comparison.
     vm.pause().map_err(|e| e.to_string())?;
     let full = request(&dir, SnapshotType::Full, "full");
-    settle_page_cache();
+    settle_page_cache(&dir, args.touched << 20)?;
     let start = Instant::now();
     vm.create_snapshot(&config, &full)
         .map_err(|e| e.to_string())?;
@@ -328,13 +334,21 @@ fn live(args: &Args, guest: &Path, size: u64, kind: &str) -> Result<(), String> 
     Ok(())
 }
 
-/// Writes every dirty page cache page back to disk first, so that the Live and the
-/// Full it is compared with each start with none: a file write that finds the last
-/// snapshot's 128 MiB still dirty may wait on their writeback (Fulls of 27-29 ms and of
-/// 230-330 ms in the same runs, before this).
-fn settle_page_cache() {
+/// Readies the page cache for a measured create that writes `bytes`, so that every
+/// create (and the write(2) floor) starts from the same state:
+/// - writes every dirty page back first: a file write that found the last snapshot's
+///   128 MiB still dirty could wait on their writeback;
+/// - then writes and deletes a scratch file of `bytes` in `dir`, so that the create
+///   allocates pages just freed. This host's balloon reports free memory to its
+///   hypervisor (free page reporting: 2 MiB blocks left free for about 2 s), and the
+///   first write to a reported page costs about 10 µs: `dd` of 128 MiB took 260-370
+///   ms after a few idle seconds and 38 ms right after another. Without this, Fulls
+///   of the same guest took 27-41 ms or 150-340 ms with what the allocator handed
+///   out, and so did the Lives (README, live snapshots).
+fn settle_page_cache(dir: &Path, bytes: u64) -> Result<(), String> {
     // SAFETY: sync(2) takes no arguments and changes no memory of this process.
     unsafe { libc::sync() };
+    write_floor(dir, bytes).map(|_| ())
 }
 
 /// The floor of one copy-before-write: µs per uffd-wp sync fault, a host thread
