@@ -19,12 +19,17 @@
 //!   then un-protects the block's saved pages, makes them writable, and wakes the
 //!   writes; a fault on a page the writer is saving is served once the writer has
 //!   saved it, and the handler reads other faults meanwhile. Between faults it opens
-//!   the saved pages of the blocks after the last one faulted on (`AHEAD_BLOCKS`). So
+//!   the blocks after the last one faulted on (`AHEAD_BLOCKS`), saving those of the
+//!   nearest (`AHEAD_SAVED_BLOCKS`) that the writer has not reached: a guest writing
+//!   through memory as fast as the writer saves it found nothing opened ahead, and
+//!   faulted on every block. So
 //!   only the blocks the guest writes while the save runs pay for being made writable,
 //!   once each. ferry's own writes into guest RAM (block reads, the virtio rings) go
 //!   through the same registered mapping, so they fault and are served the same way as
 //!   the guest's. It runs at the lowest real-time priority (`sys::serve_first`): a
-//!   write waits for it, and the writer would otherwise hold the core it needs.
+//!   write waits for it, and the writer would otherwise hold the core it needs. Its
+//!   work per fault stays bounded: one block, and after it `AHEAD_SAVED_BLOCKS` saved
+//!   and `AHEAD_BLOCKS` opened, reading faults between blocks.
 //!
 //! Pages that held nothing at the instant are never protected and never saved: they stay
 //! holes in the file, which is what they were. The end unregisters guest RAM, which
@@ -89,6 +94,12 @@ const BLOCK_PAGES: usize = 64;
 /// Blocks the fault handler opens after the last one a write faulted on, while no
 /// other fault waits.
 const AHEAD_BLOCKS: usize = 32;
+
+/// Of those, the first ones it also saves where nobody took their pages yet: a guest
+/// that writes through memory about as fast as the writer saves it finds them open,
+/// and the handler, at real-time priority, saves at most this many blocks (2 MiB,
+/// about 1 ms here) per fault it serves.
+const AHEAD_SAVED_BLOCKS: usize = 8;
 
 /// Why a live save failed.
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +188,15 @@ struct Shared {
     /// saved (µs), so that a write meets a page in flight.
     #[cfg(test)]
     writer_hold_us: AtomicU64,
+    /// Tests: while set, the writer holds its run as `writer_hold_us` does, until
+    /// cleared.
+    #[cfg(test)]
+    writer_gate: AtomicBool,
+    /// Tests: write faults served after the instant, and ahead blocks opened.
+    #[cfg(test)]
+    served: AtomicU64,
+    #[cfg(test)]
+    opened_ahead: AtomicU64,
     progress: Arc<LiveProgress>,
     error: Mutex<Option<String>>,
     failed: AtomicBool,
@@ -203,6 +223,23 @@ impl Shared {
                 .map_err(|e| LiveError::Write(format!("from guest RAM at {addr:p}: {e}")))?;
         }
         Ok(())
+    }
+
+    /// Takes the pages of `first..first+count` that nobody took yet and saves them;
+    /// returns their runs.
+    fn save_untaken(
+        &self,
+        at: &AtInstant,
+        first: usize,
+        count: usize,
+    ) -> Result<Vec<(usize, usize)>, LiveError> {
+        // `take` in the predicate: each page is taken once, here or by the writer.
+        let taken: Vec<(usize, usize)> = runs_where(first, count, |p| at.todo.take(p)).collect();
+        for &(run, n) in &taken {
+            self.save(run, n)?;
+            self.done(at, run, n);
+        }
+        Ok(taken)
     }
 
     /// Marks pages `first..first+count`, now in the file, saved.
@@ -355,6 +392,12 @@ impl LiveSave {
             awaited: AtomicBool::new(false),
             #[cfg(test)]
             writer_hold_us: AtomicU64::new(0),
+            #[cfg(test)]
+            writer_gate: AtomicBool::new(false),
+            #[cfg(test)]
+            served: AtomicU64::new(0),
+            #[cfg(test)]
+            opened_ahead: AtomicU64::new(0),
             writer_saved: EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
                 LiveError::Setup(DirtyError::Sys {
                     what: "eventfd",
@@ -604,9 +647,14 @@ fn write_all(shared: &Shared) {
             return;
         }
         #[cfg(test)]
-        std::thread::sleep(Duration::from_micros(
-            shared.writer_hold_us.load(Ordering::Relaxed),
-        ));
+        {
+            std::thread::sleep(Duration::from_micros(
+                shared.writer_hold_us.load(Ordering::Relaxed),
+            ));
+            while shared.writer_gate.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         shared.done(at, first, count);
         // Pairs with the handler's fence in `Handler::serve_deferred` (module doc).
         std::sync::atomic::fence(Ordering::SeqCst);
@@ -628,9 +676,9 @@ struct Handler {
 }
 
 /// The copy-before-write handler. Between faults it serves the faults that waited for
-/// the writer, then opens the saved pages of the blocks after the last one faulted on,
-/// a block at a time, so that a guest writing through memory in order finds them open
-/// (each fault costs the guest a round trip to this thread).
+/// the writer, then opens the blocks after the last one faulted on (saving what nobody
+/// took yet of the nearest), a block at a time, so that a guest writing through memory
+/// in order finds them open (each fault costs the guest a round trip to this thread).
 fn handle_faults(shared: &Shared, stop: &EventFd) {
     let mut h = Handler {
         opened: DirtyBitmap::new(&shared.ram.regions),
@@ -677,12 +725,25 @@ fn handle_faults(shared: &Shared, stop: &EventFd) {
                     Err(e) => shared.fail(e.to_string()),
                 }
                 if h.left > 0 {
+                    let nth = AHEAD_BLOCKS - h.left;
                     h.left -= 1;
                     let (first, count) = at.block(h.next);
                     h.next += 1;
-                    if let Err(e) = shared.open(at, first, count, &mut h.opened, false) {
+                    // The nearest saved here if the writer has not got there: a guest
+                    // writing through memory as fast as the writer saves it otherwise
+                    // found nothing opened ahead, and faulted on every block.
+                    let saved = if nth < AHEAD_SAVED_BLOCKS {
+                        shared.save_untaken(at, first, count).map(|_| ())
+                    } else {
+                        Ok(())
+                    };
+                    let opened =
+                        saved.and_then(|()| shared.open(at, first, count, &mut h.opened, false));
+                    if let Err(e) = opened {
                         shared.fail(e.to_string());
                     }
+                    #[cfg(test)]
+                    shared.opened_ahead.fetch_add(1, Ordering::Release);
                     continue;
                 }
             }
@@ -711,6 +772,8 @@ impl Handler {
     /// deferred until it has. Once the save failed, only wakes the write.
     fn serve(&mut self, shared: &Shared, page: usize) -> Result<(), LiveError> {
         let since = Instant::now();
+        #[cfg(test)]
+        shared.served.fetch_add(1, Ordering::Relaxed);
         // A fault read between the instant and `instant` being set: `protect` sets it
         // while the VM is still paused.
         while shared.instant.get().is_none() && !shared.failed.load(Ordering::Acquire) {
@@ -725,14 +788,10 @@ impl Handler {
         }
         let block = page / BLOCK_PAGES;
         let (first, count) = at.block(block);
-        let mut copied = false;
-        // `take` in the predicate: each page is taken once, here or by the writer.
-        let taken: Vec<(usize, usize)> = runs_where(first, count, |p| at.todo.take(p)).collect();
-        for (run, n) in taken {
-            shared.save(run, n)?;
-            shared.done(at, run, n);
-            copied |= (run..run + n).contains(&page);
-        }
+        let copied = shared
+            .save_untaken(at, first, count)?
+            .iter()
+            .any(|&(run, n)| (run..run + n).contains(&page));
         if at.unsaved.contains(page) {
             // The writer has it: served when the writer says it saved a run.
             self.deferred.push(page);
@@ -1076,6 +1135,53 @@ mod tests {
         });
         let saved = std::fs::read(&path).expect("read the file");
         for p in [70, 100] {
+            assert_eq!(word_at(&saved, p), p as u64 + 1, "page {p} as it was");
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// A guest writing through memory ahead of the writer finds the blocks after its
+    /// first fault saved and opened by the handler: its next write there is no fault.
+    #[test]
+    fn test_blocks_ahead_of_a_fault_are_opened_where_the_writer_has_not_been() {
+        // Pages 32..1024 hold data; the writer holds its first run, 32..96, until the
+        // gate opens.
+        let ram = numbered_ram(32..1024);
+        let (path, file) = temp_file("ahead", ram.size());
+        let mut live = LiveSave::prepare(&ram, file).expect("prepare");
+        live.shared.writer_gate.store(true, Ordering::Release);
+        live.protect().expect("protect");
+        live.start_writer().expect("writer");
+        let shared = live.shared.clone();
+        let at = shared.instant.get().expect("instant");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let wait = |what: &str, done: &dyn Fn() -> bool| {
+            while !done() {
+                assert!(Instant::now() < deadline, "{what}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        wait("the writer takes its first run", &|| !at.todo.contains(32));
+        let write = |page: u64| {
+            ram.memory()
+                .write_obj(0xabcd_u64, GuestAddress(page * PAGE_SIZE))
+                .expect("write");
+        };
+        // Block 3: a fault, saved by the handler (copy-before-write).
+        write(200);
+        // Block 4, the first after it, is saved and opened then.
+        wait("block 4 is opened", &|| {
+            shared.opened_ahead.load(Ordering::Acquire) >= 1
+        });
+        let saved_ahead = !at.unsaved.contains(300);
+        write(300);
+        let served = shared.served.load(Ordering::Relaxed);
+        live.shared.writer_gate.store(false, Ordering::Release);
+        live.finish().expect("finish");
+        assert!(saved_ahead, "block 4 was saved before the writer got there");
+        assert_eq!(served, 1, "faults served: the write to block 4 was one");
+        let saved = std::fs::read(&path).expect("read the file");
+        for p in [200, 300] {
             assert_eq!(word_at(&saved, p), p as u64 + 1, "page {p} as it was");
         }
         let _ = std::fs::remove_file(&path);
