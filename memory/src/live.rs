@@ -189,7 +189,7 @@ struct Shared {
     #[cfg(test)]
     writer_hold_us: AtomicU64,
     /// Tests: while set, the writer holds its run as `writer_hold_us` does, until
-    /// cleared.
+    /// cleared or the save ends.
     #[cfg(test)]
     writer_gate: AtomicBool,
     /// Tests: write faults served after the instant, and ahead blocks opened.
@@ -651,7 +651,10 @@ fn write_all(shared: &Shared) {
             std::thread::sleep(Duration::from_micros(
                 shared.writer_hold_us.load(Ordering::Relaxed),
             ));
-            while shared.writer_gate.load(Ordering::Acquire) {
+            // A failing test's drop sets `failed`, and must not wait on the gate.
+            while shared.writer_gate.load(Ordering::Acquire)
+                && !shared.failed.load(Ordering::Acquire)
+            {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
