@@ -395,33 +395,46 @@ fn test_stale_socket_is_replaced_and_live_one_is_refused() {
 #[test]
 fn test_slow_vmm_answer_gets_503_and_api_keeps_serving() {
     let dir = TempDir::new("api-503");
-    let (mut ferry, sock) = spawn_api(&dir, &["--api-timeout-ms", "1"]);
-    // Even a quick answer may miss 1 ms on a loaded host; these PUTs may be repeated.
-    let settle = |path: &str, body: &str| {
-        let deadline = Instant::now() + BOOT;
-        loop {
-            let (status, json) = curl(&sock, "PUT", path, Some(body));
-            if status == 204 {
-                return;
+    // The start takes the VMM thread 15-30 ms here (32 vCPUs, 16 GiB registered with
+    // KVM), far longer than 1 ms. But the API thread measures the 1 ms, and on a loaded
+    // host it can itself wait for a core for longer than the start takes, then find
+    // the answer there (a 204, once in CI): then a fresh ferry tries again.
+    let mut attempts = 0;
+    let (mut ferry, sock, slow) = loop {
+        attempts += 1;
+        let (ferry, sock) = spawn_api(&dir, &["--api-timeout-ms", "1"]);
+        // Even a quick answer may miss 1 ms on a loaded host; these PUTs may be
+        // repeated.
+        let settle = |path: &str, body: &str| {
+            let deadline = Instant::now() + BOOT;
+            loop {
+                let (status, json) = curl(&sock, "PUT", path, Some(body));
+                if status == 204 {
+                    return;
+                }
+                assert_eq!(status, 503, "PUT {path}: {json}");
+                assert!(Instant::now() < deadline, "PUT {path} never answered");
+                std::thread::sleep(Duration::from_millis(20));
             }
-            assert_eq!(status, 503, "PUT {path}: {json}");
-            assert!(Instant::now() < deadline, "PUT {path} never answered");
-            std::thread::sleep(Duration::from_millis(20));
+        };
+        settle(
+            "/machine-config",
+            r#"{"vcpu_count": 32, "mem_size_mib": 16384}"#,
+        );
+        settle("/boot-source", &boot_source("workload=verify size=4M"));
+        let start = Some(r#"{"action_type": "InstanceStart"}"#);
+        let (status, json) = curl(&sock, "PUT", "/actions", start);
+        if status == 503 {
+            break (ferry, sock, json);
         }
+        assert_eq!(status, 204, "{json}");
+        assert!(
+            attempts < 3,
+            "the start was answered within 1 ms {attempts} times"
+        );
+        drop(ferry);
+        let _ = std::fs::remove_file(&sock);
     };
-    // Building 32 vCPUs takes the VMM thread far longer than 1 ms.
-    settle(
-        "/machine-config",
-        r#"{"vcpu_count": 32, "mem_size_mib": 256}"#,
-    );
-    settle("/boot-source", &boot_source("workload=verify size=4M"));
-    let slow = expect(
-        &sock,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "InstanceStart"}"#),
-        503,
-    );
     assert_eq!(
         slow["fault_message"],
         "the VMM did not answer within 1 ms; the request may still take effect"
