@@ -184,12 +184,8 @@ struct Shared {
     /// writer then signals `writer_saved` after its next run (module doc).
     awaited: AtomicBool,
     writer_saved: EventFd,
-    /// Tests: how long the writer holds each run between saving it and marking it
-    /// saved (µs), so that a write meets a page in flight.
-    #[cfg(test)]
-    writer_hold_us: AtomicU64,
-    /// Tests: while set, the writer holds its run as `writer_hold_us` does, until
-    /// cleared or the save ends.
+    /// Tests: while set, the writer holds each run between saving it and marking it
+    /// saved, so that a write meets a page in flight; until cleared or the save ends.
     #[cfg(test)]
     writer_gate: AtomicBool,
     /// Tests: write faults served after the instant, and ahead blocks opened.
@@ -390,8 +386,6 @@ impl LiveSave {
             early: Mutex::new(Some(Vec::new())),
             registered: Mutex::new(true),
             awaited: AtomicBool::new(false),
-            #[cfg(test)]
-            writer_hold_us: AtomicU64::new(0),
             #[cfg(test)]
             writer_gate: AtomicBool::new(false),
             #[cfg(test)]
@@ -646,17 +640,10 @@ fn write_all(shared: &Shared) {
             shared.fail(e.to_string());
             return;
         }
+        // A failing test's drop sets `failed`, and must not wait on the gate.
         #[cfg(test)]
-        {
-            std::thread::sleep(Duration::from_micros(
-                shared.writer_hold_us.load(Ordering::Relaxed),
-            ));
-            // A failing test's drop sets `failed`, and must not wait on the gate.
-            while shared.writer_gate.load(Ordering::Acquire)
-                && !shared.failed.load(Ordering::Acquire)
-            {
-                std::thread::sleep(Duration::from_millis(1));
-            }
+        while shared.writer_gate.load(Ordering::Acquire) && !shared.failed.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(1));
         }
         shared.done(at, first, count);
         // Pairs with the handler's fence in `Handler::serve_deferred` (module doc).
@@ -1090,6 +1077,23 @@ mod tests {
         let _ = std::fs::remove_file(&path);
     }
 
+    /// A live save of `ram` (data from page 32) past its instant, its writer holding its
+    /// first run (from page 32) until `writer_gate` is cleared.
+    fn with_the_writer_held(ram: &GuestRam, name: &str) -> (std::path::PathBuf, LiveSave) {
+        let (path, file) = temp_file(name, ram.size());
+        let mut live = LiveSave::prepare(ram, file).expect("prepare");
+        live.shared.writer_gate.store(true, Ordering::Release);
+        live.protect().expect("protect");
+        live.start_writer().expect("writer");
+        let at = live.shared.instant.get().expect("instant");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while at.todo.contains(32) {
+            assert!(Instant::now() < deadline, "the writer takes the first run");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (path, live)
+    }
+
     /// A write to a page the writer is saving waits until the writer has saved it, and
     /// no longer: the writer tells the handler, which lets it go on, while the save
     /// still runs. Opening a block for a write elsewhere in it leaves such a page
@@ -1099,19 +1103,9 @@ mod tests {
         // Pages 32..160 hold data: the writer's first run, 32..96, ends halfway through
         // the second block, 64..128.
         let ram = numbered_ram(32..160);
-        let (path, file) = temp_file("in-flight", ram.size());
-        let mut live = LiveSave::prepare(&ram, file).expect("prepare");
-        live.shared.writer_hold_us.store(300_000, Ordering::Relaxed);
-        live.protect().expect("protect");
-        live.start_writer().expect("writer");
+        let (path, live) = with_the_writer_held(&ram, "in-flight");
         let shared = live.shared.clone();
         let at = shared.instant.get().expect("instant");
-        // The writer takes the first run at once, and holds it 300 ms.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while at.todo.contains(32) {
-            assert!(Instant::now() < deadline, "the writer takes the first run");
-            std::thread::sleep(Duration::from_millis(1));
-        }
         let (sent, wrote) = std::sync::mpsc::channel();
         std::thread::scope(|s| {
             let ram = &ram;
@@ -1125,11 +1119,11 @@ mod tests {
                     let _ = sent.send((p, !at.unsaved.contains(p)));
                 }
             });
-            // Before `finish`: the end would let the writes go on in any case.
-            let went_on: Vec<_> = (0..2)
-                .map(|_| wrote.recv_timeout(Duration::from_secs(3)))
-                .collect();
-            live.shared.writer_hold_us.store(0, Ordering::Relaxed);
+            // Before `finish`: the end would let the writes go on in any case. 100's
+            // goes on while the writer still holds its run, 70's once it has saved it.
+            let mut went_on = vec![wrote.recv_timeout(Duration::from_secs(3))];
+            live.shared.writer_gate.store(false, Ordering::Release);
+            went_on.push(wrote.recv_timeout(Duration::from_secs(3)));
             live.finish().expect("finish");
             for w in went_on {
                 let (page, saved_first) = w.expect("a write waited for the end");
@@ -1147,24 +1141,11 @@ mod tests {
     /// first fault saved and opened by the handler: its next write there is no fault.
     #[test]
     fn test_blocks_ahead_of_a_fault_are_opened_where_the_writer_has_not_been() {
-        // Pages 32..1024 hold data; the writer holds its first run, 32..96, until the
-        // gate opens.
+        // Pages 32..1024 hold data; the writer holds its first run, 32..96.
         let ram = numbered_ram(32..1024);
-        let (path, file) = temp_file("ahead", ram.size());
-        let mut live = LiveSave::prepare(&ram, file).expect("prepare");
-        live.shared.writer_gate.store(true, Ordering::Release);
-        live.protect().expect("protect");
-        live.start_writer().expect("writer");
+        let (path, live) = with_the_writer_held(&ram, "ahead");
         let shared = live.shared.clone();
         let at = shared.instant.get().expect("instant");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let wait = |what: &str, done: &dyn Fn() -> bool| {
-            while !done() {
-                assert!(Instant::now() < deadline, "{what}");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        };
-        wait("the writer takes its first run", &|| !at.todo.contains(32));
         let write = |page: u64| {
             ram.memory()
                 .write_obj(0xabcd_u64, GuestAddress(page * PAGE_SIZE))
@@ -1173,9 +1154,11 @@ mod tests {
         // Block 3: a fault, saved by the handler (copy-before-write).
         write(200);
         // Block 4, the first after it, is saved and opened then.
-        wait("block 4 is opened", &|| {
-            shared.opened_ahead.load(Ordering::Acquire) >= 1
-        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while shared.opened_ahead.load(Ordering::Acquire) == 0 {
+            assert!(Instant::now() < deadline, "block 4 is opened");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let saved_ahead = !at.unsaved.contains(300);
         write(300);
         let served = shared.served.load(Ordering::Relaxed);
