@@ -49,11 +49,6 @@ struct Args {
     json: bool,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// Seconds for the host to move `total` bytes in `req`-byte calls over the file.
 fn host_run(file: &File, disk: u64, req: u64, total: u64, write: bool) -> Result<f64, String> {
     let mut buf = vec![0x5au8; usize::try_from(req).map_err(|e| e.to_string())?];
@@ -156,8 +151,8 @@ fn run(args: &Args) -> Result<(), String> {
                     guest_t.push(guest_run(args, &ferry, &guest, &disk_path, req, write)?);
                 }
                 let mib = total as f64 / f64::from(1 << 20);
-                let host = mib / median(host);
-                let guest_mib = mib / median(guest_t);
+                let host = mib / common::median(host);
+                let guest_mib = mib / common::median(guest_t);
                 rows.push((req, write, guest_mib, host));
             }
         }

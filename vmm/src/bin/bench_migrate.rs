@@ -401,12 +401,6 @@ fn tcp_best_of_3() -> Result<f64, String> {
 
 /// The median of the runs that have the figure (a run whose faults all found their
 /// page on its way has no fault latency: NaN), or NaN when none has.
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| !x.is_nan());
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let (bin, guest) = match (
@@ -546,7 +540,7 @@ fn main() -> std::process::ExitCode {
                 }
             }
         }
-        let m = |f: fn(&Figures) -> f64| median(runs.iter().map(f).collect());
+        let m = |f: fn(&Figures) -> f64| common::median(runs.iter().map(f).collect());
         let rate = m(|f| f.rate_mib_s);
         let guest_ratio = runs[0]
             .guest_ratio

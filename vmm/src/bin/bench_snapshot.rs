@@ -299,12 +299,12 @@ fn live(args: &Args, guest: &Path, size: u64, kind: &str) -> Result<(), String> 
     let guest = if paces.is_empty() {
         String::new()
     } else {
-        format!(", guest {:.2} of untracked", median(paces))
+        format!(", guest {:.2} of untracked", common::median(paces))
     };
     println!(
         "{size:>5} MiB  live {kind:<6}  median of {}: {:.2} of Full{guest}",
         ratios.len(),
-        median(ratios)
+        common::median(ratios)
     );
     drop(vm);
     let _ = std::fs::remove_dir_all(&dir);
@@ -373,11 +373,6 @@ fn live_once(
         status.copy_before_write_faults,
     );
     Ok((ms(total) / full_ms, pace))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Readies the page cache for a measured create that writes `bytes`, so that every

@@ -1,5 +1,5 @@
-//! What the benchmark programs share: finding the binaries and the test guest, and
-//! reading the guest's console as it prints.
+//! What the benchmark programs share: finding the binaries and the test guest, reading
+//! the guest's console as it prints, and the median of their runs.
 // Each benchmark uses a subset.
 #![allow(dead_code)]
 
@@ -10,6 +10,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+/// The median of `v`, leaving out NaNs (the upper of the two middle values for an even
+/// count); NaN if nothing is left.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
 
 /// `--ferry` if given, else the `ferry` binary next to this program.
 pub fn ferry_binary(given: &Option<PathBuf>) -> Result<PathBuf, String> {
