@@ -189,23 +189,22 @@ impl Claim {
     /// Says the holder is about to drop this hold, having no more use for it than
     /// undoing its setup: a claim of the mechanism meanwhile waits instead of failing.
     pub fn releasing(&self) {
+        self.set(Hold::Releasing);
+    }
+
+    fn set(&self, hold: Hold) {
         *self
             .sinks
             .holds
             .lock()
             .expect("poisoned")
-            .of(self.mechanism) = Hold::Releasing;
+            .of(self.mechanism) = hold;
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        *self
-            .sinks
-            .holds
-            .lock()
-            .expect("poisoned")
-            .of(self.mechanism) = Hold::Free;
+        self.set(Hold::Free);
         self.sinks.freed.notify_all();
     }
 }
