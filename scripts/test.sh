@@ -21,11 +21,20 @@ cargo build --workspace --bins --release --quiet
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --release --no-fail-fast 2>&1 | tee "$log"
+# A test that hangs (a lost wake-up, say) fails the suite here, with its name among the
+# "running for over 60 seconds" lines, instead of running into CI's own limit. The whole
+# suite takes about 15 minutes on two cores.
+limit() {
+    timeout --kill-after=30 "$@"
+    local rc=$?
+    [ "$rc" -ne 124 ] || echo "ferry: the tests did not finish within $1 s; see the tests running for over 60 seconds above" >&2
+    return "$rc"
+}
+limit 2700 cargo test --workspace --release --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # The unit tests and fuzzers of the library crates again, with overflow checks and
 # debug assertions (the release profile has neither).
-cargo test --profile checked --no-fail-fast -p memory -p devices -p api --lib 2>&1 | tee -a "$log"
+limit 900 cargo test --profile checked --no-fail-fast -p memory -p devices -p api --lib 2>&1 | tee -a "$log"
 checked=${PIPESTATUS[0]}
 [ "$status" -ne 0 ] || status=$checked
 set -e

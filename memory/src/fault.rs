@@ -175,10 +175,21 @@ pub fn minor_faults_work() -> bool {
 
 /// Unregisters what `register_missing` registered: faults still waiting retry, and the
 /// kernel serves them (holes read as zeros).
+///
+/// The kernel wakes the faults queued on a range when it unregisters it, but before it
+/// takes the range's VMA lock: a fault that found the range registered (under that
+/// lock) and queues itself just after that wake sleeps until someone wakes it, and the
+/// handler's copy for it then fails on a range no longer registered. Seen here as a
+/// thread asleep in `handle_userfault` with the range unregistered and its page
+/// present, one run in 10-50 of `test_pages_arrive_on_touch_and_in_the_background`.
+/// Unregistering returns only after that lock is free, and a fault queues itself before
+/// it lets the lock go: a wake after it finds every such fault.
 pub fn unregister_missing(uffd: &Uffd, ram: &TrackedRam) {
     for r in &ram.regions {
         if let Ok(len) = usize::try_from(r.size) {
-            let _ = uffd.unregister(r.host_addr as *mut libc::c_void, len);
+            let addr = r.host_addr as *mut libc::c_void;
+            let _ = uffd.unregister(addr, len);
+            let _ = uffd.wake(addr, len);
         }
     }
 }
@@ -575,6 +586,53 @@ mod tests {
                 .expect("read"),
             7
         );
+    }
+
+    /// A thread faulting page after page while guest RAM is unregistered is woken,
+    /// whichever side of the kernel's own wake its fault queues on (see
+    /// `unregister_missing`): the handler's zero page fails for a fault that queued
+    /// after the unregister, and only the wake after it frees that thread.
+    #[test]
+    fn test_faults_racing_the_unregister_are_woken() {
+        for round in 0..400u64 {
+            let ram = Arc::new(GuestRam::new(crate::layout::MIN_MEM_MIB, 46).expect("ram"));
+            let tracked = ram.tracked();
+            let (uffd, claim) = register_missing(&tracked).expect("register");
+            let uffd = Arc::new(uffd);
+            let stop = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+            let handler = {
+                let (uffd, stop) = (uffd.clone(), stop.try_clone().expect("eventfd"));
+                std::thread::spawn(move || {
+                    while let Ok(true) =
+                        crate::sys::wait_readable(uffd.as_raw_fd(), stop.as_raw_fd())
+                    {
+                        while let Ok(Some(Event::Pagefault { addr, .. })) = uffd.read_event() {
+                            let _ = zero(&uffd, addr as u64 & !(PAGE_SIZE - 1));
+                        }
+                    }
+                })
+            };
+            let (done, finished) = std::sync::mpsc::channel();
+            let toucher = ram.clone();
+            std::thread::spawn(move || {
+                for page in 0..512 {
+                    let _: u64 = toucher
+                        .memory()
+                        .read_obj(GuestAddress(page * PAGE_SIZE))
+                        .expect("read");
+                }
+                let _ = done.send(());
+            });
+            // Somewhere in the toucher's run of faults.
+            std::thread::sleep(std::time::Duration::from_micros(round % 40 * 25));
+            unregister_missing(&uffd, &tracked);
+            drop(claim);
+            finished
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("round {round}: a fault was never woken"));
+            stop.write(1).expect("stop");
+            handler.join().expect("handler");
+        }
     }
 
     /// While it loads, guest RAM's userfaultfd is taken: a uffd tracker is refused.

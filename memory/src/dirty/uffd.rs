@@ -117,10 +117,13 @@ fn shmem_setting<'a>(pmd: Option<&'a str>, global: Option<&'a str>) -> Option<&'
     }
 }
 
-/// Unregisters every region, which also drops its write protection.
+/// Unregisters every region, which also drops its write protection, then wakes every
+/// fault still queued there (see `fault::unregister_missing`: the kernel's own wake at
+/// unregistering misses some).
 pub fn unregister(uffd: &Uffd, ram: &TrackedRam) -> Result<(), DirtyError> {
     each_region(ram, "UFFDIO_UNREGISTER", |addr, len| {
-        uffd.unregister(addr, len)
+        uffd.unregister(addr, len)?;
+        uffd.wake(addr, len)
     })
 }
 
