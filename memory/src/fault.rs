@@ -176,14 +176,16 @@ pub fn minor_faults_work() -> bool {
 /// Unregisters what `register_missing` registered: faults still waiting retry, and the
 /// kernel serves them (holes read as zeros).
 ///
-/// The kernel wakes the faults queued on a range when it unregisters it, but before it
-/// takes the range's VMA lock: a fault that found the range registered (under that
-/// lock) and queues itself just after that wake sleeps until someone wakes it, and the
-/// handler's copy for it then fails on a range no longer registered. Seen here as a
-/// thread asleep in `handle_userfault` with the range unregistered and its page
-/// present, one run in 10-50 of `test_pages_arrive_on_touch_and_in_the_background`.
-/// Unregistering returns only after that lock is free, and a fault queues itself before
-/// it lets the lock go: a wake after it finds every such fault.
+/// The kernel wakes the faults queued on a range registered for missing pages when it
+/// unregisters it, holding the mmap lock but before it write-locks the VMA: a fault
+/// taken under the VMA's own lock (a thread of ours reading guest RAM) that found the
+/// range registered and queues itself just after that wake sleeps until someone wakes
+/// it, and the handler's copy for it then fails on a range no longer registered. Seen
+/// here as a thread asleep in `handle_userfault` with the range unregistered and its
+/// page present, one run in 7-48 of `test_pages_arrive_on_touch_and_in_the_background`.
+/// Unregistering returns only once it has write-locked the VMA, which waits for the
+/// faults holding it, and a fault queues itself before it lets that lock go: a wake
+/// after it finds every such fault.
 pub fn unregister_missing(uffd: &Uffd, ram: &TrackedRam) {
     for r in &ram.regions {
         if let Ok(len) = usize::try_from(r.size) {

@@ -118,13 +118,35 @@ fn shmem_setting<'a>(pmd: Option<&'a str>, global: Option<&'a str>) -> Option<&'
 }
 
 /// Unregisters every region, which also drops its write protection, then wakes every
-/// fault still queued there (see `fault::unregister_missing`: the kernel's own wake at
-/// unregistering misses some).
+/// fault still queued there: the kernel wakes none for a range registered for
+/// write-protect only (a writer blocked on a protected page would sleep until the
+/// userfaultfd is closed), and for missing pages it misses some (see
+/// `fault::unregister_missing`). Every region is unregistered and woken even when one
+/// fails; the first error is returned.
 pub fn unregister(uffd: &Uffd, ram: &TrackedRam) -> Result<(), DirtyError> {
-    each_region(ram, "UFFDIO_UNREGISTER", |addr, len| {
-        uffd.unregister(addr, len)?;
-        uffd.wake(addr, len)
-    })
+    let mut first = Ok(());
+    for r in &ram.regions {
+        let len = match region_len(r) {
+            Ok(len) => len,
+            Err(e) => {
+                first = first.and(Err(e));
+                continue;
+            }
+        };
+        let addr = r.host_addr as *mut libc::c_void;
+        let unregistered = uffd
+            .unregister(addr, len)
+            .map_err(|source| DirtyError::Uffd {
+                what: "UFFDIO_UNREGISTER",
+                source,
+            });
+        let woken = uffd.wake(addr, len).map_err(|source| DirtyError::Uffd {
+            what: "UFFDIO_WAKE",
+            source,
+        });
+        first = first.and(unregistered).and(woken);
+    }
+    first
 }
 
 fn region_len(r: &crate::RamRegion) -> Result<usize, DirtyError> {

@@ -181,7 +181,9 @@ impl DirtyTracker for UffdSync {
             .running
             .take()
             .ok_or(DirtyError::State("not started"))?;
-        // Unregistering first wakes any writer still blocked on a protected page.
+        // Unregistering first: it wakes any writer still blocked on a protected page
+        // (`uffd::unregister` does; the kernel itself wakes no write-protect fault
+        // there, and the handler's un-protect fails on an unregistered range).
         let result = uffd::unregister(&running.shared.uffd, &self.ram);
         let _ = running.stop.write(1);
         let _ = running.thread.join();
