@@ -206,3 +206,49 @@ impl Drop for UffdSync {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::GuestRam;
+
+    /// A write blocked on a protected page goes on when the tracker stops, even while
+    /// the handler cannot answer it: the kernel wakes no write-protect fault when it
+    /// unregisters a range, and the handler's un-protect fails once it is unregistered.
+    #[test]
+    fn test_stop_lets_a_blocked_write_go_on() {
+        let ram = GuestRam::new(16, 46).expect("ram");
+        let mut tracker = UffdSync::new(ram.tracked());
+        tracker.start().expect("start");
+        let shared = tracker.running.as_ref().expect("running").shared.clone();
+        // The handler takes `order` to answer a fault: held here, it answers none.
+        let held = shared.order.lock().expect("poisoned");
+        let (wrote, written) = mpsc::channel();
+        let memory = ram.memory().clone();
+        let writer = std::thread::spawn(move || {
+            memory.write_obj(7u64, GuestAddress(0)).expect("write");
+            let _ = wrote.send(());
+        });
+        assert!(
+            written.recv_timeout(Duration::from_millis(100)).is_err(),
+            "the write was not held by the protection"
+        );
+        let stopper = std::thread::spawn(move || tracker.stop());
+        let went_on = written.recv_timeout(Duration::from_secs(2));
+        // Whatever happened, let the handler and the stop finish; the last reference
+        // to the userfaultfd then closes it, which wakes the write if nothing did.
+        drop(held);
+        drop(shared);
+        stopper.join().expect("stopper").expect("stop");
+        writer.join().expect("writer");
+        assert!(
+            went_on.is_ok(),
+            "the write waited for the handler after the tracker's unregister"
+        );
+    }
+}
