@@ -126,7 +126,7 @@ def once(guest, mem, size, downtime_ms):
     dst = qemu(guest, mem, size, f"{tmp}/dst.qmp", incoming=f"tcp:127.0.0.1:{port}")
     try:
         con_src, con_dst = Console(src), Console(dst)
-        qsrc, qdst = Qmp(f"{tmp}/src.qmp"), Qmp(f"{tmp}/dst.qmp")
+        qsrc = Qmp(f"{tmp}/src.qmp")
         con_src.wait_for(b"pass 2 ok", 60)
         time.sleep(0.3)
         p0 = con_src.last_pass()
@@ -156,13 +156,14 @@ def once(guest, mem, size, downtime_ms):
             time.sleep(0.001)
         during = max(con_src.last_pass(), con_dst.last_pass()) - p0
         ram = info.get("ram", {})
+        total_ms = info.get("total-time", elapsed * 1e3)
         return {
-            "total_ms": info.get("total-time", elapsed * 1e3),
+            "total_ms": total_ms,
             "downtime_ms": info.get("downtime", float("nan")),
             "rounds": ram.get("dirty-sync-count", 0),
             "mib": ram.get("transferred", 0) / (1 << 20),
             "mib_s": ram.get("mbps", 0.0) / 8 * 1e6 / (1 << 20),
-            "guest": (during / (info.get("total-time", elapsed * 1e3) / 1e3)) / max(before, 1),
+            "guest": during / (total_ms / 1e3) / max(before, 1),
             "before": before,
             "during": during,
         }

@@ -40,10 +40,14 @@ fn each_region(
     op: impl Fn(*mut libc::c_void, usize) -> userfaultfd::Result<()>,
 ) -> Result<(), DirtyError> {
     for r in &ram.regions {
-        op(r.host_addr as *mut libc::c_void, region_len(r)?)
-            .map_err(|source| DirtyError::Uffd { what, source })?;
+        op(r.host_addr as *mut libc::c_void, region_len(r)?).map_err(failed(what))?;
     }
     Ok(())
+}
+
+/// The error for a failed userfaultfd operation `what`.
+fn failed(what: &'static str) -> impl Fn(userfaultfd::Error) -> DirtyError {
+    move |source| DirtyError::Uffd { what, source }
 }
 
 /// Registers every region for write-protect tracking.
@@ -78,7 +82,7 @@ pub fn protect_run(
                 "UFFDIO_WRITEPROTECT (un-protect a run)",
             )
         };
-        done.map_err(|source| DirtyError::Uffd { what, source })?;
+        done.map_err(failed(what))?;
     }
     Ok(())
 }
@@ -136,14 +140,8 @@ pub fn unregister(uffd: &Uffd, ram: &TrackedRam) -> Result<(), DirtyError> {
         let addr = r.host_addr as *mut libc::c_void;
         let unregistered = uffd
             .unregister(addr, len)
-            .map_err(|source| DirtyError::Uffd {
-                what: "UFFDIO_UNREGISTER",
-                source,
-            });
-        let woken = uffd.wake(addr, len).map_err(|source| DirtyError::Uffd {
-            what: "UFFDIO_WAKE",
-            source,
-        });
+            .map_err(failed("UFFDIO_UNREGISTER"));
+        let woken = uffd.wake(addr, len).map_err(failed("UFFDIO_WAKE"));
         first = first.and(unregistered).and(woken);
     }
     first

@@ -399,8 +399,6 @@ fn tcp_best_of_3() -> Result<f64, String> {
     Ok(best)
 }
 
-/// The median of the runs that have the figure (a run whose faults all found their
-/// page on its way has no fault latency: NaN), or NaN when none has.
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let (bin, guest) = match (
