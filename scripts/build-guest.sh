@@ -8,9 +8,11 @@ cache=$("$top/scripts/cache-dir.sh")
 key=$( (cd "$src" && find . -path ./target -prune -o -type f -print0 | sort -z | xargs -0 sha256sum; rustc --version) | sha256sum | cut -c1-16)
 out=$cache/guest/$key/ferry-guest
 if [ ! -f "$out" ]; then
-  (cd "$src" && CARGO_TARGET_DIR=$cache/guest/target cargo build --release --quiet)
+  # Built in this clone's target directory: build.rs names the linker script by its
+  # absolute path, and a build directory shared between clones kept another clone's.
+  (cd "$src" && CARGO_TARGET_DIR=$top/target/guest cargo build --release --quiet)
   mkdir -p "$(dirname "$out")"
-  cp "$cache/guest/target/x86_64-unknown-linux-gnu/release/ferry-guest" "$out.tmp"
+  cp "$top/target/guest/x86_64-unknown-linux-gnu/release/ferry-guest" "$out.tmp"
   mv "$out.tmp" "$out"
 fi
 echo "$out"

@@ -509,7 +509,7 @@ fn test_drive_and_tap_snapshotted_with_requests_in_flight_finish_their_io() {
     let dir = TempDir::new("snap-io");
     let disk = dir.write("disk.img", vec![0u8; 8 << 20]);
     let cfg = config(
-        "workload=blk passes=0 depth=32",
+        "workload=blk passes=0 depth=32 hold=200",
         1,
         128,
         json!({
@@ -520,19 +520,26 @@ fn test_drive_and_tap_snapshotted_with_requests_in_flight_finish_their_io() {
     let mut vm = Vm::boot(&dir, "src", &cfg);
     vm.ferry.expect_line("blk pass 2 ok", BOOT);
     let (state, mem) = (dir.path().join("s.state"), dir.path().join("s.mem"));
-    // Pause until the guest has requests the device has not taken.
-    let mut caught = false;
-    for _ in 0..50 {
+    // Pause until the guest has requests the device has not taken. `hold=200` keeps
+    // each new request 200 µs in the ring before the guest notifies the device, yet a
+    // pause finds one there only about half the time here (and with no hold, one try
+    // in 4 idle, fewer than 1 in 50 on a loaded machine): try for up to 20 s.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut tries = 0u64;
+    loop {
         vm.pause();
         let (_, metrics) = curl(&vm.sock, "GET", "/metrics", None);
         if metrics["virtio"]["block"]["disk0"]["pending_requests"][0].as_u64() > Some(0) {
-            caught = true;
             break;
         }
+        tries += 1;
+        assert!(
+            Instant::now() < deadline,
+            "never caught the guest with requests in flight in {tries} tries"
+        );
         vm.resume();
-        std::thread::sleep(Duration::from_millis(3));
+        std::thread::sleep(Duration::from_micros(700 + 1300 * (tries % 7)));
     }
-    assert!(caught, "never caught the guest with requests in flight");
     vm.expect(
         "PUT",
         "/snapshot/create",

@@ -264,7 +264,7 @@ fn test_devices_rebuilt_from_saved_state_finish_io_in_flight() {
     let disk = dir.write("disk.img", vec![0u8; DISK]);
     let console = dir.path().join("console.txt");
     let mut cfg = vm_json(
-        "workload=blk passes=30 depth=32",
+        "workload=blk passes=30 depth=32 hold=200",
         json!([drive("disk0", &disk, false)]),
         json!([{ "iface_id": "eth0", "host_dev_name": tap.0, "guest_mac": "06:00:ac:10:00:02" }]),
     );
@@ -274,9 +274,10 @@ fn test_devices_rebuilt_from_saved_state_finish_io_in_flight() {
     wait_for_console(&console, "blk pass 2 ok");
 
     // Pause until the guest has requests the device has not taken; that is the moment
-    // that matters. The guest keeps 32 in flight, so it rarely takes more than one try.
+    // that matters. `hold=200` keeps each new request 200 µs in the ring before the
+    // guest notifies the device; a pause still finds one there only about half the time.
     let mut saved = None;
-    for _ in 0..50 {
+    for tries in 0..400 {
         vm.ask(VmmAction::Pause).expect("pause");
         let metrics = vm.json(VmmAction::GetMetrics);
         let pending = metrics["virtio"]["block"]["disk0"]["pending_requests"][0]
@@ -297,7 +298,7 @@ fn test_devices_rebuilt_from_saved_state_finish_io_in_flight() {
             break;
         }
         vm.ask(VmmAction::Resume).expect("resume");
-        std::thread::sleep(Duration::from_millis(3));
+        std::thread::sleep(Duration::from_micros(300 + 300 * (tries % 7)));
     }
     let (pending, state) = saved.expect("never caught the guest with requests in flight");
     let devices = state.as_array().expect("a list of devices");

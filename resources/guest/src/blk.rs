@@ -42,6 +42,10 @@ pub struct BlkParams {
     /// `early=1`: queue one read before `DRIVER_OK`, as the virtio spec lets a driver
     /// do; the device must serve it once `DRIVER_OK` is set.
     pub early: bool,
+    /// `hold=US`: TSC cycles new requests wait in the ring before the notification, as
+    /// with a driver that batches its notifications. It leaves the device work it has
+    /// not taken most of the time, which tests pausing with requests in flight need.
+    pub hold_cycles: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -62,6 +66,7 @@ struct Blk {
     data: u64,
     req: u64,
     depth: usize,
+    hold_cycles: u64,
     slots: [Slot; MAX_DEPTH],
     in_flight: usize,
 }
@@ -108,6 +113,7 @@ impl Blk {
             data: p.start + 4 * 4096,
             req: p.req,
             depth: p.depth,
+            hold_cycles: p.hold_cycles,
             slots: [Slot {
                 busy: false,
                 kind: 0,
@@ -253,6 +259,10 @@ impl Blk {
                 before(self, slot, offset);
                 self.submit(slot, kind, offset, self.req as u32);
                 next += self.req;
+            }
+            let held = rdtsc();
+            while rdtsc().wrapping_sub(held) < self.hold_cycles {
+                core::hint::spin_loop();
             }
             self.q.kick();
             let (slot, status) = self.complete();

@@ -21,6 +21,8 @@
 //!   workload=blk-bench           time `total` bytes of sequential `op=read|write`
 //!   req=BYTES depth=N            request size (default 64K) and requests in flight
 //!                                (default 16) for both
+//!   hold=US                      blk: new requests wait this long before the device is
+//!                                notified, as with a driver batching its notifications
 //!   workload=net                 echo frames on the first virtio-net device until
 //!                                `passes` test frames went back (0 = forever)
 
@@ -79,6 +81,7 @@ fn key_error(key: &str) -> &'static str {
         "req" => "req= is not a number",
         "depth" => "depth= is not a number",
         "total" => "total= is not a number",
+        "hold" => "hold= is not a number",
         _ => "passes= is not a number",
     }
 }
@@ -139,6 +142,13 @@ fn blk_params(info: &BootInfo, p: &workload::Params) -> Result<blk::BlkParams, &
         Some(b"write") => true,
         Some(_) => return Err("op= must be read or write"),
     };
+    let hold = arg_size(info, "hold", 0)?;
+    if hold != 0 && p.tsc_khz == 0 {
+        return Err("hold= needs the TSC frequency, which the VMM did not give");
+    }
+    if hold > 1_000_000 {
+        return Err("hold= must be at most 1000000 (one second)");
+    }
     Ok(blk::BlkParams {
         start: p.start,
         size: p.size,
@@ -149,6 +159,7 @@ fn blk_params(info: &BootInfo, p: &workload::Params) -> Result<blk::BlkParams, &
         write,
         readonly: info.arg("op") == Some(b"read"),
         early: info.arg("early") == Some(b"1"),
+        hold_cycles: hold * p.tsc_khz / 1000,
     })
 }
 
