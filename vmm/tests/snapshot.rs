@@ -509,7 +509,7 @@ fn test_drive_and_tap_snapshotted_with_requests_in_flight_finish_their_io() {
     let dir = TempDir::new("snap-io");
     let disk = dir.write("disk.img", vec![0u8; 8 << 20]);
     let cfg = config(
-        "workload=blk passes=0 depth=32 hold=200",
+        "workload=blk passes=0 depth=32 hold=2000",
         1,
         128,
         json!({
@@ -520,10 +520,10 @@ fn test_drive_and_tap_snapshotted_with_requests_in_flight_finish_their_io() {
     let mut vm = Vm::boot(&dir, "src", &cfg);
     vm.ferry.expect_line("blk pass 2 ok", BOOT);
     let (state, mem) = (dir.path().join("s.state"), dir.path().join("s.mem"));
-    // Pause until the guest has requests the device has not taken. `hold=200` keeps
-    // each new request 200 µs in the ring before the guest notifies the device, yet a
-    // pause finds one there only about half the time here (and with no hold, one try
-    // in 4 idle, fewer than 1 in 50 on a loaded machine): try for up to 20 s.
+    // Pause until the guest has requests the device has not taken. `hold=2000` leaves
+    // 32 of them in the ring, not yet notified, about 85% of the time (a guest that
+    // notifies at once has none there but for microseconds: one try in 4 found some
+    // here, none in 50 on a loaded machine). The deadline is for a very slow machine.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut tries = 0u64;
     loop {

@@ -264,7 +264,7 @@ fn test_devices_rebuilt_from_saved_state_finish_io_in_flight() {
     let disk = dir.write("disk.img", vec![0u8; DISK]);
     let console = dir.path().join("console.txt");
     let mut cfg = vm_json(
-        "workload=blk passes=30 depth=32 hold=200",
+        "workload=blk passes=30 depth=32 hold=2000",
         json!([drive("disk0", &disk, false)]),
         json!([{ "iface_id": "eth0", "host_dev_name": tap.0, "guest_mac": "06:00:ac:10:00:02" }]),
     );
@@ -274,8 +274,8 @@ fn test_devices_rebuilt_from_saved_state_finish_io_in_flight() {
     wait_for_console(&console, "blk pass 2 ok");
 
     // Pause until the guest has requests the device has not taken; that is the moment
-    // that matters. `hold=200` keeps each new request 200 µs in the ring before the
-    // guest notifies the device; a pause still finds one there only about half the time.
+    // that matters. `hold=2000` leaves 32 of them in the ring, not yet notified, about
+    // 85% of the time.
     let mut saved = None;
     for tries in 0..400 {
         vm.ask(VmmAction::Pause).expect("pause");

@@ -42,9 +42,10 @@ pub struct BlkParams {
     /// `early=1`: queue one read before `DRIVER_OK`, as the virtio spec lets a driver
     /// do; the device must serve it once `DRIVER_OK` is set.
     pub early: bool,
-    /// `hold=US`: TSC cycles new requests wait in the ring before the notification, as
-    /// with a driver that batches its notifications. It leaves the device work it has
-    /// not taken most of the time, which tests pausing with requests in flight need.
+    /// `hold=US`: TSC cycles new requests wait in the ring before the notification; the
+    /// driver then waits for all of them before it queues more, as a driver batching
+    /// its notifications does. The device has work it has not taken most of the time,
+    /// which tests that pause with requests in flight need.
     pub hold_cycles: u64,
 }
 
@@ -265,15 +266,23 @@ impl Blk {
                 core::hint::spin_loop();
             }
             self.q.kick();
-            let (slot, status) = self.complete();
-            if status != S_OK {
-                let s = self.slots[slot];
-                error(format_args!(
-                    "request type {} at byte {:#x} failed with status {status}",
-                    s.kind, s.offset
-                ));
+            // Holding, wait for every answer before queueing more: a request queued
+            // while the device still works on the last notification is taken at once,
+            // and would never wait in the ring.
+            loop {
+                let (slot, status) = self.complete();
+                if status != S_OK {
+                    let s = self.slots[slot];
+                    error(format_args!(
+                        "request type {} at byte {:#x} failed with status {status}",
+                        s.kind, s.offset
+                    ));
+                }
+                after(self, slot, self.slots[slot].offset);
+                if self.hold_cycles == 0 || self.in_flight == 0 {
+                    break;
+                }
             }
-            after(self, slot, self.slots[slot].offset);
         }
     }
 }

@@ -21,8 +21,9 @@
 //!   workload=blk-bench           time `total` bytes of sequential `op=read|write`
 //!   req=BYTES depth=N            request size (default 64K) and requests in flight
 //!                                (default 16) for both
-//!   hold=US                      blk: new requests wait this long before the device is
-//!                                notified, as with a driver batching its notifications
+//!   hold=US                      blk: queue `depth` requests, wait this long, notify the
+//!                                device and wait for every answer, as a driver batching
+//!                                its notifications does
 //!   workload=net                 echo frames on the first virtio-net device until
 //!                                `passes` test frames went back (0 = forever)
 
