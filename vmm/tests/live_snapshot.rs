@@ -106,10 +106,10 @@ fn test_live_snapshot_while_block_reads_fill_guest_ram() {
     vm.ferry.expect_line("blk pass 2 ok", BOOT);
     let (state, mem) = (dir.path().join("b.state"), dir.path().join("b.mem"));
     // The writer may save every page before a read lands in one it has not reached
-    // (seen 1 time in 4 on a loaded machine): up to 5 snapshots, until one meets the
-    // device. A copy-before-write that never works fails all five.
+    // (seen 1 time in 4 on a loaded machine): up to 10 snapshots, until one meets the
+    // device. A copy-before-write that never works fails all ten.
     let mut s = Value::Null;
-    for _ in 0..5 {
+    for _ in 0..10 {
         s = live(&mut vm, &state, &mem).1;
         if s["copy_before_write_faults"].as_u64() > Some(0) {
             break;
