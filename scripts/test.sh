@@ -14,7 +14,8 @@ echo "linux:      $FERRY_LINUX_DIR"
 cargo fmt --all -- --check
 (cd resources/guest && cargo fmt -- --check)
 cargo clippy --workspace --all-targets --release --quiet -- -D warnings
-(cd resources/guest && CARGO_TARGET_DIR="$PWD/../../target/guest" cargo clippy --release --quiet -- -D warnings)
+guest_target="$PWD/target/guest" # as scripts/build-guest.sh builds it
+(cd resources/guest && CARGO_TARGET_DIR="$guest_target" cargo clippy --release --quiet -- -D warnings)
 # ferryctl's tests run the binary next to ferry's.
 cargo build --workspace --bins --release --quiet
 log=$(mktemp)

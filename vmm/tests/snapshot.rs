@@ -538,6 +538,8 @@ fn test_drive_and_tap_snapshotted_with_requests_in_flight_finish_their_io() {
             "never caught the guest with requests in flight in {tries} tries"
         );
         vm.resume();
+        // Gaps of different lengths, so that pauses do not fall in step with the
+        // guest's batches (about 2.7 ms each).
         std::thread::sleep(Duration::from_micros(700 + 1300 * (tries % 7)));
     }
     vm.expect(

@@ -298,6 +298,8 @@ fn test_devices_rebuilt_from_saved_state_finish_io_in_flight() {
             break;
         }
         vm.ask(VmmAction::Resume).expect("resume");
+        // Gaps of different lengths, so that pauses do not fall in step with the
+        // guest's batches (about 2.7 ms each).
         std::thread::sleep(Duration::from_micros(300 + 300 * (tries % 7)));
     }
     let (pending, state) = saved.expect("never caught the guest with requests in flight");

@@ -261,9 +261,11 @@ impl Blk {
                 self.submit(slot, kind, offset, self.req as u32);
                 next += self.req;
             }
-            let held = rdtsc();
-            while rdtsc().wrapping_sub(held) < self.hold_cycles {
-                core::hint::spin_loop();
+            if self.hold_cycles != 0 {
+                let held = rdtsc();
+                while rdtsc().wrapping_sub(held) < self.hold_cycles {
+                    core::hint::spin_loop();
+                }
             }
             self.q.kick();
             // Holding, wait for every answer before queueing more: a request queued
